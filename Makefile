@@ -1,0 +1,28 @@
+# The two set-up commands in README.md: `make demo` (main job on builtin:digits) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that is installed first; the rest resolves around it.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/evar demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check evar export runtime tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,192 @@
+"""Checkpoints in and out: official `.pth` files and EVAR model directories.
+
+Official files load with `torch.load(weights_only=True)`; model directories are `config.json` +
+`var.safetensors` + `vqvae.safetensors`. Both are checked key by key and shape by shape against the
+modules the config builds, and the first problem is reported by name.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from evar.config import ConfigError, ModelConfig
+from evar.errors import CheckpointError
+from evar.files import atomic_dir, atomic_write_json
+from evar.models.var import VAR
+from evar.models.vqvae import VQVAE
+
+MODEL_FORMAT = "evar-model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE, VAR_FILE, VQVAE_FILE = "config.json", "var.safetensors", "vqvae.safetensors"
+# The official loader tolerates a usage-statistics buffer of another shape; so do we (it is not used to sample).
+OPTIONAL_SHAPE_KEYS = {"quantize.ema_vocab_hit_SV"}
+# Wrappers seen around state dicts in training checkpoints; the official release files are flat.
+WRAPPER_KEYS = ("state_dict", "model")
+
+
+@dataclass
+class Model:
+    """A loaded VAR + VQVAE pair and the config that describes both."""
+
+    config: ModelConfig
+    var: VAR
+    vqvae: VQVAE
+
+    def eval(self) -> Model:
+        self.var.eval()
+        self.vqvae.eval()
+        return self
+
+
+def build_model(config: ModelConfig, attn_impl: str = "sdpa") -> Model:
+    config.validate()
+    return Model(config, VAR(config.var, attn_impl=attn_impl), VQVAE(config.vqvae))
+
+
+# ---------------------------------------------------------------- reading raw files
+def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a `.pth`, refusing anything that needs arbitrary unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} holds more than tensors and was refused (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}") from None
+    return _unwrap_state(obj, path)
+
+
+def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} is not a state dict (expected a flat {{name: tensor}}, optionally under "
+            f"{' or '.join(repr(k) for k in WRAPPER_KEYS)})"
+        )
+    return obj
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"model directory is missing {path.name}: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- strict loading
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `module`, naming the first missing, unexpected or mis-shaped key."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: missing key '{missing[0]}'" + _more(missing))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key '{extra[0]}'" + _more(extra))
+    state = dict(state)
+    for name, ref in expected.items():
+        got = state[name]
+        if got.shape != ref.shape:
+            if name in OPTIONAL_SHAPE_KEYS:
+                state[name] = ref
+                continue
+            raise CheckpointError(
+                f"{source}: key '{name}' has shape {tuple(got.shape)}, the model expects {tuple(ref.shape)}"
+            )
+        if got.dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: key '{name}' has dtype {got.dtype}, the model expects {ref.dtype}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+def load_official(config: ModelConfig, var_ckpt: str | Path, vae_ckpt: str | Path) -> Model:
+    """The FoundationVision release files (`var_dNN.pth`, `vae_ch160v4096z32.pth`)."""
+    var_state = read_torch_state(var_ckpt)
+    vae_state = read_torch_state(vae_ckpt)
+    with torch.device("meta"):
+        model = build_model(config)
+    model.var.to_empty(device="cpu")
+    model.vqvae.to_empty(device="cpu")
+    load_strict(model.var, var_state, str(var_ckpt))
+    load_strict(model.vqvae, vae_state, str(vae_ckpt))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- model directories
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"not an EVAR model directory (no {CONFIG_FILE}): {model_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {_first_line(err)}") from None
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is not an EVAR model config (format must be '{MODEL_FORMAT}')")
+    if data.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {data['format_version']}; this EVAR reads up to {MODEL_FORMAT_VERSION}: upgrade EVAR"
+        )
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def load_model_dir(model_dir: str | Path, attn_impl: str = "sdpa") -> Model:
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    var_state = read_safetensors(model_dir / VAR_FILE)
+    vae_state = read_safetensors(model_dir / VQVAE_FILE)
+    with torch.device("meta"):
+        model = build_model(config, attn_impl)
+    model.var.to_empty(device="cpu")
+    model.vqvae.to_empty(device="cpu")
+    load_strict(model.var, var_state, str(model_dir / VAR_FILE))
+    load_strict(model.vqvae, vae_state, str(model_dir / VQVAE_FILE))
+    return model.eval()
+
+
+def save_model_dir(model: Model, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write config.json + weights atomically; `provenance` replaces the config's own if given."""
+    config = model.config if provenance is None else ModelConfig(model.config.var, model.config.vqvae, provenance)
+    config.validate()
+    with atomic_dir(out) as tmp:
+        save_file(_contiguous(model.var.state_dict()), str(tmp / VAR_FILE))
+        save_file(_contiguous(model.vqvae.state_dict()), str(tmp / VQVAE_FILE))
+        atomic_write_json(tmp / CONFIG_FILE, {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+                                             **config.to_dict()})
+    return Path(out)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}

@@ -1,0 +1,188 @@
+"""Typed model configs with a JSON round trip.
+
+A VAR config records the head count and FFN width of *every* block, so a pruned model is fully
+described by its config: loading it needs no pruning library and no replay of a recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from evar.errors import EvarError
+
+OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+OFFICIAL_DEPTHS = (16, 20, 24, 30)
+
+
+class ConfigError(EvarError, ValueError):
+    """A config that cannot describe a working model."""
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Multi-scale residual VQVAE (VAR's tokenizer). Defaults are the official `vae_ch160v4096z32`."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32  # Cvae: width of codebook vectors and of f_hat
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    dropout: float = 0.0
+    using_sa: bool = True  # self-attention at the lowest resolution of encoder and decoder
+    using_mid_sa: bool = True
+    beta: float = 0.25  # commitment weight
+    quant_resi: float = 0.5  # Phi(h) = h*(1-r) + conv(h)*r
+    share_quant_resi: int = 4  # number of Phi convs shared across scales
+    v_patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.v_patch_nums[-1] * self.downsample
+
+    def validate(self) -> None:
+        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
+            raise ConfigError("VQVAE channel widths must be multiples of 32 (GroupNorm with 32 groups)")
+        if list(self.v_patch_nums) != sorted(set(self.v_patch_nums)):
+            raise ConfigError(f"v_patch_nums must be strictly increasing, got {self.v_patch_nums}")
+        if self.share_quant_resi < 1:
+            raise ConfigError("share_quant_resi must be >= 1")
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """VAR transformer. `num_heads[i]` and `ffn_dims[i]` are block i's own (pruning changes them)."""
+
+    depth: int
+    embed_dim: int  # C, the residual width (never pruned)
+    num_heads: tuple[int, ...]
+    ffn_dims: tuple[int, ...]
+    head_dim: int = 64
+    vocab_size: int = 4096
+    cvae: int = 32
+    num_classes: int = 1000  # label `num_classes` is the unconditional class
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    shared_aln: bool = False
+    cond_drop_rate: float = 0.1
+
+    @classmethod
+    def uniform(cls, depth: int, embed_dim: int, heads: int, mlp_ratio: float = 4.0, **kw: Any) -> VARConfig:
+        """All blocks alike, as every unpruned model is."""
+        ffn = round(embed_dim * mlp_ratio)
+        return cls(depth=depth, embed_dim=embed_dim, num_heads=(heads,) * depth, ffn_dims=(ffn,) * depth, **kw)
+
+    @classmethod
+    def official(cls, depth: int) -> VARConfig:
+        """The FoundationVision ImageNet-256 models: C = 64*depth, heads = depth, head_dim 64."""
+        if depth not in OFFICIAL_DEPTHS:
+            raise ConfigError(f"no official VAR of depth {depth}; known: {', '.join(f'd{d}' for d in OFFICIAL_DEPTHS)}")
+        return cls.uniform(depth, 64 * depth, depth)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    def scale_ranges(self) -> list[tuple[int, int]]:
+        """[begin, end) token range of each scale in the flattened sequence."""
+        ranges, begin = [], 0
+        for pn in self.patch_nums:
+            ranges.append((begin, begin + pn * pn))
+            begin += pn * pn
+        return ranges
+
+    def attn_dim(self, block: int) -> int:
+        return self.num_heads[block] * self.head_dim
+
+    def with_blocks(self, num_heads: tuple[int, ...], ffn_dims: tuple[int, ...]) -> VARConfig:
+        return dataclasses.replace(self, num_heads=tuple(num_heads), ffn_dims=tuple(ffn_dims))
+
+    def is_uniform(self) -> bool:
+        return len(set(self.num_heads)) == 1 and len(set(self.ffn_dims)) == 1
+
+    def validate(self) -> None:
+        if len(self.num_heads) != self.depth or len(self.ffn_dims) != self.depth:
+            raise ConfigError(
+                f"depth {self.depth} needs one head count and one FFN width per block, "
+                f"got {len(self.num_heads)} and {len(self.ffn_dims)}"
+            )
+        if any(h < 1 for h in self.num_heads):
+            raise ConfigError(f"every block needs at least one attention head, got {self.num_heads}")
+        if any(f < 1 for f in self.ffn_dims):
+            raise ConfigError(f"every block needs at least one FFN unit, got {self.ffn_dims}")
+        if self.patch_nums[0] != 1:
+            raise ConfigError("the first scale must be 1x1 (it holds the class token)")
+        if list(self.patch_nums) != sorted(set(self.patch_nums)):
+            raise ConfigError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a model directory's modules, plus how it was made."""
+
+    var: VARConfig
+    vqvae: VQVAEConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.var.validate()
+        self.vqvae.validate()
+        if self.var.vocab_size != self.vqvae.vocab_size:
+            raise ConfigError(f"VAR vocab {self.var.vocab_size} != VQVAE vocab {self.vqvae.vocab_size}")
+        if self.var.cvae != self.vqvae.z_channels:
+            raise ConfigError(f"VAR Cvae {self.var.cvae} != VQVAE z_channels {self.vqvae.z_channels}")
+        if tuple(self.var.patch_nums) != tuple(self.vqvae.v_patch_nums):
+            raise ConfigError(f"VAR patch_nums {self.var.patch_nums} != VQVAE {self.vqvae.v_patch_nums}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"var": dataclasses.asdict(self.var), "vqvae": dataclasses.asdict(self.vqvae),
+                "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        try:
+            var = _build(VARConfig, data["var"])
+            vqvae = _build(VQVAEConfig, data["vqvae"])
+        except KeyError as err:
+            raise ConfigError(f"config is missing the section {err}") from None
+        cfg = cls(var=var, vqvae=vqvae, provenance=dict(data.get("provenance", {})))
+        cfg.validate()
+        return cfg
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Dataclass from JSON: lists become tuples; unknown or missing fields are named in the error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def official_config(depth: int) -> ModelConfig:
+    return ModelConfig(var=VARConfig.official(depth), vqvae=VQVAEConfig())
+
+
+def digits_config() -> ModelConfig:
+    """The embedded default: 16x16 digits, 2x VQVAE downsampling to an 8x8 token map, 6 scales."""
+    patch_nums = (1, 2, 3, 4, 6, 8)
+    vqvae = VQVAEConfig(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                        v_patch_nums=patch_nums)
+    var = VARConfig.uniform(depth=4, embed_dim=192, heads=6, head_dim=32, vocab_size=512, cvae=32,
+                            num_classes=10, patch_nums=patch_nums)
+    return ModelConfig(var=var, vqvae=vqvae)
+

@@ -1,0 +1,35 @@
+"""`evar eval`: generate a fixed, seeded sample set from a digits model and score it."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+
+from evar.checkpoints import Model
+from evar.errors import EvarError
+from evar.eval.classifier import IMAGE_SIZE, NUM_CLASSES
+from evar.eval.metrics import evaluate_digits
+from evar.samples import SamplingSettings, class_labels, sample_images
+
+
+def check_digits_model(model: Model) -> None:
+    c = model.config
+    if c.var.num_classes != NUM_CLASSES or c.vqvae.image_size != IMAGE_SIZE:
+        raise EvarError(
+            f"evar eval scores digits models ({NUM_CLASSES} classes, {IMAGE_SIZE}px); this model has "
+            f"{c.var.num_classes} classes at {c.vqvae.image_size}px"
+        )
+
+
+def evaluate_model(model: Model, settings: SamplingSettings, per_class: int = 50, source: str = "") -> dict[str, Any]:
+    """Class accuracy and Fréchet distance of `per_class` samples of every digit (same seed → same report)."""
+    check_digits_model(model)
+    labels = class_labels(list(range(NUM_CLASSES)), per_class)
+    t0 = time.perf_counter()
+    images = sample_images(model, labels, settings)
+    quality = evaluate_digits(images, labels.numpy())
+    return {"model": source, "sampling": dataclasses.asdict(settings), "quality": quality.to_dict(),
+            "params": sum(p.numel() for p in model.var.parameters()), "seconds": round(time.perf_counter() - t0, 2)}
+
+
