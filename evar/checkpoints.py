@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,11 @@ def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} holds more than tensors and was refused (weights_only=True): {first}") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise CheckpointError(f"{path} holds a Python object ({unsafe.group(1)}), not just tensors; "
+                                  "refused (EVAR loads checkpoints with weights_only=True)") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}") from None
     return _unwrap_state(obj, path)

@@ -182,7 +182,7 @@ def digits_config() -> ModelConfig:
     patch_nums = (1, 2, 3, 4, 6, 8)
     vqvae = VQVAEConfig(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                         v_patch_nums=patch_nums)
-    var = VARConfig.uniform(depth=4, embed_dim=192, heads=6, head_dim=32, vocab_size=512, cvae=32,
+    var = VARConfig.uniform(depth=4, embed_dim=128, heads=4, head_dim=32, vocab_size=512, cvae=32,
                             num_classes=10, patch_nums=patch_nums)
     return ModelConfig(var=var, vqvae=vqvae)
 

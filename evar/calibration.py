@@ -1,0 +1,70 @@
+"""Token sequences for calibration (pruning) and distillation: the model's own generations, or real
+images through the VQVAE. Either way the result is teacher-forcing data: labels + all L tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from evar.checkpoints import Model
+from evar.data import load_images
+from evar.errors import EvarError
+from evar.models.var import generate
+from evar.samples import SamplingSettings
+
+GENERATED = "teacher"  # the data source name meaning "sample the model itself"
+
+
+@dataclass
+class TokenSet:
+    labels: torch.Tensor  # (N,) int64
+    tokens: torch.Tensor  # (N, L) int64, scales concatenated coarse to fine
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> TokenSet:
+        return TokenSet(self.labels[index], self.tokens[index], self.source)
+
+    def scale_tokens(self, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
+        return list(self.tokens.split([pn * pn for pn in patch_nums], dim=1))
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def from_generations(model: Model, n: int, settings: SamplingSettings, batch_size: int = 64,
+                     progress: bool = True) -> TokenSet:
+    """n sequences the model samples itself (class-balanced labels): no dataset needed."""
+    labels = balanced_labels(n, model.config.var.num_classes)
+    chunks = []
+    for start in tqdm(range(0, n, batch_size), desc="calibration samples", disable=not progress, dynamic_ncols=True):
+        gen = generate(model.var, model.vqvae, labels[start:start + batch_size], cfg=settings.cfg,
+                       top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=start)
+        chunks.append(torch.cat(gen.tokens, dim=1))
+    return TokenSet(labels, torch.cat(chunks), GENERATED)
+
+
+@torch.no_grad()
+def from_images(model: Model, source: str, n: int, seed: int = 0) -> TokenSet:
+    """n real images ('digits' or an image folder) encoded by the model's VQVAE, chosen at random."""
+    images, labels = load_images(source, "train", model.config.vqvae.image_size)
+    if int(labels.max()) >= model.config.var.num_classes:
+        raise EvarError(f"{source} has {int(labels.max()) + 1} classes; the model knows {model.config.var.num_classes}")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    idx = [model.vqvae.img_to_idx(images[pick][i:i + 256]) for i in range(0, len(pick), 256)]
+    tokens = torch.cat([torch.cat(scales, dim=1) for scales in idx])
+    return TokenSet(labels[pick], tokens, source)
+
+
+def token_set(model: Model, data: str, n: int, settings: SamplingSettings | None = None, seed: int = 0) -> TokenSet:
+    """`data` is 'teacher' (the model's own generations), 'digits', or an image folder."""
+    if n < 1:
+        raise EvarError(f"need at least one calibration sample, got {n}")
+    if data == GENERATED:
+        return from_generations(model, n, settings or SamplingSettings(seed=seed))
+    return from_images(model, data, n, seed)
