@@ -27,10 +27,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         # Drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays.
         drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
-        keep_last = torch.zeros_like(drop_sorted)
-        keep_last[..., -1] = True
-        drop_sorted = drop_sorted & ~keep_last
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        # A constant (V,) mask, not an in-place write into a batch-shaped tensor, so traced graphs keep the
+        # batch symbolic; logical_and, not `&`, which Core ML's converter lacks.
+        droppable = torch.arange(vocab, device=logits.device) < vocab - 1
+        drop_sorted = torch.logical_and(drop_sorted, droppable)
+        as_float = drop_sorted.to(sorted_logits.dtype)  # Core ML scatters no bool tensors
+        drop = as_float.scatter(-1, sorted_idx, as_float) > 0
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 

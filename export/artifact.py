@@ -1,0 +1,234 @@
+"""Build a complete artifact: graphs + parity + manifest, written atomically.
+
+Everything happens in a temp dir beside OUT (`evar.files.atomic_dir`); OUT appears only after every
+parity check passed and the manifest validated, so a breach leaves no complete-looking artifact.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evar import rng
+from evar.checkpoints import Model, build_model
+from evar.errors import EvarError
+from evar.files import atomic_dir
+from export import coreml as cm
+from export import manifest as mf
+from export import onnx as ox
+from export import parity as pt
+from export.graphs import DynamicStep
+from export.interface import DECODER_GRAPH, STEP_GRAPH, StepInterface
+
+CFG_DEFAULT = 1.5
+
+
+def export_ready(model: Model) -> Model:
+    """The same weights with the plain matmul/softmax attention (what both converters handle best)."""
+    if all(b.attn.impl == "math" for b in model.var.blocks):
+        return model
+    ready = build_model(model.config, attn_impl="math")
+    ready.var.load_state_dict(model.var.state_dict())
+    ready.vqvae.load_state_dict(model.vqvae.state_dict())
+    return ready.eval()
+
+
+def _sampling(iface: StepInterface, top_k: int, top_p: float) -> dict[str, Any]:
+    c = iface.var
+    return {"rng": rng.RNG_NAME, "method": "inverse_cdf", "in_graph": True, "top_k": top_k, "top_p": top_p,
+            "filters": "baked",
+            "cfg": {"input": "cfg", "ramp": "t = cfg * si / (num_scales - 1); logits = (1 + t) * cond - t * uncond",
+                    "default": CFG_DEFAULT, "unconditional_label": c.num_classes},
+            "uniforms": {"input": "uniforms", "shape": ["batch", "pn*pn"], "dtype": "float32",
+                         "stream": "evar.rng.scale_uniforms(seed, si, batch, pn*pn, first_sample): token j of sample b "
+                                   "takes u[(first_sample + b) * pn*pn + j] of stream si"}}
+
+
+def _base(model: Model, backend: str, model_ref: str, command: str | None, iface: StepInterface) -> dict[str, Any]:
+    c = model.config
+    return {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "backend": backend, "model": c.to_dict(),
+            "patch_nums": list(c.var.patch_nums), "image_size": c.vqvae.image_size,
+            "batch": {"mode": "dynamic" if iface.batch is None else "static", "size": iface.batch, "cfg_doubled": True},
+            "kv_cache": iface.kv_json(),
+            "provenance": mf.provenance(model_ref, c.provenance, command)}
+
+
+def _check_options(top_k: int, top_p: float) -> None:
+    if top_k < 0:
+        raise EvarError(f"--top-k must be >= 0, got {top_k}")
+    if not 0.0 <= top_p < 1.0:
+        raise EvarError(f"--top-p must be in [0, 1), got {top_p}")
+
+
+# ---------------------------------------------------------------- ONNX
+def onnx_parity(model: Model, out: Path, step_file: str, decoder_file: str, options: ox.OnnxOptions,
+                batch: int = 3) -> pt.ParityReport:
+    c = model.config.var
+    iface = StepInterface(model.config, "onnx")
+    labels = pt.parity_labels(batch, c.num_classes)
+    ref = pt.reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, options.top_k, options.top_p)
+    report = pt.ParityReport()
+    wrapper = pt.torch_step(DynamicStep(model, top_k=options.top_k, top_p=options.top_p).eval(), iface)
+    expected = pt.drive(wrapper, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
+    pt.check_against_reference(report, "wrapper vs generate", ref, expected, pt.LOGITS_TOL, None, pt.IMAGE_TOL)
+
+    sess, dec = ox.session(out / step_file), ox.session(out / decoder_file)
+    names = [o.name for o in sess.get_outputs()]
+
+    def ort_step(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(None, feeds)))
+
+    def decode(f_hat: np.ndarray) -> np.ndarray:
+        return dec.run(None, {"f_hat": f_hat.astype(np.float32)})[0]
+
+    fp16 = options.precision == "fp16"
+    tol, img_tol = (pt.FP16_LOGITS_TOL, pt.FP16_IMAGE_TOL) if fp16 else (pt.LOGITS_TOL, pt.IMAGE_TOL)
+    agreement = pt.FP16_TOKEN_AGREEMENT if fp16 else 1.0
+    forced = pt.drive(ort_step, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG, teacher=expected)
+    pt.check_scale_by_scale(report, "onnx vs wrapper (same inputs)", expected, forced, tol, agreement)
+    pt.check_decoder(report, "onnx decoder", ref, decode, img_tol)
+    if not fp16:
+        free = pt.drive(ort_step, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
+        pt.check_against_reference(report, "onnx vs generate (end to end)", ref, free, tol, decode, img_tol)
+    else:
+        report.skipped.append("end to end vs generate: fp16 is checked scale by scale on the same inputs "
+                              f"(logits <= {tol}, token agreement >= {agreement})")
+    return report
+
+
+def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions, command: str | None = None) -> dict:
+    options.validate()
+    _check_options(options.top_k, options.top_p)
+    model = export_ready(model)
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        step_notes: list[str] = []
+        dec_notes: list[str] = []
+        step, iface = ox.export_step(model, tmp, options, step_notes)
+        dec, diface = ox.export_decoder(model, tmp, options, dec_notes)
+        export_s = time.perf_counter() - t0
+        report = onnx_parity(model, tmp, step.file, dec.file, options)
+        report.raise_if_failed(f"ONNX export of {model_ref}")
+        ins, outs = iface.signature()
+        step_notes.append("one graph for every scale: scale-dependent constants (resize operators, Phi, positions, "
+                          "CFG ramp) are gathered by scale_index; lengths are symbolic")
+        graphs = {
+            STEP_GRAPH: ox.graph_entry(step, [f.to_json() for f in iface.functions()],
+                                       {"inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]},
+                                       options.opset, step_notes),
+            DECODER_GRAPH: ox.graph_entry(dec, [diface.function().to_json()], None, options.opset, dec_notes),
+        }
+        for g in graphs.values():
+            g["scale_selection"] = None
+        graphs[STEP_GRAPH]["scale_selection"] = "scale_index_input"
+        manifest = {**_base(model, "onnx", model_ref, command, iface), "graphs": graphs,
+                    "sampling": _sampling(iface, options.top_k, options.top_p),
+                    "precision": {"weights": options.precision, "compute": "fp32", "fp32_ops": []},
+                    "compression": {"method": "none", "tool": None, "details": {}},
+                    "parity": report.to_json()}
+        mf.write(tmp, manifest)
+    return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}
+
+
+# ---------------------------------------------------------------- Core ML
+def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[torch.nn.Module],
+                  manifest_graphs: dict[str, Any], options: cm.CoremlOptions) -> pt.ParityReport:
+    report = pt.ParityReport()
+    # 1. the packages declare exactly the manifest's functions, inputs, outputs and states
+    for role, graph in manifest_graphs.items():
+        check_package_structure(report, out / graph["file"], graph["functions"], role)
+    # 2. the export-ready wrappers (what was converted) against the original model
+    labels = pt.parity_labels(iface.batch, iface.var.num_classes)
+    ref = pt.reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, options.top_k, options.top_p)
+    if iface.kv_mode == "state":
+        pt.share_state(wrappers)
+        pt.reset_state(wrappers)
+    run = pt.drive(pt.torch_step(wrappers, iface), iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
+    pt.check_against_reference(report, "coreml wrapper vs generate", ref, run, pt.LOGITS_TOL, None, pt.IMAGE_TOL)
+    # 3. prediction (macOS only)
+    ok, why = cm.can_predict()
+    if not ok:
+        report.skipped.append(why)
+    else:
+        coreml_predict_parity(report, out / manifest_graphs[STEP_GRAPH]["file"], iface, run, options)
+    return report
+
+
+def coreml_predict_parity(report: pt.ParityReport, package: Path, iface: StepInterface, expected: pt.Run,
+                          options: cm.CoremlOptions) -> None:
+    """macOS: every function on the wrapper's inputs, scale by scale, at the fp16 tolerance."""
+    models = [cm.predict_runner(package, iface.function_name(si)) for si in range(iface.var.num_scales)]
+    state = models[0].make_state() if iface.kv_mode == "state" else None
+
+    def step(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        kw = {"state": state} if state is not None else {}
+        return models[si].predict(feeds, **kw)
+
+    got = pt.drive(step, iface, expected.inputs[0]["labels"], pt.PARITY_SEED, pt.PARITY_CFG, teacher=expected)
+    fp16 = options.precision == "fp16"
+    pt.check_scale_by_scale(report, "coreml vs wrapper (same inputs)", expected, got,
+                            pt.FP16_LOGITS_TOL if fp16 else 1e-3, pt.FP16_TOKEN_AGREEMENT if fp16 else 1.0)
+
+
+def check_package_structure(report: pt.ParityReport, package: Path, functions: list[dict[str, Any]], role: str) -> None:
+    try:
+        declared = cm.package_functions(package)
+    except EvarError as err:
+        report.fail(f"{role}: package loads", str(err))
+        return
+    want = {f["name"] for f in functions}
+    if set(declared) != want:
+        report.fail(f"{role}: functions", f"package has {sorted(declared)}, manifest {sorted(want)}")
+        return
+    for f in functions:
+        got = declared[f["name"]]
+        for kind in ("inputs", "outputs", "states"):
+            expected = [(t["name"], list(t["shape"]), t["dtype"]) for t in f.get(kind, [])]
+            actual = [(t["name"], t["shape"], t["dtype"]) for t in got[kind]]
+            if kind == "outputs":  # the converter leaves output shapes/dtypes to the runtime in some cases
+                expected, actual = [e[0] for e in expected], [a[0] for a in actual]
+            if expected != actual:
+                first = next((i for i, (e, a) in enumerate(zip(expected, actual)) if e != a), min(len(expected), len(actual)))
+                report.fail(f"{role}/{f['name']}: {kind}",
+                            f"#{first}: package {actual[first] if first < len(actual) else 'nothing'} != "
+                            f"manifest {expected[first] if first < len(expected) else 'nothing'}")
+    report.checks.append(pt.Check(f"{role}: package structure matches manifest", True))
+
+
+def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions, command: str | None = None) -> dict:
+    options.validate()
+    _check_options(options.top_k, options.top_p)
+    model = export_ready(model)
+    t0 = time.perf_counter()
+    meta = {"evar.format": mf.FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
+            "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
+    with atomic_dir(out) as tmp:
+        notes: list[str] = []
+        iface, wrappers = cm.export_step(model, tmp, options, meta, notes)
+        diface = cm.export_decoder(model, tmp, options, meta)
+        export_s = time.perf_counter() - t0
+        common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
+                  "compute_units": options.compute_units, "simplified": None, "signature": None}
+        graphs = {
+            STEP_GRAPH: {**common, "file": "decoder_step.mlpackage", "functions": [f.to_json() for f in iface.functions()],
+                         "default_function": iface.function_name(0), "scale_selection": "function", "notes": notes},
+            DECODER_GRAPH: {**common, "file": "vqvae_decoder.mlpackage", "functions": [diface.function().to_json()],
+                            "default_function": "main", "scale_selection": None, "notes": []},
+        }
+        report = coreml_parity(model, tmp, iface, wrappers, graphs, options)
+        report.raise_if_failed(f"Core ML export of {model_ref}")
+        fp32_ops = ["sampling tail: CFG, top-k/top-p, softmax, cumsum, inverse-CDF compare"] \
+            if options.precision == "fp16" else []
+        weights = {"none": options.precision, "palettize6": "palettized", "palettize4": "palettized",
+                   "int8": "int8"}[options.compress]
+        compression = {"method": options.compress, "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
+                       "details": {"weight_threshold": 2048} if options.compress != "none" else {}}
+        manifest = {**_base(model, "coreml", model_ref, command, iface), "graphs": graphs,
+                    "sampling": _sampling(iface, options.top_k, options.top_p),
+                    "precision": {"weights": weights, "compute": options.precision, "fp32_ops": fp32_ops},
+                    "compression": compression, "parity": report.to_json()}
+        mf.write(tmp, manifest)
+    return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}

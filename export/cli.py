@@ -1,0 +1,111 @@
+"""`evar-export`: ONNX and Core ML artifacts with a manifest, and what is inside them. Errors print as one line."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from evar.errors import EvarError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export EVAR models to ONNX / Core ML (per-scale KV-cached decoder + VQVAE decoder + manifest.json).")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN|digits | model dir")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="artifact directory (written atomically)")]
+VarCkpt = Annotated[Optional[Path], typer.Option(help="official VAR .pth (with --model official:dNN)")]
+VaeCkpt = Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (with --model official:dNN)")]
+TopK = Annotated[int, typer.Option(help="baked into the graph: keep the k most likely tokens (0 = off)")]
+TopP = Annotated[float, typer.Option(help="baked into the graph: nucleus mass (0 = off)")]
+
+
+def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
+    from evar import zoo
+
+    return zoo.load(model, var_ckpt, vae_ckpt, attn_impl="math")
+
+
+def _command() -> str:
+    return "evar-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _summary(out: Path, result: dict) -> None:
+    from export import manifest as mf
+
+    m = mf.read(out)
+    total = sum(f["bytes"] for f in m["files"])
+    checks = result["parity"].checks
+    print(f"artifact → {out} ({total / 2**20:.1f} MiB, export {result['export_seconds']:.1f}s, "
+          f"total {result['total_seconds']:.1f}s); parity: {sum(c.passed for c in checks)}/{len(checks)} checks passed"
+          + (f"; skipped: {'; '.join(result['parity'].skipped)}" if result["parity"].skipped else ""))
+
+
+@app.command()
+def onnx(
+    model: ModelOpt, out: OutOpt,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 weights, fp32 compute)")] = "fp32",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 17,
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxsim when it shrinks the graph")] = True,
+    external_data: Annotated[str, typer.Option(help="auto (>= 1 GiB of weights) | always | never")] = "auto",
+    top_k: TopK = 900, top_p: TopP = 0.96,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
+    from export.artifact import build_onnx
+    from export.onnx import OnnxOptions
+
+    options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
+                          top_k=top_k, top_p=top_p)
+    options.validate()  # before loading a model: a bad option costs nothing
+    result = build_onnx(_load(model, var_ckpt, vae_ckpt), model, out, options, _command())
+    _summary(out, result)
+
+
+@app.command()
+def coreml(
+    model: ModelOpt, out: OutOpt,
+    precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
+    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs)")] = "iOS18",
+    compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
+    compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 (coremltools.optimize.coreml)")] = "none",
+    batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
+    top_k: TopK = 900, top_p: TopP = 0.96,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """One mlprogram function per scale sharing weights + the VQVAE decoder; structure and wrapper parity on Linux."""
+    from export.artifact import build_coreml
+    from export.coreml import CoremlOptions
+
+    options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
+                            batch=batch, top_k=top_k, top_p=top_p)
+    options.validate()
+    result = build_coreml(_load(model, var_ckpt, vae_ckpt), model, out, options, _command())
+    _summary(out, result)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    artifact: Annotated[Path, typer.Argument(help="an artifact directory (manifest.json + graphs)")],
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256")] = True,
+) -> None:
+    """Graphs, I/O per scale, sizes, op histogram and the ANE-risk report."""
+    from export.inspect import report
+
+    print(report(artifact, verify_files=verify))
+
+
+def main() -> None:
+    try:
+        app()
+    except EvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""ONNX export: one decoder-step graph for every scale (symbolic lengths, per-layer past/present KV) and
+the VQVAE decoder graph.
+
+The step graph is traced once (legacy exporter, opset 17) at scale 1 so that every path of the graph
+(past KV, slices by the symbolic token count, gathers by `scale_index`) is exercised with real sizes;
+names and dynamic axes come from `interface.StepInterface`.
+
+Precision: `fp16` stores every float initializer as float16 and casts it back to float32 where it is
+used, so files halve while compute (and parity) stay fp32: onnxruntime's CPU provider has no fp16
+kernels for most of these ops, and sampling must run in fp32 to keep the tokens of the reference.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evar.checkpoints import Model
+from evar.errors import EvarError
+from export.graphs import DynamicStep, VQVAEDecoder
+from export.interface import DECODER_STEM, STEP_STEM, DecoderInterface, StepInterface
+
+EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
+PROTOBUF_LIMIT = 2 ** 31 - 1
+
+
+class OnnxExportError(EvarError):
+    """The ONNX exporter, simplifier or runtime refused a graph."""
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    precision: str = "fp32"  # fp32 | fp16 (fp16 weights, fp32 compute)
+    opset: int = 17
+    simplify: bool = True
+    external_data: str = "auto"  # auto | always | never
+    top_k: int = 0
+    top_p: float = 0.0
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise EvarError(f"ONNX precision must be fp32 or fp16, got '{self.precision}'")
+        if self.opset < 17:
+            raise EvarError(f"opset {self.opset} is too old: the step graph needs opset >= 17 (LayerNormalization)")
+        if self.external_data not in ("auto", "always", "never"):
+            raise EvarError(f"--external-data must be auto, always or never, got '{self.external_data}'")
+
+
+@dataclass
+class OnnxGraph:
+    file: str
+    external_data: str | None
+    simplified: bool
+    nodes: int
+
+
+def _torch_export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                  dynamic_axes: dict, opset: int) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python ints: sizes are symbolic via dynamic_axes
+        try:
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        except Exception as err:  # the exporter raises many types; all mean "this graph did not export"
+            raise OnnxExportError(f"torch.onnx.export failed for {path.name}: {str(err).splitlines()[0]}") from err
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _weight_bytes(model) -> int:
+    from onnx import numpy_helper
+
+    total = 0
+    for t in model.graph.initializer:
+        total += numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data)
+    return total
+
+
+def _simplify(model):
+    """onnxsim, kept only when it shrinks the graph (it needs the whole model in memory: < 2 GiB)."""
+    import onnxsim
+
+    before = len(model.graph.node)
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as err:  # onnxsim raises bare RuntimeErrors; an unsimplified graph is still correct
+        return model, False, f"onnxsim failed: {str(err).splitlines()[0]}"
+    if not ok or len(simplified.graph.node) >= before:
+        return model, False, "onnxsim did not shrink the graph"
+    return simplified, True, f"onnxsim: {before} → {len(simplified.graph.node)} nodes"
+
+
+def _to_fp16_weights(model) -> None:
+    """Store float32 initializers as float16 with a Cast back to float32 (in place)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    casts, keep = [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims, dtype=np.int64) < 16:
+            keep.append(init)
+            continue
+        arr = numpy_helper.to_array(init)
+        if np.abs(arr).max(initial=0) > 65504:
+            keep.append(init)  # would overflow in fp16
+            continue
+        half = numpy_helper.from_array(arr.astype(np.float16), init.name + "__fp16")
+        keep.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                      name=init.name + "__cast"))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+
+
+def _save(model, path: Path, external: str) -> str | None:
+    import onnx
+
+    size = _weight_bytes(model)
+    use_external = external == "always" or (external == "auto" and size >= EXTERNAL_DATA_AUTO_BYTES)
+    if external == "never" and size >= PROTOBUF_LIMIT:
+        raise OnnxExportError(f"{path.name}: {size / 2**30:.2f} GiB of weights cannot be one protobuf; use external data")
+    for leftover in path.parent.glob(path.name + "*"):
+        leftover.unlink()
+    if use_external:
+        location = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        return location
+    onnx.save_model(model, str(path))
+    return None
+
+
+def _postprocess(raw: Path, final: Path, options: OnnxOptions, notes: list[str]) -> OnnxGraph:
+    model = _load(raw)
+    simplified = False
+    if options.simplify:
+        if _weight_bytes(model) >= PROTOBUF_LIMIT:
+            notes.append(f"{final.name}: not simplified (onnxsim needs the model under 2 GiB)")
+        else:
+            model, simplified, msg = _simplify(model)
+            notes.append(f"{final.name}: {msg}")
+    if options.precision == "fp16":
+        _to_fp16_weights(model)
+    for leftover in raw.parent.glob(raw.name + "*"):
+        leftover.unlink()
+    location = _save(model, final, options.external_data)
+    return OnnxGraph(final.name, location, simplified, len(model.graph.node))
+
+
+def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, StepInterface]:
+    iface = StepInterface(model.config, "onnx")
+    step = DynamicStep(model, top_k=options.top_k, top_p=options.top_p).eval()
+    ins, outs = iface.signature()
+    example = iface.example_inputs(si=1, batch=2, seed=0)
+    args = tuple(torch.from_numpy(example[t.name]) for t in ins)
+    raw = out / f".{STEP_STEM}.raw.onnx"
+    _torch_export(step, args, raw, [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
+    return _postprocess(raw, out / f"{STEP_STEM}.onnx", options, notes), iface
+
+
+def export_decoder(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, DecoderInterface]:
+    iface = DecoderInterface(model.config, "onnx")
+    fn = iface.function()
+    example = iface.example_inputs(batch=2, seed=0)
+    raw = out / f".{DECODER_STEM}.raw.onnx"
+    _torch_export(VQVAEDecoder(model).eval(), (torch.from_numpy(example["f_hat"]),), raw,
+                  [t.name for t in fn.inputs], [t.name for t in fn.outputs], iface.dynamic_axes(), options.opset)
+    return _postprocess(raw, out / f"{DECODER_STEM}.onnx", options, notes), iface
+
+
+def session(path: Path, threads: int = 1):
+    """An onnxruntime CPU session (the parity runner)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph types
+        raise OnnxExportError(f"onnxruntime cannot load {path.name}: {str(err).splitlines()[0]}") from err
+
+
+def graph_entry(graph: OnnxGraph, functions: list[dict[str, Any]], signature: dict | None, opset: int,
+                notes: list[str]) -> dict[str, Any]:
+    return {"file": graph.file, "format": "onnx", "external_data": graph.external_data, "opset": opset,
+            "simplified": graph.simplified, "signature": signature, "functions": functions,
+            "default_function": "main", "notes": notes}

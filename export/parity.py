@@ -1,0 +1,228 @@
+"""Parity: every link from the original model to the saved graphs is checked before an artifact is complete.
+
+Links (STYLE.md §6), all on labels/seed/batch other than the trace inputs:
+  1. original model (`generate`) → export-ready wrapper driven through the manifest interface: tokens
+     identical, CFG'd logits within LOGITS_TOL, final image within IMAGE_TOL;
+  2. wrapper → backend, scale by scale on the *same* inputs (the wrapper's f_hat and KV), so a token that
+     flips at one scale cannot hide or cascade: logits within the precision's tolerance, tokens identical
+     (fp32) or agreeing at least FP16_TOKEN_AGREEMENT (fp16);
+  3. backend free-running end to end (its own outputs fed back) → `generate`'s tokens and image (fp32; at
+     fp16 one flipped token changes everything after it, so fp16 stops at 2. plus the decoder on the same f_hat).
+Every failure is collected; `ParityReport.raise_if_failed` raises one ParityError naming them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from evar import rng
+from evar.checkpoints import Model
+from evar.errors import EvarError
+from evar.models.sampling import apply_cfg, cfg_ratio
+from evar.models.var import generate
+from export.interface import NP_DTYPES, StepInterface
+
+LOGITS_TOL = 1e-4  # fp32, max abs
+IMAGE_TOL = 1e-3  # fp32 decoder output in [-1, 1], max abs
+FP16_LOGITS_TOL = 5e-2  # fp16 weights (ONNX) / fp16 compute (Core ML), max abs
+FP16_IMAGE_TOL = 5e-2
+FP16_TOKEN_AGREEMENT = 0.95
+
+# parity inputs: deliberately not the trace inputs (seed 0, batch 2, random labels)
+PARITY_SEED = 20240917
+PARITY_CFG = 2.5
+
+StepFn = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class ParityError(EvarError):
+    """An exported graph disagrees with PyTorch beyond tolerance (or cannot be checked)."""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    metric: str | None = None
+    value: float | None = None
+    tolerance: float | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "metric": self.metric,
+                "value": None if self.value is None else float(self.value), "tolerance": self.tolerance,
+                "detail": self.detail}
+
+
+@dataclass
+class ParityReport:
+    checks: list[Check] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def max_abs(self, name: str, a: np.ndarray, b: np.ndarray, tol: float) -> None:
+        if a.shape != b.shape:
+            self.checks.append(Check(name, False, "shape", None, None, f"{a.shape} vs {b.shape}"))
+            return
+        diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+        self.checks.append(Check(name, bool(diff <= tol), "max_abs_diff", diff, tol))
+
+    def tokens(self, name: str, a: np.ndarray, b: np.ndarray, min_agreement: float = 1.0) -> None:
+        agree = float((a.astype(np.int64) == b.astype(np.int64)).mean()) if a.shape == b.shape else 0.0
+        self.checks.append(Check(name, agree >= min_agreement, "token_agreement", agree, min_agreement))
+
+    def fail(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, False, detail=detail))
+
+    def raise_if_failed(self, what: str) -> None:
+        failed = [c for c in self.checks if not c.passed]
+        if failed:
+            parts = [f"{c.name} ({c.metric}={c.value:.3g} vs {c.tolerance})" if c.value is not None else
+                     f"{c.name} ({c.detail})" for c in failed]
+            raise ParityError(f"{what}: {len(failed)} of {len(self.checks)} parity checks failed: " + "; ".join(parts))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [c.to_json() for c in self.checks], "skipped": list(self.skipped)}
+
+
+# ---------------------------------------------------------------- the reference
+@dataclass
+class Reference:
+    labels: np.ndarray
+    tokens: list[np.ndarray]
+    logits: list[np.ndarray]  # after CFG
+    f_hat: np.ndarray
+    image: np.ndarray
+
+
+def parity_labels(batch: int, num_classes: int) -> np.ndarray:
+    return (np.arange(batch) * 7 + 3) % num_classes
+
+
+@torch.no_grad()
+def reference(model: Model, labels: np.ndarray, seed: int, cfg: float, top_k: int, top_p: float) -> Reference:
+    c = model.config.var
+    B = len(labels)
+    gen = generate(model.var, model.vqvae, torch.from_numpy(labels.astype(np.int64)), cfg=cfg, top_k=top_k,
+                   top_p=top_p, seed=seed, keep_logits=True)
+    logits = [apply_cfg(lg[:B], lg[B:], cfg_ratio(cfg, si, c.num_scales)).numpy() if cfg != 0 else lg.numpy()
+              for si, lg in enumerate(gen.scale_logits)]
+    f_hat = model.vqvae.idx_to_fhat(gen.tokens)
+    return Reference(labels, [t.numpy() for t in gen.tokens], logits, f_hat.numpy(), gen.images.numpy())
+
+
+# ---------------------------------------------------------------- driving a step through the interface
+@dataclass
+class Run:
+    inputs: list[dict[str, np.ndarray]]  # what each scale was fed
+    outputs: list[dict[str, np.ndarray]]
+
+
+def scale_feeds(iface: StepInterface, si: int, labels: np.ndarray, f_hat: np.ndarray, seed: int, cfg: float,
+                kv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs of scale si as the manifest declares them (uniforms from evar.rng, past KV from `kv`)."""
+    fn = iface.function(si)
+    B, pn = len(labels), iface.var.patch_nums[si]
+    values = {"labels": labels, "f_hat": f_hat, "uniforms": rng.scale_uniforms(seed, si, B, pn * pn),
+              "cfg": np.array([cfg]), "scale_index": np.array([si])}
+    feeds = {}
+    for t in fn.inputs:
+        if t.role in values:
+            feeds[t.name] = values[t.role].astype(NP_DTYPES[t.dtype])
+        else:  # past KV: scale 0 of an io graph starts empty
+            layer_shape = (2 * B, iface.var.num_heads[t.layer], 0, iface.var.head_dim)
+            feeds[t.name] = kv.get(t.name, np.zeros(layer_shape, NP_DTYPES[t.dtype]))
+    return feeds
+
+
+def next_kv(iface: StepInterface, si: int, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map this scale's present outputs to the next scale's past input names."""
+    if iface.kv_mode != "io":
+        return {}
+    kv = {}
+    for t in iface.function(si).outputs:
+        if t.role in ("present_key", "present_value"):
+            past = iface.kv_tensor(t.layer, t.role.replace("present", "past"), 0).name
+            kv[past] = outputs[t.name]
+    return kv
+
+
+def drive(step: StepFn, iface: StepInterface, labels: np.ndarray, seed: int, cfg: float,
+          teacher: Run | None = None) -> Run:
+    """Run every scale. Free-running by default; with `teacher`, each scale gets the teacher's inputs."""
+    c = iface.var
+    f_hat = np.zeros((len(labels), c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
+    kv: dict[str, np.ndarray] = {}
+    run = Run([], [])
+    for si in range(c.num_scales):
+        feeds = teacher.inputs[si] if teacher else scale_feeds(iface, si, labels, f_hat, seed, cfg, kv)
+        out = step(si, feeds)
+        run.inputs.append(feeds)
+        run.outputs.append(out)
+        f_hat, kv = out["next_f_hat"], next_kv(iface, si, out)
+    return run
+
+
+def torch_step(wrappers: list[torch.nn.Module] | torch.nn.Module, iface: StepInterface) -> StepFn:
+    """A StepFn over export-ready wrappers: one per scale (Core ML) or one for all (ONNX)."""
+
+    @torch.no_grad()
+    def call(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module = wrappers[si] if isinstance(wrappers, list) else wrappers
+        fn = iface.function(si)
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in fn.inputs]
+        outs = module(*args)
+        return {t.name: o.numpy() for t, o in zip(fn.outputs, outs)}
+
+    return call
+
+
+def reset_state(wrappers: list[torch.nn.Module]) -> None:
+    for name, buf in wrappers[0].named_buffers():
+        if name.startswith(("key_cache_", "value_cache_")):
+            buf.zero_()
+
+
+def share_state(wrappers: list[torch.nn.Module]) -> None:
+    """Make every scale's wrapper use scale 0's cache buffers (as one Core ML state is passed to each function)."""
+    first = dict(wrappers[0].named_buffers())
+    for w in wrappers[1:]:
+        for name in list(dict(w.named_buffers())):
+            if name.startswith(("key_cache_", "value_cache_")):
+                setattr(w, name, first[name])
+
+
+# ---------------------------------------------------------------- the checks
+def check_against_reference(report: ParityReport, label: str, ref: Reference, run: Run, logits_tol: float,
+                            decode: Callable[[np.ndarray], np.ndarray] | None, image_tol: float,
+                            min_agreement: float = 1.0) -> None:
+    for si, out in enumerate(run.outputs):
+        report.tokens(f"{label}: tokens scale {si}", out["idx"], ref.tokens[si], min_agreement)
+        report.max_abs(f"{label}: logits scale {si}", out["logits"], ref.logits[si], logits_tol)
+    report.max_abs(f"{label}: f_hat", run.outputs[-1]["next_f_hat"], ref.f_hat, logits_tol * 10)
+    if decode is not None:
+        report.max_abs(f"{label}: image", decode(run.outputs[-1]["next_f_hat"]), ref.image, image_tol)
+
+
+def check_scale_by_scale(report: ParityReport, label: str, expected: Run, got: Run, logits_tol: float,
+                         min_agreement: float) -> None:
+    for si, (e, g) in enumerate(zip(expected.outputs, got.outputs)):
+        report.max_abs(f"{label}: logits scale {si}", g["logits"], e["logits"], logits_tol)
+        report.tokens(f"{label}: tokens scale {si}", g["idx"], e["idx"], min_agreement)
+        name = f"{label}: next_f_hat scale {si}"
+        if np.array_equal(g["idx"].astype(np.int64), e["idx"].astype(np.int64)):
+            report.max_abs(name, g["next_f_hat"], e["next_f_hat"], logits_tol * 10)
+        else:  # another code vector is another f_hat: only the token agreement above is meaningful
+            report.checks.append(Check(name, True, detail="not compared: tokens differ within the stated agreement"))
+
+
+def check_decoder(report: ParityReport, label: str, ref: Reference, decode: Callable[[np.ndarray], np.ndarray],
+                  tol: float) -> None:
+    """The VQVAE decoder graph on the reference f_hat against the reference image."""
+    report.max_abs(f"{label}: image from the reference f_hat", decode(ref.f_hat), ref.image, tol)

@@ -1,0 +1,169 @@
+// The app's state: artifacts, the generation settings, the last image, and latency per artifact.
+
+import CoreGraphics
+import EVARKit
+import Foundation
+
+/// Latency of one artifact on this device, over the runs measured so far.
+struct LatencySummary: Hashable {
+    var loadMs: Double
+    var endToEndMs: [Double] = []
+    var decodeMs: [Double] = []
+    var scaleMs: [[Double]] = []
+
+    var endToEnd: Statistics? { endToEndMs.isEmpty ? nil : Statistics(endToEndMs) }
+    var decode: Statistics? { decodeMs.isEmpty ? nil : Statistics(decodeMs) }
+
+    /// Median per scale.
+    var perScaleMedians: [Double] {
+        guard let scales = scaleMs.first?.count else { return [] }
+        return (0..<scales).map { scale in Statistics(scaleMs.map { $0[scale] }).median }
+    }
+
+    mutating func add(_ timings: StageTimings) {
+        endToEndMs.append(timings.endToEndMilliseconds)
+        decodeMs.append(timings.decodeMilliseconds)
+        scaleMs.append(timings.scaleMilliseconds)
+    }
+}
+
+/// A class the picker offers.
+struct ClassChoice: Identifiable, Hashable {
+    var label: Int
+    var name: String
+
+    var id: Int { label }
+}
+
+@MainActor
+final class DemoModel: ObservableObject {
+    @Published var artifacts: [Artifact] = []
+    @Published var selection: Artifact.ID?
+    @Published var classLabel = 0
+    @Published var seed: UInt64 = 0
+    @Published var cfg = 1.5
+    @Published var computeUnits = ComputeUnits.cpuAndNeuralEngine
+    @Published var image: CGImage?
+    @Published var status = "Add artifacts to Models/ or import one."
+    @Published var isBusy = false
+    @Published var latency: [Artifact.ID: LatencySummary] = [:]
+
+    private var pipelines: [Artifact.ID: EVARPipeline] = [:]
+
+    var selected: Artifact? { artifacts.first { $0.id == selection } }
+
+    /// Well-known ImageNet classes (VAR's demo picks) for official models; every class otherwise.
+    var classChoices: [ClassChoice] {
+        let classes = selected?.manifest.model.transformer.numClasses ?? 10
+        if classes == 1000 {
+            let picks = [(207, "golden retriever"), (360, "otter"), (387, "lesser panda"), (974, "geyser"),
+                         (88, "macaw"), (979, "valley"), (417, "balloon"), (279, "arctic fox"), (980, "volcano"),
+                         (22, "bald eagle")]
+            return picks.map { ClassChoice(label: $0.0, name: $0.1) }
+        }
+        return (0..<classes).map { ClassChoice(label: $0, name: "class \($0)") }
+    }
+
+    func refreshArtifacts() {
+        let (found, problems) = ArtifactLibrary.scan()
+        artifacts = found
+        if selection == nil || !found.contains(where: { $0.id == selection }) {
+            selection = found.first?.id
+        }
+        if let label = classChoices.first?.label, !classChoices.contains(where: { $0.label == classLabel }) {
+            classLabel = label
+        }
+        status = problems.isEmpty ? "\(found.count) artifact(s)" : problems.joined(separator: "\n")
+    }
+
+    func importArtifact(_ result: Result<URL, Error>) {
+        do {
+            let url = try ArtifactLibrary.importArtifact(from: result.get())
+            pipelines[url] = nil
+            refreshArtifacts()
+            selection = url
+        } catch {
+            status = "Import failed: \(error.localizedDescription)"
+        }
+    }
+
+    private var configuration: GenerationConfiguration {
+        GenerationConfiguration(classLabel: classLabel, seed: seed, cfg: cfg, computeUnits: computeUnits)
+    }
+
+    private func pipeline(for artifact: Artifact) throws -> EVARPipeline {
+        if let pipeline = pipelines[artifact.id] {
+            return pipeline
+        }
+        let pipeline = try EVARPipeline(artifactURL: artifact.url, computeUnits: computeUnits)
+        pipelines[artifact.id] = pipeline
+        return pipeline
+    }
+
+    /// Loads the artifact's models if needed, recording how long that took.
+    private func ensureLoaded(_ artifact: Artifact) async throws -> EVARPipeline {
+        let pipeline = try pipeline(for: artifact)
+        pipeline.setComputeUnits(computeUnits)
+        let loadMs = try await pipeline.loadResources()
+        if latency[artifact.id] == nil || loadMs > 1 {
+            latency[artifact.id] = LatencySummary(loadMs: loadMs)
+        }
+        return pipeline
+    }
+
+    func generate() async {
+        guard let artifact = selected, !isBusy else { return }
+        isBusy = true
+        defer { isBusy = false }
+        do {
+            status = "Loading \(artifact.name)…"
+            let pipeline = try await ensureLoaded(artifact)
+            status = "Generating…"
+            let result = try await pipeline.generate(configuration)
+            image = result.images.first
+            latency[artifact.id, default: LatencySummary(loadMs: 0)].add(result.timings)
+            status = String(format: "%@: %.1f ms (class %ld, seed %llu)", artifact.name,
+                            result.timings.endToEndMilliseconds, classLabel, seed)
+        } catch {
+            status = "Failed: \(error.localizedDescription)"
+        }
+    }
+
+    /// Alternates the artifacts run by run (so thermal state affects all alike): 1 warm-up, then `runs`.
+    func benchmarkAll(runs: Int = 5) async {
+        guard !isBusy, !artifacts.isEmpty else { return }
+        isBusy = true
+        defer { isBusy = false }
+        do {
+            var loaded: [(Artifact, EVARPipeline)] = []
+            for artifact in artifacts {
+                status = "Loading \(artifact.name)…"
+                let pipeline = try await ensureLoaded(artifact)
+                _ = try await pipeline.generate(configuration)  // warm-up
+                latency[artifact.id]?.endToEndMs = []
+                latency[artifact.id]?.decodeMs = []
+                latency[artifact.id]?.scaleMs = []
+                loaded.append((artifact, pipeline))
+            }
+            for run in 1...runs {
+                for (artifact, pipeline) in loaded {
+                    status = "Run \(run)/\(runs): \(artifact.name)"
+                    let result = try await pipeline.generate(configuration)
+                    latency[artifact.id]?.add(result.timings)
+                    if artifact.id == selection {
+                        image = result.images.first
+                    }
+                }
+            }
+            status = "Benchmark done: \(runs) runs per artifact"
+        } catch {
+            status = "Benchmark failed: \(error.localizedDescription)"
+        }
+    }
+
+    /// The reference for speed-ups: an artifact named "dense…", else the one with most parameters.
+    var baseline: Artifact? {
+        artifacts.first { $0.name.lowercased().hasPrefix("dense") }
+            ?? artifacts.max { $0.manifest.model.transformer.parameterCount < $1.manifest.model.transformer.parameterCount }
+    }
+}

@@ -1,0 +1,172 @@
+// The JSON that evar-ios-bench prints. Its fields are the ones `evar-bench` prints (ios_demo/README.md,
+// "Bench JSON"), so on-device numbers drop into the same benchmark tables and plots.
+
+import Foundation
+
+/// Latency of one artifact on one device: per scale, VQVAE decode and end to end, over timed runs.
+public struct BenchReport: Codable, Hashable, Sendable {
+    /// Median and 90th percentile of one stage.
+    public struct Summary: Codable, Hashable, Sendable {
+        public var medianMs: Double
+        public var p90Ms: Double
+
+        enum CodingKeys: String, CodingKey {
+            case medianMs = "median_ms"
+            case p90Ms = "p90_ms"
+        }
+    }
+
+    /// One scale's latency.
+    public struct ScaleSummary: Codable, Hashable, Sendable {
+        public var scaleIndex: Int
+        public var patchNum: Int
+        public var medianMs: Double
+        public var p90Ms: Double
+
+        enum CodingKeys: String, CodingKey {
+            case scaleIndex = "scale_index"
+            case patchNum = "patch_num"
+            case medianMs = "median_ms"
+            case p90Ms = "p90_ms"
+        }
+    }
+
+    /// End-to-end latency (all scales and the decode, models already loaded).
+    public struct EndToEnd: Codable, Hashable, Sendable {
+        public var medianMs: Double
+        public var p90Ms: Double
+        public var minMs: Double
+
+        enum CodingKeys: String, CodingKey {
+            case medianMs = "median_ms"
+            case p90Ms = "p90_ms"
+            case minMs = "min_ms"
+        }
+    }
+
+    /// `evar-bench-v1`.
+    public var format: String
+    /// The program that measured: `evar-ios-bench`, the app (`EVARDemo`) or `evar-bench`.
+    public var tool: String
+    /// Hardware model and chip, e.g. `iPad16,3` or `Mac14,2 (Apple M2)`.
+    public var device: String
+    /// Operating system and version.
+    public var os: String
+    /// `coreml` for EVARKit.
+    public var backend: String
+    /// Core ML compute units (`cpuAndNeuralEngine`, ...).
+    public var computeUnits: String
+    /// Intra-op threads; nil where the runtime chooses them (Core ML).
+    public var threads: Int?
+    /// Compute precision of the artifact (`fp16` / `fp32`).
+    public var precision: String
+    /// Weight storage (`fp16`, `palettized`, ...).
+    public var weights: String
+    /// Weight compression method of the artifact.
+    public var compression: String
+    /// Samples per generation.
+    public var batch: Int
+    public var cfg: Double
+    public var topK: Int
+    public var topP: Double
+    public var seed: UInt64
+    /// `graph` (in-graph sampling) or `host`.
+    public var sampling: String
+    /// `state` (Core ML state) or `io` (KV as inputs/outputs).
+    public var kvCache: String
+    /// Untimed runs before measuring.
+    public var warmup: Int
+    /// Timed runs.
+    public var iterations: Int
+    /// Compiling (first time only) and loading every function, once, before the warm-up.
+    public var loadMs: Double
+    public var perScale: [ScaleSummary]
+    public var decode: Summary
+    public var endToEnd: EndToEnd
+    /// Images per second at the median end-to-end latency.
+    public var throughputImagesPerS: Double
+    /// Parameters of the VAR transformer (VQVAE excluded).
+    public var params: Int
+    /// The artifact directory's name.
+    public var artifact: String
+    /// `provenance.model_ref` of the artifact.
+    public var modelRef: String
+
+    enum CodingKeys: String, CodingKey {
+        case format
+        case tool
+        case device
+        case os
+        case backend
+        case computeUnits = "compute_units"
+        case threads
+        case precision
+        case weights
+        case compression
+        case batch
+        case cfg
+        case topK = "top_k"
+        case topP = "top_p"
+        case seed
+        case sampling
+        case kvCache = "kv_cache"
+        case warmup
+        case iterations
+        case loadMs = "load_ms"
+        case perScale = "per_scale"
+        case decode
+        case endToEnd = "end_to_end"
+        case throughputImagesPerS = "throughput_images_per_s"
+        case params
+        case artifact
+        case modelRef = "model_ref"
+    }
+
+    public static let formatName = "evar-bench-v1"
+
+    /// Summarises timed runs (warm-up runs excluded by the caller).
+    public init(manifest: Manifest, artifactName: String, configuration: GenerationConfiguration,
+                runs: [StageTimings], warmup: Int, loadMs: Double, tool: String,
+                device: String = DeviceInfo.model, os: String = DeviceInfo.operatingSystem) {
+        precondition(!runs.isEmpty, "a report needs at least one timed run")
+        format = Self.formatName
+        self.tool = tool
+        self.device = device
+        self.os = os
+        backend = "coreml"
+        computeUnits = configuration.computeUnits.rawValue
+        threads = nil
+        precision = manifest.precision.compute.rawValue
+        weights = manifest.precision.weights.rawValue
+        compression = manifest.compression.method.rawValue
+        batch = manifest.batchSize
+        cfg = configuration.cfg
+        topK = configuration.topK ?? manifest.sampling.topK
+        topP = configuration.topP ?? manifest.sampling.topP
+        seed = configuration.seed
+        sampling = manifest.sampling.inGraph ? "graph" : "host"
+        kvCache = manifest.kvCache.mode.rawValue
+        self.warmup = warmup
+        iterations = runs.count
+        self.loadMs = loadMs
+        perScale = manifest.patchNums.enumerated().map { (scale, patch) -> ScaleSummary in
+            let stats = Statistics(runs.map { $0.scaleMilliseconds[scale] })
+            return ScaleSummary(scaleIndex: scale, patchNum: patch, medianMs: stats.median, p90Ms: stats.p90)
+        }
+        let decodeStats = Statistics(runs.map { $0.decodeMilliseconds })
+        decode = Summary(medianMs: decodeStats.median, p90Ms: decodeStats.p90)
+        let total = Statistics(runs.map { $0.endToEndMilliseconds })
+        endToEnd = EndToEnd(medianMs: total.median, p90Ms: total.p90, minMs: total.min)
+        throughputImagesPerS = total.median > 0 ? Double(manifest.batchSize) * 1000 / total.median : 0
+        params = manifest.model.transformer.parameterCount
+        artifact = artifactName
+        modelRef = manifest.provenance.modelRef
+    }
+
+    /// Pretty-printed JSON with sorted keys, as written to `--json`.
+    public func jsonData() throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return try encoder.encode(self)
+    }
+}

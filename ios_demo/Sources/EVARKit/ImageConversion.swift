@@ -1,0 +1,49 @@
+// Decoder output (N, 3, H, W) floats → 8-bit RGB, exactly as evar.data.to_uint8_nhwc does it:
+// clamp to the range, scale to [0, 255] in Float, round half to even (Tests/Fixtures/image.json).
+
+#if canImport(CoreGraphics)
+import CoreGraphics
+import Foundation
+#endif
+
+/// Conversions from image tensors to pixels.
+public enum ImageConversion {
+    /// One sample's pixels, row-major `(H, W, 3)` from a planar `(3, H, W)` slice of `chw`.
+    ///
+    /// - Parameters:
+    ///   - range: the tensor's value range (`[-1, 1]` for EVAR's decoder).
+    public static func rgbBytes(chw: ArraySlice<Float>, height: Int, width: Int,
+                                range: (lower: Float, upper: Float) = (-1, 1)) -> [UInt8] {
+        precondition(chw.count == 3 * height * width, "need 3×\(height)×\(width) values")
+        let base = chw.startIndex
+        let plane = height * width
+        let scale = 255 / (range.upper - range.lower)
+        var out = [UInt8](repeating: 0, count: 3 * plane)
+        for pixel in 0..<plane {
+            for channel in 0..<3 {
+                let x = min(max(chw[base + channel * plane + pixel], range.lower), range.upper)
+                // For [-1, 1] this is (x + 1) · 127.5, the reference's two Float operations.
+                let scaled = range.lower == -1 && range.upper == 1 ? (x + 1) * 127.5 : (x - range.lower) * scale
+                out[pixel * 3 + channel] = UInt8(scaled.rounded(.toNearestOrEven))
+            }
+        }
+        return out
+    }
+
+    #if canImport(CoreGraphics)
+    /// A CGImage of `(H, W, 3)` RGB bytes (sRGB, opaque).
+    public static func cgImage(rgb: [UInt8], height: Int, width: Int) -> CGImage? {
+        var rgba = [UInt8](repeating: 255, count: 4 * height * width)
+        for pixel in 0..<(height * width) {
+            rgba[pixel * 4] = rgb[pixel * 3]
+            rgba[pixel * 4 + 1] = rgb[pixel * 3 + 1]
+            rgba[pixel * 4 + 2] = rgb[pixel * 3 + 2]
+        }
+        guard let provider = CGDataProvider(data: Data(rgba) as CFData),
+              let space = CGColorSpace(name: CGColorSpace.sRGB) else { return nil }
+        return CGImage(width: width, height: height, bitsPerComponent: 8, bitsPerPixel: 32, bytesPerRow: 4 * width,
+                       space: space, bitmapInfo: CGBitmapInfo(rawValue: CGImageAlphaInfo.noneSkipLast.rawValue),
+                       provider: provider, decode: nil, shouldInterpolate: false, intent: .defaultIntent)
+    }
+    #endif
+}

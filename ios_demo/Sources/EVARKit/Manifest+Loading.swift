@@ -1,0 +1,199 @@
+// Reading a manifest from an artifact directory and checking that EVARKit can run it. Each check
+// fails with a message naming the field, so a user learns what to re-export instead of seeing a
+// Core ML error halfway through a generation.
+
+import Foundation
+
+extension Manifest {
+    /// The manifest format this EVARKit reads.
+    public static let supportedFormatVersion = 1
+    /// The `format` of every EVAR artifact manifest.
+    public static let formatName = "evar-artifact"
+    /// Graph roles (keys of `graphs`).
+    public static let decoderStepRole = "decoder_step"
+    public static let vqvaeDecoderRole = "vqvae_decoder"
+
+    /// Decodes `manifest.json` from an artifact directory (no checks; see `validate(artifactDirectory:)`).
+    public static func load(artifactDirectory: URL) throws -> Manifest {
+        let url = artifactDirectory.appendingPathComponent("manifest.json")
+        guard FileManager.default.fileExists(atPath: url.path) else {
+            throw EVARError.missingFile("\(url.path) (is \(artifactDirectory.lastPathComponent) an evar-export output?)")
+        }
+        return try decode(Data(contentsOf: url))
+    }
+
+    /// Decodes a manifest, turning decoding errors into one line naming the field.
+    public static func decode(_ data: Data) throws -> Manifest {
+        do {
+            return try JSONDecoder().decode(Manifest.self, from: data)
+        } catch let error as DecodingError {
+            throw EVARError.invalidManifest(describe(error))
+        }
+    }
+
+    private static func describe(_ error: DecodingError) -> String {
+        func path(_ keys: [CodingKey]) -> String {
+            keys.map { key -> String in
+                if let index = key.intValue { return "[\(index)]" }
+                return "." + key.stringValue
+            }.joined()
+        }
+        switch error {
+        case .keyNotFound(let key, let context):
+            return "missing key \(path(context.codingPath + [key]))"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
+            return "\(path(context.codingPath)): \(context.debugDescription)"
+        @unknown default:
+            return error.localizedDescription
+        }
+    }
+
+    /// Checks everything EVARKit relies on; with `artifactDirectory`, also that every listed file exists
+    /// with the listed size.
+    public func validate(artifactDirectory: URL? = nil) throws {
+        guard format == Self.formatName else {
+            throw EVARError.invalidManifest("format is \"\(format)\", expected \"\(Self.formatName)\"")
+        }
+        guard formatVersion == Self.supportedFormatVersion else {
+            throw EVARError.unsupportedFormatVersion(found: formatVersion, supported: Self.supportedFormatVersion)
+        }
+        if backend == .onnx {
+            throw EVARError.unsupportedArtifact("an ONNX artifact; EVARKit runs Core ML artifacts "
+                                                + "(evar-export coreml --model ... --out ...)")
+        }
+        for (role, graph) in graphs where graph.format != .coreml {
+            throw EVARError.unsupportedArtifact("graph \(role) is \(graph.format.rawValue), EVARKit runs Core ML graphs")
+        }
+        guard sampling.rng == SplitMix64Uniforms.name else {
+            throw EVARError.unsupportedArtifact("random source \(sampling.rng); EVARKit implements \(SplitMix64Uniforms.name)")
+        }
+        guard sampling.method == "inverse_cdf" else {
+            throw EVARError.unsupportedArtifact("sampling method \(sampling.method)")
+        }
+        guard patchNums == model.transformer.patchNums else {
+            throw EVARError.invalidManifest("patch_nums \(patchNums) differ from model.var.patch_nums "
+                                            + "\(model.transformer.patchNums)")
+        }
+        for scale in patchNums.indices {
+            _ = try stepFunction(scaleIndex: scale)
+        }
+        let decoder = try vqvaeDecoder()
+        _ = try decoder.function.input(role: .fHat)
+        _ = try decoder.function.output(role: .image)
+        if let artifactDirectory {
+            try checkFiles(in: artifactDirectory)
+        }
+    }
+
+    /// Every listed file exists with its listed size (hashes are checked by `evar-export`; hashing a
+    /// 600 MB package on a phone at every launch would cost more than it tells).
+    public func checkFiles(in directory: URL) throws {
+        for file in files {
+            let url = directory.appendingPathComponent(file.path)
+            guard let attributes = try? FileManager.default.attributesOfItem(atPath: url.path) else {
+                throw EVARError.missingFile("\(file.path) listed in the manifest of \(directory.lastPathComponent)")
+            }
+            let size = (attributes[.size] as? NSNumber)?.intValue ?? -1
+            guard size == file.bytes else {
+                throw EVARError.invalidManifest("\(file.path) has \(size) bytes, the manifest says \(file.bytes)")
+            }
+        }
+    }
+
+    // MARK: Graph look-ups
+
+    /// A graph and one of its functions.
+    public struct GraphFunction: Hashable, Sendable {
+        public var role: String
+        public var graph: Graph
+        public var function: Function
+
+        /// Core ML needs a function name only when the package holds several functions.
+        public var coreMLFunctionName: String? {
+            graph.functions.count > 1 ? function.name : nil
+        }
+    }
+
+    func graph(role: String) throws -> Graph {
+        guard let graph = graphs[role] else {
+            throw EVARError.invalidManifest("no graph with role \(role) (graphs: \(graphs.keys.sorted()))")
+        }
+        return graph
+    }
+
+    /// The decoder-step function of scale `scaleIndex`.
+    public func stepFunction(scaleIndex: Int) throws -> GraphFunction {
+        let graph = try graph(role: Self.decoderStepRole)
+        let matches = graph.functions.filter { $0.scaleIndex == scaleIndex }
+        guard matches.count == 1, let function = matches.first else {
+            throw EVARError.unsupportedArtifact(
+                "decoder_step has \(matches.count) functions for scale \(scaleIndex); EVARKit needs exactly one "
+                + "per scale (Core ML multifunction export)")
+        }
+        if let patch = function.patchNum, patch != patchNums[scaleIndex] {
+            throw EVARError.invalidManifest("function \(function.name) has patch_num \(patch), "
+                                            + "patch_nums[\(scaleIndex)] is \(patchNums[scaleIndex])")
+        }
+        return GraphFunction(role: Self.decoderStepRole, graph: graph, function: function)
+    }
+
+    /// The VQVAE decoder function (`f_hat → image`).
+    public func vqvaeDecoder() throws -> GraphFunction {
+        let graph = try graph(role: Self.vqvaeDecoderRole)
+        let function = graph.functions.first { $0.name == graph.defaultFunction } ?? graph.functions[0]
+        return GraphFunction(role: Self.vqvaeDecoderRole, graph: graph, function: function)
+    }
+
+    /// Number of samples per call (static Core ML shapes), 1 when the manifest does not say.
+    public var batchSize: Int { batch?.size ?? 1 }
+
+    /// Whether the graph builds the conditional + unconditional batch itself.
+    public var graphDoublesBatchForGuidance: Bool { batch?.cfgDoubled ?? true }
+
+    /// The label that means "no class" (classifier-free guidance).
+    public var unconditionalLabel: Int { sampling.cfg.unconditionalLabel ?? model.transformer.numClasses }
+
+    /// Token range `[begin, end)` of a scale, from the function or computed from `patch_nums`.
+    public func tokenRange(scaleIndex: Int, function: Function) -> (begin: Int, end: Int) {
+        if let range = function.tokenRange, range.count == 2 {
+            return (range[0], range[1])
+        }
+        let begin = patchNums[..<scaleIndex].reduce(0) { $0 + $1 * $1 }
+        return (begin, begin + patchNums[scaleIndex] * patchNums[scaleIndex])
+    }
+}
+
+extension Manifest.Function {
+    /// The one input with `role`.
+    public func input(role: Manifest.TensorRole) throws -> Manifest.Tensor {
+        guard let tensor = inputs.first(where: { $0.role == role }) else {
+            throw EVARError.invalidManifest("function \(name) has no input with role \(role.rawValue)")
+        }
+        return tensor
+    }
+
+    /// The one output with `role`.
+    public func output(role: Manifest.TensorRole) throws -> Manifest.Tensor {
+        guard let tensor = outputs.first(where: { $0.role == role }) else {
+            throw EVARError.invalidManifest("function \(name) has no output with role \(role.rawValue)")
+        }
+        return tensor
+    }
+}
+
+extension Manifest.Tensor {
+    /// Concrete sizes: static dims as they are, symbols from `symbols` (`batch`, `cfg_batch`, ...).
+    public func concreteShape(symbols: [String: Int]) throws -> [Int] {
+        try shape.map { dim in
+            switch dim {
+            case .size(let size):
+                return size
+            case .symbol(let symbol):
+                guard let size = symbols[symbol] else {
+                    throw EVARError.invalidManifest("tensor \(name) has dimension \(symbol), which EVARKit cannot size")
+                }
+                return size
+            }
+        }
+    }
+}

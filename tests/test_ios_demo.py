@@ -1,0 +1,547 @@
+"""ios_demo checks that run without a Swift toolchain.
+
+- every Swift file parses with a real Swift grammar (tree-sitter-swift), with a negative control;
+- EVARKit's `Manifest` types match export/manifest.schema.json key for key (read from the Swift source);
+- the shared fixtures equal what ios_demo/scripts/make_fixtures.py builds now, and agree with the
+  Python runtime (evar.rng, evar.models.sampling); the XCTest target reads the same files on macOS;
+- the bench JSON fields of BenchReport.swift are the ones ios_demo/README.md documents.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evar import rng
+
+ts = pytest.importorskip("tree_sitter")
+tree_sitter_swift = pytest.importorskip("tree_sitter_swift")
+
+ROOT = Path(__file__).resolve().parents[1]
+IOS = ROOT / "ios_demo"
+FIXTURES = IOS / "Tests" / "Fixtures"
+SCHEMA_PATH = ROOT / "export" / "manifest.schema.json"
+KIT = IOS / "Sources" / "EVARKit"
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return ts.Parser(ts.Language(tree_sitter_swift.language()))
+
+
+def syntax_errors(parser, source: bytes) -> list[str]:
+    """ERROR and MISSING nodes of a parse, as 'line:col text'."""
+    found: list[str] = []
+    stack = [parser.parse(source).root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            row, col = node.start_point
+            found.append(f"{row + 1}:{col + 1} {node.text[:60]!r}")
+        stack.extend(node.children)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Swift syntax
+
+
+def swift_files() -> list[Path]:
+    return sorted(IOS.rglob("*.swift"))
+
+
+def test_every_swift_file_parses(parser):
+    files = swift_files()
+    assert len(files) >= 25, f"expected the package, tests, CLI and app sources, found {len(files)}"
+    broken = {str(f.relative_to(ROOT)): errs for f in files if (errs := syntax_errors(parser, f.read_bytes()))}
+    assert not broken, f"Swift syntax errors: {broken}"
+
+
+@pytest.mark.parametrize("snippet", [
+    b"func f( { let = }",
+    b"struct A { var x: Int = }",
+    b"let x = [1, 2,",
+    b"enum E: String { case a = }",
+    b"if x { print(1) ",
+])
+def test_the_parser_detects_broken_swift(parser, snippet):
+    assert syntax_errors(parser, snippet), "negative control: a broken snippet must not parse cleanly"
+
+
+def test_the_parser_accepts_the_constructs_evarkit_uses(parser):
+    ok = b"""
+    @available(iOS 18.0, macOS 15.0, *)
+    func f(_ m: MLModel) async throws -> UInt64 {
+        guard #available(iOS 18.0, *) else { throw E.x }
+        let z = (UInt64(1) &+ 2) &* 0x9E37_79B9_7F4A_7C15
+        if let state = kvState as? MLState { return z }
+        return try await g(m, stateful: true)
+    }
+    """
+    assert syntax_errors(parser, ok) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Swift declarations, read with the parser
+
+
+@dataclass
+class SwiftProperty:
+    name: str
+    key: str  # the JSON key (CodingKeys raw value, else the property name)
+    type_text: str
+    optional: bool
+
+
+@dataclass
+class SwiftType:
+    name: str
+    kind: str  # struct | enum | class
+    schema: str | None
+    properties: dict[str, SwiftProperty] = field(default_factory=dict)  # by JSON key
+    cases: list[tuple[str, str]] = field(default_factory=list)  # enum (case name, raw value)
+
+
+def _unquote(name: str) -> str:
+    return name.strip("`")
+
+
+def _enum_entries(body) -> list[tuple[str, str]]:
+    entries: list[tuple[str, str]] = []
+    for entry in (c for c in body.children if c.type == "enum_entry"):
+        for child in entry.children:
+            if child.type == "simple_identifier":
+                name = _unquote(child.text.decode())
+                entries.append((name, name))
+            elif child.type == "line_string_literal" and entries:
+                entries[-1] = (entries[-1][0], child.text.decode().strip('"'))
+    return entries
+
+
+def _doc_schema(node) -> str | None:
+    """The `Schema: <pointer>` line of the comments right above a declaration."""
+    sibling = node.prev_sibling
+    while sibling is not None and sibling.type in ("comment", "multiline_comment"):
+        match = re.search(r"Schema:\s*(\S+)", sibling.text.decode())
+        if match:
+            return match.group(1)
+        sibling = sibling.prev_sibling
+    return None
+
+
+def _stored_properties(body) -> list[tuple[str, str, bool]]:
+    props = []
+    for decl in (c for c in body.children if c.type == "property_declaration"):
+        modifiers = next((c for c in decl.children if c.type == "modifiers"), None)
+        if modifiers is not None and b"static" in modifiers.text:
+            continue
+        if any(c.type == "computed_property" for c in decl.children):
+            continue
+        pattern = next(c for c in decl.children if c.type == "pattern")
+        annotation = next((c for c in decl.children if c.type == "type_annotation"), None)
+        assert annotation is not None, f"stored property {pattern.text!r} needs a type annotation"
+        type_node = annotation.named_children[0]
+        props.append((_unquote(pattern.text.decode()), type_node.text.decode(), type_node.type == "optional_type"))
+    return props
+
+
+def swift_types(paths: list[Path], parser) -> dict[str, SwiftType]:
+    types: dict[str, SwiftType] = {}
+    for path in paths:
+        stack = [parser.parse(path.read_bytes()).root_node]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.type != "class_declaration":
+                continue
+            kind = node.children[0].type if node.children[0].type != "modifiers" else node.children[1].type
+            name_node = node.child_by_field_name("name")
+            if kind not in ("struct", "enum", "class") or name_node is None:
+                continue
+            name = name_node.text.decode()
+            body = next(c for c in node.children if c.type in ("class_body", "enum_class_body"))
+            swift = SwiftType(name, kind, _doc_schema(node))
+            if kind == "enum":
+                swift.cases = _enum_entries(body)
+            else:
+                keys_enum = next((c for c in body.children if c.type == "class_declaration"
+                                  and c.child_by_field_name("name") is not None
+                                  and c.child_by_field_name("name").text == b"CodingKeys"), None)
+                keys = dict(_enum_entries(next(c for c in keys_enum.children if c.type == "enum_class_body"))) \
+                    if keys_enum is not None else {}
+                for prop, type_text, optional in _stored_properties(body):
+                    key = keys.get(prop, prop) if keys_enum is not None else prop
+                    assert keys_enum is None or prop in keys, f"{name}.{prop} has no CodingKeys case"
+                    swift.properties[key] = SwiftProperty(prop, key, type_text, optional)
+            if name != "CodingKeys":
+                assert name not in types, f"Swift type {name} declared twice"
+                types[name] = swift
+    return types
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest ⇄ schema
+
+
+class Schema:
+    def __init__(self, data: dict):
+        self.data = data
+
+    def pointer(self, ref: str) -> dict:
+        assert ref.startswith("#"), ref
+        node = self.data
+        for part in [p for p in ref[1:].split("/") if p]:
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        return self.follow(node)
+
+    def follow(self, node: dict) -> dict:
+        while isinstance(node, dict) and "$ref" in node:
+            node = self.pointer(node["$ref"])
+        return node
+
+
+def _types_of(node: dict) -> set[str]:
+    t = node.get("type")
+    if "const" in node:
+        return {"integer" if isinstance(node["const"], int) else "string"}
+    if t is None:
+        return set()
+    return set(t) if isinstance(t, list) else {t}
+
+
+def _strip_optional(type_text: str) -> str:
+    return type_text[:-1] if type_text.endswith("?") else type_text
+
+
+def _bare(type_text: str) -> str:
+    return type_text.split(".")[-1].strip()
+
+
+PRIMITIVES = {"integer": {"Int", "UInt64"}, "number": {"Double"}, "boolean": {"Bool"}, "string": {"String"}}
+
+
+def check_against_schema(swift: SwiftType, node: dict, schema: Schema, types: dict[str, SwiftType],
+                         path: str, problems: list[str]) -> None:
+    props = node.get("properties", {})
+    required = set(node.get("required", []))
+    missing, extra = set(props) - set(swift.properties), set(swift.properties) - set(props)
+    if missing:
+        problems.append(f"{swift.name} ({path}) lacks schema keys {sorted(missing)}")
+    if extra:
+        problems.append(f"{swift.name} ({path}) has keys the schema does not declare {sorted(extra)}")
+    for key in sorted(set(props) & set(swift.properties)):
+        prop = swift.properties[key]
+        sub = schema.follow(props[key])
+        nullable = "null" in _types_of(sub)
+        if key in required and prop.optional and not nullable:
+            problems.append(f"{swift.name}.{prop.name}: required key '{key}' is Optional in Swift")
+        if key not in required and not prop.optional:
+            problems.append(f"{swift.name}.{prop.name}: optional key '{key}' must be Optional in Swift")
+        check_value(f"{swift.name}.{prop.name}", _strip_optional(prop.type_text), sub, schema, types,
+                    f"{path}/properties/{key}", problems)
+
+
+def check_value(where: str, type_text: str, node: dict, schema: Schema, types: dict[str, SwiftType], path: str,
+                problems: list[str]) -> None:
+    kinds = _types_of(node) - {"null"}
+    type_text = type_text.strip()
+    if "array" in kinds:
+        match = re.fullmatch(r"\[(.+)\]", type_text)
+        if not match or ":" in match.group(1):
+            problems.append(f"{where}: schema array at {path}, Swift type {type_text}")
+            return
+        check_value(where + "[]", match.group(1), schema.follow(node.get("items", {})), schema, types,
+                    path + "/items", problems)
+        return
+    if "object" in kinds and "properties" not in node:
+        match = re.fullmatch(r"\[\s*String\s*:\s*(.+)\]", type_text)
+        if not match:
+            problems.append(f"{where}: free-form object at {path}, Swift type {type_text} (want [String: ...])")
+            return
+        values = node.get("additionalProperties")
+        if isinstance(values, dict) and values:
+            check_value(where + "[key]", match.group(1), schema.follow(values), schema, types,
+                        path + "/additionalProperties", problems)
+        elif _bare(match.group(1)) != "JSONValue":
+            problems.append(f"{where}: values of a free-form object must be JSONValue, got {match.group(1)}")
+        return
+    if "properties" in node or "enum" in node or "oneOf" in node:
+        target = types.get(_bare(type_text))
+        if target is None or target.schema is None:
+            problems.append(f"{where}: {type_text} must be a Swift type annotated `Schema: {path}`")
+        elif schema.pointer(target.schema) is not node:
+            problems.append(f"{where}: {type_text} is annotated {target.schema}, the value is at {path}")
+        return
+    allowed = set().union(*(PRIMITIVES.get(k, set()) for k in kinds)) if kinds else set()
+    if allowed and _bare(type_text) not in allowed:
+        problems.append(f"{where}: schema {sorted(kinds)} at {path}, Swift type {type_text}")
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    if not SCHEMA_PATH.exists():
+        pytest.fail(f"{SCHEMA_PATH} is missing: the export issue ships it and EVARKit's Manifest is checked against it")
+    return Schema(json.loads(SCHEMA_PATH.read_text()))
+
+
+@pytest.fixture(scope="module")
+def manifest_types(parser) -> dict[str, SwiftType]:
+    return swift_types(sorted(KIT.glob("Manifest*.swift")), parser)
+
+
+def test_swift_manifest_matches_the_schema(schema, manifest_types):
+    annotated = {n: t for n, t in manifest_types.items() if t.schema}
+    assert annotated.get("Manifest") and annotated["Manifest"].schema == "#"
+    problems: list[str] = []
+    for swift in annotated.values():
+        try:
+            node = schema.pointer(swift.schema)
+        except (KeyError, TypeError):
+            problems.append(f"{swift.name}: `Schema: {swift.schema}` names no schema node")
+            continue
+        if swift.kind == "struct":
+            check_against_schema(swift, node, schema, manifest_types, swift.schema, problems)
+        elif "enum" in node:
+            schema_values = {v for v in node["enum"] if v is not None}
+            swift_values = {raw for _, raw in swift.cases}
+            if schema_values != swift_values:
+                problems.append(f"enum {swift.name}: Swift {sorted(swift_values)} vs schema {sorted(schema_values)}")
+    assert not problems, "Swift Manifest and export/manifest.schema.json disagree:\n" + "\n".join(problems)
+
+
+def test_the_schema_check_catches_drift(schema, manifest_types):
+    """Negative control: a renamed key, a wrongly optional field and a missing enum case are all reported."""
+    import copy
+
+    drifted = copy.deepcopy(schema.data)
+    drifted["$defs"]["file"]["properties"]["size"] = drifted["$defs"]["file"]["properties"].pop("bytes")
+    drifted["$defs"]["kv_cache"]["required"].remove("head_dim")
+    drifted["$defs"]["dtype"]["enum"].append("bfloat16")
+    drifted_schema = Schema(drifted)
+    problems: list[str] = []
+    for swift in (t for t in manifest_types.values() if t.schema):
+        node = drifted_schema.pointer(swift.schema)
+        if swift.kind == "struct":
+            check_against_schema(swift, node, drifted_schema, manifest_types, swift.schema, problems)
+        elif "enum" in node and {v for v in node["enum"] if v is not None} != {raw for _, raw in swift.cases}:
+            problems.append(f"enum {swift.name}")
+    text = "\n".join(problems)
+    assert "size" in text and "bytes" in text
+    assert "head_dim" in text
+    assert "enum DType" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def load_fixture_script():
+    spec = importlib.util.spec_from_file_location("ios_demo_make_fixtures", IOS / "scripts" / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, str]:
+    return load_fixture_script().build_fixtures()
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def test_committed_fixtures_equal_a_fresh_build(built):
+    committed = {p.name for p in FIXTURES.glob("*.json")}
+    assert committed == set(built), "fixture files differ: run python ios_demo/scripts/make_fixtures.py"
+    stale = [name for name, text in built.items() if (FIXTURES / name).read_text() != text]
+    assert not stale, f"stale fixtures {stale}: run python ios_demo/scripts/make_fixtures.py"
+
+
+def test_xctest_reads_every_fixture():
+    swift_tests = "".join(p.read_text() for p in (IOS / "Tests" / "EVARKitTests").glob("*.swift"))
+    unread = [p.name for p in FIXTURES.glob("*.json") if f'"{p.name}"' not in swift_tests]
+    assert not unread, f"fixtures no XCTest reads: {unread}"
+
+
+def test_rng_fixture_matches_evar_rng():
+    data = fixture("rng.json")
+    assert data["rng"] == rng.RNG_NAME
+    for case in data["streams"]:
+        seed, stream, start = int(case["seed"], 16), int(case["stream"], 16), case["start"]
+        assert int(case["key"], 16) == int(rng.stream_key(seed, stream))
+        u = rng.uniforms(seed, stream, len(case["uniforms"]), start=start)
+        assert u.tolist() == case["uniforms"]
+        assert [int(r, 16) >> 40 for r in case["raw"]] == case["bits24"]
+        assert np.array_equal(np.asarray(case["bits24"], np.float32) * np.float32(2.0**-24), u)
+    for case in data["scale_uniforms"]:
+        u = rng.scale_uniforms(int(case["seed"], 16), case["scale_index"], case["batch"], case["tokens"],
+                               case["first_sample"])
+        assert u.tolist() == case["uniforms"]
+
+
+def test_rng_fixture_raw_values_follow_the_documented_recipe():
+    """The bit recipe of evar/rng.py's docstring, in plain Python ints: what the Swift port implements."""
+    mask = 2**64 - 1
+
+    def splitmix(x: int) -> int:
+        z = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    for case in fixture("rng.json")["streams"]:
+        key = splitmix(splitmix(int(case["seed"], 16)) ^ int(case["stream"], 16))
+        assert key == int(case["key"], 16)
+        assert [splitmix((key + case["start"] + i) & mask) for i in range(len(case["raw"]))] == \
+            [int(r, 16) for r in case["raw"]]
+
+
+def test_sampling_fixture_matches_the_reference_sampler():
+    import torch
+
+    from evar.models.sampling import apply_cfg, cfg_ratio, filter_logits, sample_from_uniforms
+
+    data = fixture("sampling.json")
+    for case in data["filters"]:
+        logits = torch.tensor(case["logits"], dtype=torch.float32)
+        filtered = filter_logits(logits[None], case["top_k"], case["top_p"])
+        assert torch.isfinite(filtered)[0].tolist() == case["kept"], case["name"]
+        u = torch.tensor(case["uniforms"], dtype=torch.float32)
+        assert sample_from_uniforms(filtered.expand(len(u), -1), u).tolist() == case["indices"], case["name"]
+        assert case["min_margin"] > data["min_margin_required"]
+    for case in data["cfg"]:
+        t = cfg_ratio(case["cfg"], case["scale_index"], case["num_scales"])
+        assert t == case["t"]
+        combined = apply_cfg(torch.tensor(case["cond"]), torch.tensor(case["uncond"]), t)
+        assert combined.tolist() == case["combined"]
+
+
+def test_fixture_decisions_survive_a_plain_reimplementation():
+    """The margins make the fixtures implementation-robust: the algorithm EVARKit's Sampler uses (sort-based
+    top-k, Double running sums stored as Float, first CDF entry above u·total) reproduces every decision."""
+    f32 = np.float32
+
+    def softmax(values):
+        top = max(values)
+        e = [math.exp(float(f32(v - top))) for v in values]
+        total = sum(e)
+        return [f32(x / total) for x in e]
+
+    def kept(logits, top_k, top_p):
+        keep = list(range(len(logits)))
+        if 0 < top_k < len(logits):
+            kth = sorted(logits, reverse=True)[top_k - 1]
+            keep = [i for i in keep if logits[i] >= kth]
+        if top_p > 0:
+            ascending = sorted(keep, key=lambda i: (logits[i], i))
+            probs, running, dropped = softmax([logits[i] for i in ascending]), 0.0, set()
+            for position, index in enumerate(ascending[:-1]):
+                running += float(probs[position])
+                if f32(running) <= f32(1 - top_p):
+                    dropped.add(index)
+            keep = [i for i in keep if i not in dropped]
+        return keep
+
+    def draw(logits, top_k, top_p, u):
+        keep = kept(logits, top_k, top_p)
+        running, cdf = 0.0, []
+        for p in softmax([logits[i] for i in keep]):
+            running += float(p)
+            cdf.append(f32(running))
+        threshold = f32(u) * cdf[-1]
+        return next((keep[i] for i, c in enumerate(cdf) if c > threshold), len(logits) - 1)
+
+    for case in fixture("sampling.json")["filters"]:
+        logits = [f32(v) for v in case["logits"]]
+        mask = [False] * len(logits)
+        for i in kept(logits, case["top_k"], case["top_p"]):
+            mask[i] = True
+        assert mask == case["kept"], case["name"]
+        assert [draw(logits, case["top_k"], case["top_p"], u) for u in case["uniforms"]] == case["indices"]
+
+
+@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json"])
+def test_tiny_manifests_are_valid(schema, name):
+    jsonschema = pytest.importorskip("jsonschema")
+    errors = sorted(jsonschema.Draft202012Validator(schema.data).iter_errors(fixture(name)), key=str)
+    assert not errors, f"{name}: " + "; ".join(f"{list(e.path)}: {e.message[:120]}" for e in errors[:5])
+
+
+def fed_input_roles(manifest_types: dict[str, SwiftType]) -> set[str]:
+    """Roles that EVARPipeline.inputArray has a `case` for, as manifest role strings."""
+    source = (KIT / "EVARPipeline+Scales.swift").read_text()
+    body = source[source.index("func inputArray"):source.index("func outputArray")]
+    raw = dict(manifest_types["TensorRole"].cases)
+    return {raw[name] for name in re.findall(r"case\s+((?:\.\w+\?(?:,\s*)?)+):", body)
+            for name in re.findall(r"\.(\w+)\?", name)}
+
+
+@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json"])
+def test_evarkit_binds_every_declared_tensor(manifest_types, name):
+    """Every input the exporter declares has a role EVARPipeline feeds; the outputs it reads exist."""
+    manifest = fixture(name)
+    fed = fed_input_roles(manifest_types)
+    assert {"labels", "f_hat", "uniforms", "cfg", "past_key", "past_value"} <= fed
+    step = manifest["graphs"]["decoder_step"]["functions"]
+    assert sorted(f["scale_index"] for f in step) == list(range(len(manifest["patch_nums"])))
+    for function in step:
+        assert {t.get("role") for t in function["inputs"]} <= fed, function["name"]
+        assert {"idx", "f_hat"} <= {t.get("role") for t in function["outputs"]}, function["name"]
+        if manifest["kv_cache"]["mode"] == "state":
+            assert {t["role"] for t in function["states"]} == {"key_cache", "value_cache"}
+    decoder = manifest["graphs"]["vqvae_decoder"]["functions"][0]
+    assert [t["role"] for t in decoder["inputs"]] == ["f_hat"] and decoder["outputs"][0]["role"] == "image"
+
+
+def test_statistics_fixture_is_numpy_percentile():
+    for case in fixture("statistics.json")["cases"]:
+        values = np.asarray(case["values"])
+        assert case["median"] == float(np.percentile(values, 50)) and case["p90"] == float(np.percentile(values, 90))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bench JSON fields: documented in the README, printed by BenchReport (and by evar-bench)
+
+
+def documented_bench_fields() -> set[str]:
+    text = (IOS / "README.md").read_text()
+    match = re.search(r"<!-- bench-fields -->(.*?)<!-- /bench-fields -->", text, re.S)
+    assert match, "ios_demo/README.md must document the bench JSON fields between bench-fields markers"
+    return set(re.findall(r"^\|\s*`([^`]+)`", match.group(1), re.M))
+
+
+def swift_bench_fields(parser) -> set[str]:
+    types = swift_types([KIT / "BenchReport.swift"], parser)
+    fields = set()
+    for key, prop in types["BenchReport"].properties.items():
+        fields.add(key)
+        inner = _strip_optional(prop.type_text)
+        is_array = inner.startswith("[")
+        nested = types.get(_bare(inner.strip("[]")))
+        if nested is not None and nested.kind == "struct":
+            fields.update(f"{key}{'[]' if is_array else ''}.{sub}" for sub in nested.properties)
+    return fields
+
+
+def test_bench_report_fields_are_documented(parser):
+    assert swift_bench_fields(parser) == documented_bench_fields()
+
+
+def test_app_project_spec_points_at_real_sources():
+    yaml = pytest.importorskip("yaml")
+    app = IOS / "App"
+    spec = yaml.safe_load((app / "project.yml").read_text())
+    assert (app / spec["packages"]["EVARKit"]["path"] / "Package.swift").exists()
+    target = spec["targets"]["EVARDemo"]
+    assert target["type"] == "application" and {"package": "EVARKit", "product": "EVARKit"} in target["dependencies"]
+    for source in target["sources"]:
+        assert (app / source["path"]).is_dir(), source
+    assert any(s.get("type") == "folder" and s["path"] == "Models" for s in target["sources"])
+    assert "@main" in (app / "EVARDemo" / "EVARDemoApp.swift").read_text()
