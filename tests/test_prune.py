@@ -1,0 +1,286 @@
+"""Structured pruning: surgery, criteria, OBS algebra, schedules, the pipeline and its outputs."""
+import json
+
+import pytest
+import torch
+
+from evar.checkpoints import load_model_dir
+from evar.config import VARConfig
+from evar.errors import EvarError
+from evar.models.var import generate
+from evar.prune import PruneConfig, prune_model, save_pruned
+from evar.prune.criteria import Group, Magnitude, Taylor, make_criterion
+from evar.prune.obs import HessianAccumulator, ffn_chunks, obs_prune
+from evar.prune.pipeline import BlockPruner, Kept, calibration, null_share, sequential_block
+from evar.prune.report import var_macs, var_params
+from evar.prune.schedule import Schedule, block_targets, step_amount
+from evar.prune.sequential import ActivationStream, Capture, swapped
+from tests.conftest import tiny_model
+
+FAST = dict(calib_samples=12, calib_batch=4)
+
+
+def _logits(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config.var
+    tokens = [torch.randint(0, c.vocab_size, (3, pn * pn), generator=g) for pn in c.patch_nums]
+    with torch.no_grad():
+        return model.var(torch.tensor([1, 4, c.num_classes]), model.vqvae.idx_to_var_input(tokens))
+
+
+# ---------------------------------------------------------------- surgery and the pipeline
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "obs"])
+def test_shapes_really_shrink_and_generation_runs(method):
+    model = tiny_model()
+    result = prune_model(model, PruneConfig(sparsity=0.4, method=method, **FAST), progress=False)
+    c, var = result.model.config.var, result.model.var
+    assert c.num_heads == (1, 1, 2) and c.ffn_dims == (77, 58, 38)  # round(H·0.4), round(F·0.4) removed
+    for i, block in enumerate(var.blocks):
+        a = c.num_heads[i] * c.head_dim
+        assert block.attn.mat_qkv.weight.shape == (3 * a, c.embed_dim)
+        assert block.attn.q_bias.shape == block.attn.v_bias.shape == block.attn.zero_k_bias.shape == (a,)
+        assert block.attn.scale_mul_1H11.shape == (1, c.num_heads[i], 1, 1)
+        assert block.attn.proj.weight.shape == (c.embed_dim, a)
+        assert block.ffn.fc1.weight.shape == (c.ffn_dims[i], c.embed_dim)
+        assert block.ffn.fc2.weight.shape == (c.embed_dim, c.ffn_dims[i])
+    gen = generate(var, result.model.vqvae, torch.tensor([0, 3]), cfg=1.5, top_k=10)
+    assert torch.isfinite(gen.images).all() and gen.images.shape == (2, 3, 8, 8)
+    assert result.report["params"]["after"] == sum(p.numel() for p in var.parameters())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_sparsity_zero_is_the_identity(method):
+    model = tiny_model()
+    dense = _logits(model)
+    result = prune_model(model, PruneConfig(sparsity=0.0, method=method, **FAST), progress=False)
+    assert result.model.config.var.num_heads == (2, 1, 3)
+    assert torch.equal(_logits(result.model), dense)
+
+
+def test_heads_only_ffn_only_and_iterative_steps():
+    heads = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="magnitude", ffn=False), progress=False)
+    assert heads.model.config.var.num_heads == (1, 1, 2) and heads.model.config.var.ffn_dims == (128, 96, 64)
+    ffn = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="magnitude", heads=False), progress=False)
+    assert ffn.model.config.var.num_heads == (2, 1, 3) and ffn.model.config.var.ffn_dims == (77, 58, 38)
+    steps = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="obs", iterative_steps=3, **FAST),
+                        progress=False)
+    assert steps.model.config.var.ffn_dims == (77, 58, 38)  # the steps add up to the one-shot amounts
+
+
+def test_sequential_stream_equals_the_pruned_block():
+    """Replay/Skip shortcuts give exactly what the pruned block computes on the same inputs."""
+    model = tiny_model()
+    cfg = PruneConfig(sparsity=0.4, **FAST)
+    stream = ActivationStream(model.var, calibration(model, cfg), cfg.calib_batch)
+    x0 = stream.x.clone()
+    block = model.var.blocks[0]
+    pruner = BlockPruner(make_criterion("obs"), Kept([[0, 1], [0], [0, 1, 2]], [128, 96, 64]))
+    sequential_block(pruner, 0, block, stream, (1, 51), slice(0, 30), last=False)
+    assert block.attn.num_heads == 1 and block.ffn.fc1.out_features == 77
+    with torch.no_grad():
+        expected, _ = block(x0, stream.cond, model.var.attn_bias_for_masking)
+    torch.testing.assert_close(stream.x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_directory_round_trip(tmp_path):
+    result = prune_model(tiny_model(), PruneConfig(sparsity=0.4, **FAST), parent="tiny", progress=False)
+    save_pruned(result, tmp_path / "p")
+    loaded = load_model_dir(tmp_path / "p")
+    assert loaded.config.var.num_heads == (1, 1, 2) and loaded.config.var.ffn_dims == (77, 58, 38)
+    assert torch.equal(_logits(loaded), _logits(result.model))
+    prov = loaded.config.provenance
+    assert prov["parent"] == "tiny" and prov["recipe"]["method"] == "obs" and prov["recipe"]["sparsity"] == 0.4
+    assert prov["blocks"] == {"num_heads": [1, 1, 2], "ffn_dims": [77, 58, 38]}
+    report = json.loads((tmp_path / "p" / "prune_report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert report["macs_per_image"]["after"] < report["macs_per_image"]["before"]
+    assert [len(b["kept_heads"]) for b in report["blocks"]] == [1, 1, 2]
+    assert {"calibration", "pruning", "total"} <= set(report["seconds"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(sparsity=1.0), "--sparsity must be in"),
+    (dict(sparsity=-0.1), "--sparsity must be in"),
+    (dict(sparsity=0.5), "remove all 1 attention head"),  # block 1 has one head: round(1·0.5) = 1
+    (dict(sparsity=0.3, method="wanda"), "unknown pruning method 'wanda'"),
+    (dict(sparsity=0.3, calib_scale="7"), "--calib-scale 7"),
+    (dict(sparsity=0.3, schedule="cosine"), "unknown schedule"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kw, message):
+    from typer.testing import CliRunner
+
+    from evar.checkpoints import save_model_dir
+    from evar.cli import app
+
+    with pytest.raises(EvarError, match=message):
+        save_pruned(prune_model(tiny_model(), PruneConfig(**kw), progress=False), tmp_path / "out")
+    save_model_dir(tiny_model(), tmp_path / "model")
+    args = ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "cli")] + [
+        a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, EvarError) and message.split("'")[0] in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no output, no temp dir left behind
+
+
+# ---------------------------------------------------------------- criteria
+def _row_col_disagree() -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight whose smallest input column (3) and smallest output row (0) differ."""
+    w = torch.tensor([[0.1, 0.1, 0.1, 0.5],
+                      [5.0, 4.0, 3.0, 0.2],
+                      [5.0, 4.0, 3.0, 0.2],
+                      [5.0, 4.0, 3.0, 0.2]])
+    assert w.abs().sum(0).argmin() == 3 and w.abs().sum(1).argmin() == 0
+    return w, torch.ones_like(w)
+
+
+@pytest.mark.parametrize("kind", ["param_first", "param_second", "param_mix"])
+def test_taylor_scores_index_input_columns(kind):
+    """The upstream bug summed per output row and used rows as column indices: it would remove column 0."""
+    w, g = _row_col_disagree()
+    crit = Taylor(kind)
+    removal = crit(Group("fc2", w, size=1, n_remove=1, grad=g * 0.1, grad_sq=g))
+    assert removal.groups == [3]
+    scores = crit.scores(Group("proj", w, size=2, n_remove=1, grad=g * 0.1, grad_sq=g))
+    assert scores.shape == (2,) and int(scores.argmin()) == 1  # head 1 = columns 2, 3
+
+
+def test_magnitude_scores_input_columns_per_head():
+    w, _ = _row_col_disagree()
+    assert Magnitude()(Group("fc2", w, 1, 1)).groups == [3]
+    assert torch.allclose(Magnitude().scores(Group("proj", w, 2, 1)), torch.tensor([27.2, 10.2]))
+
+
+# ---------------------------------------------------------------- OBS algebra
+def _correlated(n=400, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    x = torch.randn(n, d, generator=g) @ mix  # correlated columns: compensation has something to use
+    w = torch.randn(6, d, generator=g)
+    acc = HessianAccumulator(d)
+    acc.add(x)
+    return x.double(), w, acc.matrix()
+
+
+def _out_err(x, w, w_hat):
+    return float(((x @ (w.double() - w_hat.double()).T) ** 2).sum())
+
+
+def test_obs_error_and_update_are_the_closed_form():
+    """With no damping, the predicted error is the layer's real output error, (2/n)·||ΔY||², and it is the
+    least-squares optimum over the surviving columns."""
+    x, w, h = _correlated()
+    res = obs_prune(w, h.double(), size=3, n_remove=2, percdamp=0.0, dtype=torch.float64)
+    assert abs(res.error - 2 / len(x) * _out_err(x, w, res.weight)) < 1e-6 * max(res.error, 1)
+    keep = [c for c in range(12) if c // 3 not in res.removed]
+    best = torch.linalg.lstsq(x[:, keep], x @ w.double().T).solution.T  # refit of the survivors
+    w_best = torch.zeros(6, 12, dtype=torch.float64)
+    w_best[:, keep] = best
+    assert _out_err(x, w, res.weight) == pytest.approx(_out_err(x, w, w_best), rel=1e-6)
+
+
+def test_obs_picks_the_cheapest_head():
+    x, w, h = _correlated(seed=1)
+    res = obs_prune(w, h.double(), size=3, n_remove=1, percdamp=0.0, dtype=torch.float64)
+    costs = []
+    for head in range(4):
+        keep = [c for c in range(12) if c // 3 != head]
+        fit = torch.linalg.lstsq(x[:, keep], x @ w.double().T).solution.T
+        w_hat = torch.zeros(6, 12, dtype=torch.float64)
+        w_hat[:, keep] = fit
+        costs.append(_out_err(x, w, w_hat))
+    assert res.removed == [min(range(4), key=costs.__getitem__)]
+
+
+def test_obs_compensation_lowers_every_pruned_layers_error():
+    """On the tiny model's real calibration inputs, layer by layer: OBS-compensated vs plain removal."""
+    model = tiny_model()
+    cfg = PruneConfig(sparsity=0.4, **FAST)
+    stream = ActivationStream(model.var, calibration(model, cfg), cfg.calib_batch)
+    for block in model.var.blocks:
+        for parent, name, size in ((block.attn, "proj", block.attn.head_dim), (block.ffn, "fc2", 1)):
+            layer, stash = getattr(parent, name), []
+            capture = Capture(layer, slice(None), stash, stop=False)
+            with swapped(parent, name, capture):
+                stream.run(block, write=False)
+            x = torch.cat(stash).flatten(0, 1).double()
+            n_groups = layer.in_features // size
+            n_remove = round(n_groups * 0.4)
+            if not 0 < n_remove < n_groups:
+                continue
+            w = layer.weight.detach()
+            comp = obs_prune(w, capture.hessian.matrix(), size, n_remove, compensate=True)
+            plain = obs_prune(w, capture.hessian.matrix(), size, n_remove, compensate=False)
+            assert comp.removed == plain.removed  # --no-compensate: same selection
+            cut = plain.weight.clone()
+            cut[:, [g * size + j for g in plain.removed for j in range(size)]] = 0
+            assert _out_err(x, w, comp.weight) < _out_err(x, w, cut)
+        stream.run(block, write=True)
+
+
+def test_ffn_chunks():
+    assert sum(ffn_chunks(1638)) == 1638 and ffn_chunks(1638)[0] == 563
+    assert ffn_chunks(51) == [51] and all(64 <= k <= 1024 for k in ffn_chunks(2000)[:-1])
+
+
+# ---------------------------------------------------------------- schedules and counts
+def test_schedules_give_the_intended_per_block_amounts():
+    cfg = VARConfig.uniform(depth=16, embed_dim=1024, heads=16)
+    uniform = block_targets(cfg, Schedule("uniform", 0.4))
+    assert {(t.heads, t.units) for t in uniform} == {(6, 1638)}
+    inc = Schedule("log_increase", 0.35, 0.1, 0.5).per_block(16)
+    assert inc[0] == pytest.approx(0.1) and inc[-1] == pytest.approx(0.5)
+    assert all(a <= b for a, b in zip(inc, inc[1:])) and sum(inc) / 16 == pytest.approx(0.35)
+    dec = Schedule("log_decrease", 0.35, 0.1, 0.5).per_block(16)
+    assert dec == pytest.approx(inc[::-1])
+    targets = block_targets(cfg, Schedule("log_increase", 0.35, 0.1, 0.5))
+    assert targets[0].heads == 2 and targets[-1].heads == 8 and targets[-1].units == 2048
+    with pytest.raises(EvarError, match="cannot be the mean"):
+        Schedule("log_increase", 0.49, 0.1, 0.5).per_block(16)
+    assert [step_amount(1638, k, 3) for k in (1, 2, 3)] == [546, 546, 546]
+    assert sum(step_amount(7, k, 4) for k in range(1, 5)) == 7
+
+
+@pytest.mark.parametrize("sparsity, millions", [(0.4, 231.0), (0.2, 271.0)])
+def test_d16_param_counts_match_the_evar_table(sparsity, millions):
+    cfg = VARConfig.official(16)
+    targets = block_targets(cfg, Schedule("uniform", sparsity))
+    pruned = cfg.with_blocks(tuple(h - t.heads for h, t in zip(cfg.num_heads, targets)),
+                             tuple(f - t.units for f, t in zip(cfg.ffn_dims, targets)))
+    assert abs(var_params(pruned) / 1e6 - millions) / millions < 0.01
+
+
+def test_macs_agree_with_torch_pruning_where_it_can_see():
+    """torch-pruning's hook counter sees every nn.Linear call but not the functional fused qkv (it also counts
+    LayerNorms and bias adds, which we do not: hence the tolerance)."""
+    tp = pytest.importorskip("torch_pruning")
+    var = tiny_model().var
+    c, L = var.cfg, var.cfg.seq_len
+    ops, _ = tp.utils.count_ops_and_params(var, (torch.tensor([1]), torch.zeros(1, L - 1, c.cvae)))
+    qkv = sum(L * c.embed_dim * 3 * c.attn_dim(i) for i in range(c.depth))
+    assert var_macs(c)["linear"] - qkv == pytest.approx(ops, rel=0.02)
+
+
+def test_null_share_is_balanced_per_class():
+    labels = torch.arange(40) % 10
+    out = null_share(labels, 0.5, 10)
+    assert int((out == 10).sum()) == 20
+    assert all(int(((labels == k) & (out == 10)).sum()) == 2 for k in range(10))
+    distinct = null_share(torch.arange(64), 0.5, 1000)  # one sample per class (d16 calibration)
+    assert int((distinct == 1000).sum()) == 32
+    assert torch.equal(null_share(labels, 0.0, 10), labels) and bool((null_share(labels, 1.0, 10) == 10).all())
+
+
+def test_calib_scale_selects_one_scale():
+    c = tiny_model().config.var  # patch_nums (1, 2, 3, 4): L = 30, the last scale is tokens 14..30
+    assert PruneConfig(0.3, calib_scale="last").token_range(c) == slice(14, 30)
+    assert PruneConfig(0.3, calib_scale="1").token_range(c) == slice(1, 5)
+    assert PruneConfig(0.3).token_range(c) == slice(0, 30)
+
+
+def test_shared_adaln_and_no_l2_norm_variants_prune():
+    """d36-style shared AdaLN (block condition (B, 1, 6, C)) and attention without the per-head temperature."""
+    model = tiny_model(shared_aln=True, attn_l2_norm=False)
+    result = prune_model(model, PruneConfig(sparsity=0.4, **FAST), progress=False)
+    assert result.model.config.var.num_heads == (1, 1, 2)
+    assert not hasattr(result.model.var.blocks[0].attn, "scale_mul_1H11")
+    assert torch.isfinite(_logits(result.model)).all()
