@@ -66,31 +66,44 @@ class VARTraining:
 
 # ---------------------------------------------------------------- the shared loop
 def _run(out: Path, sched: Schedule, params: list[torch.nn.Parameter], modules: dict[str, torch.nn.Module],
-         loss_fn: Callable[[torch.Generator], dict[str, torch.Tensor]], desc: str) -> None:
-    """`loss_fn(gen)` draws its own batch from `gen`, the one generator that is checkpointed."""
-    out.mkdir(parents=True, exist_ok=True)
+         loss_fn: Callable[[torch.Generator, int], dict[str, torch.Tensor]], desc: str, *,
+         main: bool = True, tokens_per_step: int = 0) -> None:
+    """`loss_fn(gen, step)` draws its own batch from `gen`, the one generator that is checkpointed.
+
+    Under DDP every rank runs this loop with the same seed; only the `main` rank writes the log and
+    the checkpoints. With `tokens_per_step`, each log row also reports throughput (tokens/s).
+    """
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(params, lr=sched.lr, betas=sched.betas, weight_decay=sched.weight_decay)
     gen = torch.Generator().manual_seed(sched.seed)
-    start = _resume(out, modules, opt, gen, sched)
-    log = open(out / LOG_FILE, "a")
-    bar = tqdm(range(start, sched.steps), desc=desc, initial=start, total=sched.steps, dynamic_ncols=True)
+    start = _resume(out, modules, opt, gen, sched, main)
+    log = open(out / LOG_FILE, "a") if main else None
+    bar = tqdm(range(start, sched.steps), desc=desc, initial=start, total=sched.steps, dynamic_ncols=True,
+               disable=not main)
     t0 = time.perf_counter()
     for step in bar:
+        t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = sched.lr_at(step)
-        losses = loss_fn(gen)
+        losses = loss_fn(gen, step)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, sched.grad_clip)
         opt.step()
         row = {"step": step + 1, "lr": sched.lr_at(step), "grad_norm": float(grad_norm),
-               **{k: float(v) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
+               **{k: float(v.detach()) for k, v in losses.items()}, "seconds": time.perf_counter() - t0}
+        if tokens_per_step:
+            row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t_step)
+        if not main:
+            continue
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % sched.ckpt_every == 0 or step + 1 == sched.steps:
             log.flush()
             _save_state(out, modules, opt, gen, step + 1, sched)
-    log.close()
+    if log is not None:
+        log.close()
 
 
 def _save_state(out: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
@@ -103,10 +116,11 @@ def _save_state(out: Path, modules: dict[str, torch.nn.Module], opt: torch.optim
 
 
 def _resume(out: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-            gen: torch.Generator, sched: Schedule) -> int:
+            gen: torch.Generator, sched: Schedule, main: bool = True) -> int:
     path = out / STATE_FILE
     if not path.exists():
-        (out / LOG_FILE).unlink(missing_ok=True)
+        if main:
+            (out / LOG_FILE).unlink(missing_ok=True)
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
     if json.loads(state["schedule"]) != json.loads(json.dumps(dataclasses.asdict(sched))):
@@ -115,7 +129,8 @@ def _resume(out: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Opt
         module.load_state_dict(state[f"module.{name}"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
-    _truncate_log(out / LOG_FILE, state["step"])
+    if main:
+        _truncate_log(out / LOG_FILE, state["step"])
     return int(state["step"])
 
 
@@ -134,7 +149,7 @@ def train_tokenizer(job: TokenizerTraining, out: str | Path, vqvae_config: VQVAE
     torch.manual_seed(job.schedule.seed)
     vqvae = VQVAE(cfg).train()
 
-    def loss_fn(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_fn(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = images[draw_batch(len(images), job.schedule.batch_size, gen)]
         recon, vq_loss, usage = vqvae(x)
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
@@ -219,7 +234,7 @@ def train_var(job: VARTraining, out: str | Path, model_config: ModelConfig | Non
     var = VAR(arch).train()
     work = out / "work"
 
-    def loss_fn(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_fn(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         pick = draw_batch(len(tokens), job.schedule.batch_size, gen)
         lab = drop_labels(labels[pick], arch.cond_drop_rate, arch.num_classes, gen)
         return {"loss": var_loss(var, vqvae, tokens[pick], lab)}
