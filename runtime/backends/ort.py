@@ -1,0 +1,133 @@
+"""onnxruntime: the CPU provider everywhere, the Core ML execution provider on macOS.
+
+With IO binding (the default) the KV cache and f_hat stay OrtValues owned by onnxruntime from one scale
+to the next: each scale's `present` outputs are bound as the next scale's `past` inputs without a trip
+through numpy, and only the sampled tokens are copied out (the logits output is produced but never read).
+`io_binding=False` feeds numpy arrays through `InferenceSession.run` (benchmarks compare the two).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from runtime.backends.base import BackendUnavailable, require_format, require_macos
+from runtime.manifest import DECODER, NP_DTYPES, STEP, Artifact, ManifestError
+
+COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
+                                 "(or `pip install -e '.[export]'`)") from None
+    return onnxruntime
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, io_binding: bool = True,
+                 execution_provider: str = "cpu", compute_units: str = "cpuOnly"):
+        require_format(artifact.format, "onnx", "cpu" if execution_provider == "cpu" else "ort-coreml")
+        ort = _ort()
+        self.artifact, self.io_binding = artifact, io_binding
+        self.threads = threads if threads else os.cpu_count() or 1
+        if execution_provider == "coreml":
+            require_macos("onnxruntime's Core ML execution provider")
+            if "CoreMLExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable("this onnxruntime build has no CoreMLExecutionProvider "
+                                         "(pip install onnxruntime on macOS)")
+            providers: list[Any] = [("CoreMLExecutionProvider", {"ModelFormat": "MLProgram",
+                                                                 "MLComputeUnits": COREML_UNITS[compute_units]}),
+                                    "CPUExecutionProvider"]
+            self.compute_units = compute_units
+        else:
+            providers = ["CPUExecutionProvider"]
+            self.compute_units = "cpuOnly"
+        self.execution_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        self.step = self._session(ort, STEP, providers)
+        self.decoder = self._session(ort, DECODER, providers)
+        self.step_outputs = [o.name for o in self.step.get_outputs()]
+        self.past_of = artifact.past_of_present()
+        self.roles = {t["role"]: t["name"] for t in artifact.function(STEP, 0)["outputs"] if t.get("role")}
+        self.dec_in = artifact.function(DECODER)["inputs"][0]["name"]
+
+    def _session(self, ort, role: str, providers: list[Any]):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        path = self.artifact.graph_path(role)
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+            raise ManifestError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+        graph = self.artifact.graph(role)
+        declared = graph.get("signature") or graph["functions"][0]
+        for kind, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+            want, got = [t["name"] for t in declared[kind]], [t.name for t in actual]
+            if want != got:
+                raise ManifestError(f"{path.name}: the graph's {kind} {got[:4]}… differ from the manifest's {want[:4]}…; "
+                                    "the graph file does not belong to this manifest")
+        return sess
+
+    # ---- one generation
+    def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
+        B = len(labels)
+        var = self.artifact.var
+        H = var["patch_nums"][-1]
+        self.values = {"labels": labels, "cfg": np.array([cfg]), "f_hat": np.zeros((B, var["cvae"], H, H), np.float32)}
+        self.past: dict[str, Any] = {}  # past input name → OrtValue / array; empty at scale 0
+        self.batch = B
+
+    def _feed(self, t: dict[str, Any], si: int, uniforms: np.ndarray) -> Any:
+        role, dtype = t["role"], NP_DTYPES[t["dtype"]]
+        if role == "uniforms":
+            return np.ascontiguousarray(uniforms, dtype=dtype)
+        if role == "scale_index":
+            return np.array([si], dtype=dtype)
+        if role in ("past_key", "past_value"):
+            if t["name"] in self.past:
+                return self.past[t["name"]]
+            heads = self.artifact.data["kv_cache"]["layers"][t["layer"]]["heads"]
+            return np.zeros((2 * self.batch, heads, 0, self.artifact.var["head_dim"]), dtype)
+        value = self.values[role]
+        return value if not isinstance(value, np.ndarray) else np.ascontiguousarray(value, dtype=dtype)
+
+    def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
+        inputs = self.artifact.function(STEP, si)["inputs"]
+        if not self.io_binding:
+            outs = dict(zip(self.step_outputs, self.step.run(None, {t["name"]: self._feed(t, si, uniforms) for t in inputs})))
+            idx = outs[self.roles["idx"]]
+        else:
+            ort = _ort()
+            binding = self.step.io_binding()
+            for t in inputs:
+                value = self._feed(t, si, uniforms)
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(t["name"], value)
+                else:
+                    binding.bind_cpu_input(t["name"], value)
+            for name in self.step_outputs:
+                binding.bind_output(name, "cpu")
+            self.step.run_with_iobinding(binding)
+            outs = dict(zip(self.step_outputs, binding.get_outputs()))
+            idx = outs[self.roles["idx"]].numpy()
+        self.values["f_hat"] = outs[self.roles["f_hat"]]
+        self.past = {self.past_of[name]: value for name, value in outs.items() if name in self.past_of}
+        return idx.astype(np.int64, copy=False)
+
+    def decode(self) -> np.ndarray:
+        f_hat = self.values["f_hat"]
+        f_hat = f_hat.numpy() if not isinstance(f_hat, np.ndarray) else f_hat
+        return self.decoder.run(None, {self.dec_in: f_hat})[0]
+
+    def close(self) -> None:
+        self.step = self.decoder = None
+        self.values, self.past = {}, {}
