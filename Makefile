@@ -21,6 +21,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Latency tables (benchmarks/results/latency.{json,md} + PNGs): d16 dense vs pruned on onnxruntime CPU, PyTorch
+# eager vs the exported graphs, digits; models and exports are cached in runs/bench. BENCH_ARGS=--iters 5 etc.
+.PHONY: bench
+bench: setup
+	$(PY) benchmarks/latency.py $(BENCH_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check evar export runtime tests
 

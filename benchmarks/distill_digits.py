@@ -1,0 +1,202 @@
+"""Distillation on builtin:digits pruned 40% with OBS: does KD bring the pruned model back to the teacher?
+
+    python benchmarks/distill_digits.py [--work runs/bench_distill] [--modes normal,scale_aware,both]
+
+Stages (each skipped if its output exists, so a rerun resumes): prune (`evar.prune`, 40%, OBS, defaults),
+then `evar distill --kd MODE` with every other flag at its default (timed as a user runs it, process
+start included), then `evar eval`'s report (default sampling, 50 samples per digit) for the teacher, the
+pruned model and every distilled one. Writes benchmarks/results/distill_digits.json and .png.
+
+Acceptance (issue 4): the default recipe, within 10 minutes on this machine, brings class accuracy to
+within 3 points of the teacher and the Fréchet distance to at most 1.15x the teacher's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evar import zoo
+from evar.calibration import token_set
+from evar.checkpoints import is_model_dir
+from evar.distill import defaults
+from evar.distill.losses import per_scale_means, token_kl
+from evar.distill.trainer import teacher_forcing_inputs
+from evar.files import atomic_write_bytes, atomic_write_json
+from evar.prune import PruneConfig, prune_model, save_pruned
+from evar.quality import evaluate_model
+from evar.samples import SamplingSettings
+
+TEACHER = "builtin:digits"
+SPARSITY, METHOD = 0.4, "obs"
+RESULTS = Path(__file__).resolve().parent / "results"
+TIME_BUDGET_S, ACC_POINTS, FD_RATIO = 600, 3.0, 1.15
+EVAL_SEEDS = (0, 1, 2)
+HELD_OUT_SAMPLES, HELD_OUT_SEED = 512, 12345  # distillation data uses seed 0
+
+
+def prune(work: Path) -> Path:
+    out = work / "pruned"
+    if not is_model_dir(out):
+        result = prune_model(zoo.load(TEACHER), PruneConfig(sparsity=SPARSITY, method=METHOD), parent=TEACHER)
+        save_pruned(result, out)
+    return out
+
+
+def distill(work: Path, student: Path, mode: str) -> tuple[Path, float | None]:
+    """`evar distill` as a user runs it; returns the model dir and the wall time (None if reused)."""
+    out = work / f"distill_{mode}"
+    if is_model_dir(out):
+        return out, None
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [shutil.which("evar") or "evar", "distill", "--teacher", TEACHER, "--student", str(student),
+           "--out", str(out), "--kd", mode]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return out, time.perf_counter() - t0
+
+
+def quality(ref: str) -> dict:
+    """`evar eval`'s report (seed 0, the acceptance numbers), plus seeds 1 and 2 to show the sampling noise."""
+    model = zoo.load(ref)
+    runs = [evaluate_model(model, SamplingSettings(seed=seed), per_class=50, source=ref) for seed in EVAL_SEEDS]
+    q = runs[0]["quality"]
+    accs = [r["quality"]["class_accuracy"] for r in runs]
+    fds = [r["quality"]["frechet_distance"] for r in runs]
+    return {"class_accuracy": q["class_accuracy"], "frechet_distance": q["frechet_distance"],
+            "real_data_floor": q["real_data_floor"], "params": runs[0]["params"],
+            "over_seeds": {"seeds": list(EVAL_SEEDS), "class_accuracy": accs, "frechet_distance": fds,
+                           "frechet_mean": round(statistics.mean(fds), 2),
+                           "frechet_std": round(statistics.stdev(fds), 2)}}
+
+
+@torch.no_grad()
+def teacher_agreement(refs: list[str]) -> dict[str, dict]:
+    """KL(teacher ‖ model) per token (T = 1) on fresh teacher samples the distillation never saw.
+
+    Far less noisy than sample-based scores: it says directly how close each model is to the teacher.
+    """
+    teacher = zoo.load(TEACHER)
+    held = token_set(teacher, "teacher", HELD_OUT_SAMPLES, SamplingSettings(0.0, 0, 0.0, seed=HELD_OUT_SEED))
+    x = teacher_forcing_inputs(teacher, held.tokens)
+    t_logits = teacher.var(held.labels, x)
+    out = {}
+    for ref in refs:
+        kl = token_kl(zoo.load(ref).var(held.labels, x), t_logits, 1.0)
+        per_scale = per_scale_means(kl, teacher.config.var.scale_ranges()).tolist()
+        out[ref] = {"kl_to_teacher": round(kl.mean().item(), 5), "kl_per_scale": [round(v, 5) for v in per_scale]}
+    return out
+
+
+def final_log(model_dir: Path) -> list[dict]:
+    return [json.loads(r) for r in (model_dir / "train_log.jsonl").read_text().splitlines() if r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/bench_distill"))
+    ap.add_argument("--modes", default="normal,scale_aware,both")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    pruned = prune(args.work)
+    rows = [{"name": "teacher", "model": TEACHER, **quality(TEACHER)},
+            {"name": f"pruned {SPARSITY:.0%} {METHOD.upper()}", "model": str(pruned), **quality(str(pruned))}]
+    curves = {}
+    for mode in args.modes.split(","):
+        out, seconds = distill(args.work, pruned, mode)
+        prov = json.loads((out / "config.json").read_text())["provenance"]
+        seconds = seconds if seconds is not None else prov["run"]["total_seconds"]
+        rows.append({"name": f"pruned + {mode} KD", "model": str(out), "kd": mode, **quality(str(out)),
+                     "distill_wall_seconds": round(seconds, 1), "train_seconds": prov["run"]["train_seconds"],
+                     "default_kd": mode == defaults.KD})
+        curves[mode] = [(r["step"], r["loss"], r["kd"]) for r in final_log(out)]
+
+    agreement = teacher_agreement([row["model"] for row in rows])
+    teacher = rows[0]
+    for row in rows:
+        row.update(agreement[row["model"]])
+        row["accuracy_gap_points"] = round((teacher["class_accuracy"] - row["class_accuracy"]) * 100, 2)
+        row["frechet_ratio"] = round(row["frechet_distance"] / teacher["frechet_distance"], 3)
+        if "kd" in row:
+            row["meets_acceptance"] = (row["accuracy_gap_points"] <= ACC_POINTS and row["frechet_ratio"] <= FD_RATIO
+                                       and row["distill_wall_seconds"] <= TIME_BUDGET_S)
+    report = {
+        "benchmark": "distill_digits", "teacher": TEACHER, "pruning": {"sparsity": SPARSITY, "method": METHOD},
+        "distill_defaults": {k: v for k, v in vars(defaults).items() if k.isupper()},
+        "eval": {"sampling": vars(SamplingSettings()), "per_class": 50},
+        "acceptance": {"accuracy_within_points": ACC_POINTS, "frechet_ratio_at_most": FD_RATIO,
+                       "wall_seconds_at_most": TIME_BUDGET_S},
+        "rows": rows,
+        "teacher_agreement": {"what": "per-token KL(teacher || model) at T=1, mean over tokens",
+                              "held_out": f"{HELD_OUT_SAMPLES} unguided teacher samples, seed {HELD_OUT_SEED}"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
+        "command": "python benchmarks/distill_digits.py",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "distill_digits.json", report)
+    atomic_write_bytes(RESULTS / "distill_digits.png", plot(rows, curves))
+    for row in rows:
+        seeds = row["over_seeds"]
+        print(f"{row['name']:<26} acc {row['class_accuracy'] * 100:5.1f}%  FD {row['frechet_distance']:6.2f} "
+              f"(x{row['frechet_ratio']:.2f}; seeds 0-2 {seeds['frechet_mean']:.1f}±{seeds['frechet_std']:.1f})  "
+              f"KL→teacher {row['kl_to_teacher']:.4f}"
+              + (f"  {row['distill_wall_seconds']:.0f}s" if "kd" in row else ""))
+    print(f"→ {RESULTS / 'distill_digits.json'}, {RESULTS / 'distill_digits.png'}")
+
+
+def plot(rows: list[dict], curves: dict[str, list[tuple]]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"].replace(" + ", "\n+ ").replace(" 40%", "\n40%").replace(" KD", "\nKD") for r in rows]
+    xs = range(len(rows))
+    colors = ["#444444", "#c44e52"] + ["#4c72b0"] * (len(rows) - 2)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    acc = [r["class_accuracy"] * 100 for r in rows]
+    fd = [r["frechet_distance"] for r in rows]
+    axes[0].bar(xs, acc, color=colors)
+    axes[0].axhline(acc[0] - ACC_POINTS, ls="--", c="k", lw=1, label=f"teacher − {ACC_POINTS:g} points")
+    axes[0].set(ylabel="class accuracy (%)", ylim=(max(0, min(acc) - 10), 100.5), title="class accuracy (seed 0)")
+    axes[1].bar(xs, fd, color=colors, label="seed 0 (`evar eval`)")
+    for i, r in enumerate(rows):
+        others = r["over_seeds"]["frechet_distance"][1:]
+        axes[1].plot([i] * len(others), others, "o", c="k", ms=3, label="seeds 1, 2" if i == 0 else None)
+    axes[1].axhline(fd[0] * FD_RATIO, ls="--", c="k", lw=1, label=f"{FD_RATIO:g}x teacher (seed 0)")
+    axes[1].set(ylabel="Fréchet distance (classifier features)", title="Fréchet distance (lower is better)")
+    axes[2].bar(xs, [r["kl_to_teacher"] for r in rows], color=colors)
+    axes[2].set(ylabel="KL(teacher ‖ model) per token", title="distance to the teacher (held-out, T=1)")
+    for ax in axes[:3]:
+        ax.set_xticks(list(xs), names, fontsize=7)
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    for mode, points in curves.items():
+        steps, _, kd = zip(*points)
+        axes[3].plot(steps, kd, lw=0.8, label=f"{mode} KD")
+    axes[3].set(xlabel="step", ylabel="KD term (training batches)", yscale="log", title="distillation: KD term")
+    axes[3].legend(fontsize=8)
+    fig.suptitle(f"{TEACHER} pruned {SPARSITY:.0%} ({METHOD.upper()}), then distilled with the default recipe")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
