@@ -50,10 +50,32 @@ def sample(
     cfg: Cfg = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(help="images generated at once")] = 64,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    artifact: Annotated[Optional[Path], typer.Option(help="generate from this exported artifact (evar-export) "
+                                                          "instead of --model, with the runtime")] = None,
+    backend: Annotated[str, typer.Option(help="with --artifact: cpu (onnxruntime) | torch-cpu | ort-coreml | "
+                                              "coreml-cpu | coreml-gpu | ane")] = "cpu",
 ) -> None:
     """Generate images scale by scale with the KV cache (VAR's sampler) and write them with a grid."""
     from evar.samples import SamplingSettings, class_labels, parse_classes, sample_images, write_samples
 
+    if artifact is not None:  # the exported graphs: same seed, same tokens as the PyTorch path at fp32
+        import numpy as np
+
+        from runtime import Generator
+        from runtime.manifest import load_artifact
+
+        SamplingSettings(cfg, top_k, top_p, seed).validate()
+        art = load_artifact(artifact)
+        gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
+        if per_class < 1:
+            raise EvarError(f"--per-class must be >= 1, got {per_class}")
+        labels = np.repeat(parse_classes(classes, gen.artifact.num_classes), per_class)
+        t0 = time.perf_counter()
+        images = gen.generate(labels, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p).images
+        write_samples(out, images, labels, columns=per_class)
+        print(f"{len(images)} images from {artifact} on {backend} in {time.perf_counter() - t0:.1f}s "
+              f"(load {gen.load_ms / 1e3:.1f}s) → {out / 'samples.npz'}, {out / 'grid.png'}")
+        return
     m = _load(model, var_ckpt, vae_ckpt)
     labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
     t0 = time.perf_counter()
@@ -153,23 +175,68 @@ def train_classifier_cmd(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="where the demo writes its outputs")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="where the demo writes its outputs (REPORT.md at the top)")] = Path("runs/demo"),
     model: ModelOpt = "builtin:digits",
+    sparsity: Annotated[float, typer.Option(help="share of heads and FFN units to prune")] = 0.4,
+    method: Annotated[str, typer.Option(help="pruning criterion: obs | taylor | magnitude")] = "obs",
 ) -> None:
-    """The main job on the embedded default: a sample grid and the quality report."""
-    from evar.files import atomic_write_json
-    from evar.quality import evaluate_model
-    from evar.samples import SamplingSettings, class_labels, sample_images, write_samples
+    """The main job: prune → distill → export ONNX/Core ML → run the exported graphs → bench → REPORT.md.
 
-    m = _load(model, None, None)
-    settings = SamplingSettings()
-    labels = class_labels(list(range(m.config.var.num_classes)), 8)
-    write_samples(out / "samples", sample_images(m, labels, settings), labels, columns=8)
-    print(f"sample grid → {out / 'samples' / 'grid.png'}")
-    report = evaluate_model(m, settings, per_class=50, source=model)
-    atomic_write_json(out / "quality.json", report)
-    _print_report(report)
-    print(f"quality report → {out / 'quality.json'}")
+    Every stage is skipped when its output exists, so a stopped demo continues where it was.
+    """
+    from evar.demo import DemoPlan, run_demo
+
+    report = run_demo(DemoPlan(model=model, out=out, sparsity=sparsity, method=method))
+    print(f"report → {report}")
+
+
+from evar.distill.command import distill as _distill  # noqa: E402  (flags shared with `python -m evar.distill`)
+
+app.command("distill")(_distill)
+
+
+@app.command()
+def prune(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="pruned model directory to write (+ prune_report.json)")],
+    sparsity: Annotated[float, typer.Option(help="share of each block's heads and FFN units to remove, in [0, 1)")],
+    method: Annotated[str, typer.Option(help="obs | taylor | magnitude")] = "obs",
+    taylor_type: Annotated[str, typer.Option(help="param_first | param_second | param_mix")] = "param_first",
+    percdamp: Annotated[float, typer.Option(help="OBS damping, a fraction of mean(diag H)")] = 0.01,
+    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate",
+                                             help="OBS: update the surviving weights (off = same selection, no update)")] = True,
+    calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 256,
+    calib_data: Annotated[str, typer.Option(help="'teacher' (the model's own generations), 'digits' or an image folder")] = "teacher",
+    calib_scale: Annotated[str, typer.Option(help="statistics over 'all' tokens, 'last' scale or scale index N")] = "all",
+    calib_uncond: Annotated[float, typer.Option(help="share of calibration sequences run unconditionally (CFG's other half)")] = 0.5,
+    calib_batch: Annotated[int, typer.Option(help="calibration sequences per mini-batch")] = 8,
+    schedule: Annotated[str, typer.Option(help="uniform | log_increase | log_decrease (mean = --sparsity)")] = "uniform",
+    min_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the light end")] = 0.1,
+    max_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the heavy end")] = 0.5,
+    iterative_steps: Annotated[int, typer.Option(help="reach the target in K rounds, re-scoring after each")] = 1,
+    heads_only: Annotated[bool, typer.Option("--heads-only", help="prune attention heads only")] = False,
+    ffn_only: Annotated[bool, typer.Option("--ffn-only", help="prune FFN units only")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the calibration samples")] = 0,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude)."""
+    from evar.prune import PruneConfig, prune_model, save_pruned
+    from evar.prune.report import summary
+
+    if heads_only and ffn_only:
+        raise EvarError("--heads-only and --ffn-only exclude each other")
+    cfg = PruneConfig(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
+                      compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
+                      calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
+                      schedule=schedule, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                      iterative_steps=iterative_steps, heads=not ffn_only, ffn=not heads_only, seed=seed)
+    cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
+    t0 = time.perf_counter()
+    result = prune_model(_load(model, var_ckpt, vae_ckpt), cfg, parent=model)
+    save_pruned(result, out)
+    print(summary(result.report))
+    print(f"model directory → {out} (report: {out / 'prune_report.json'}); "
+          f"{time.perf_counter() - t0:.0f}s with loading and saving")
 
 
 def main() -> None:
