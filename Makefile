@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/evar demo --out runs/demo
 
+# Tests use tiny models: one thread each avoids oversubscribing small machines (the DDP test runs 2 processes).
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # Latency tables (benchmarks/results/latency.{json,md} + PNGs): d16 dense vs pruned on onnxruntime CPU, PyTorch
 # eager vs the exported graphs, digits; models and exports are cached in runs/bench. BENCH_ARGS=--iters 5 etc.
