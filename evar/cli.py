@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from evar.errors import EvarError
+from evar.errors import EvarError, run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="EVAR: compress, export and run VAR image generators on edge devices.")
@@ -240,14 +239,7 @@ def prune(
 
 
 def main() -> None:
-    try:
-        app()
-    except EvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -11,3 +11,17 @@ class CheckpointError(EvarError):
 
 class ModelRefError(EvarError):
     """A model reference that names no model."""
+
+
+def run_cli(app) -> None:  # app: a typer.Typer (not imported here: this module stays dependency-free)
+    """Run a command-line app the EVAR way: an EvarError is one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        app()
+    except EvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

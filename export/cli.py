@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from evar.errors import EvarError
+from evar.errors import EvarError, run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export EVAR models to ONNX / Core ML (per-scale KV-cached decoder + VQVAE decoder + manifest.json).")
@@ -97,14 +97,7 @@ def inspect_cmd(
 
 
 def main() -> None:
-    try:
-        app()
-    except EvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app)
 
 
 if __name__ == "__main__":

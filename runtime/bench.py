@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from evar.errors import EvarError
+from evar.errors import EvarError, run_cli
 
 FORMAT, TOOL = "evar-bench-v1", "evar-bench"
 SWIFT_FIELDS = ("format", "tool", "device", "os", "backend", "compute_units", "threads", "precision", "weights",
@@ -445,14 +445,7 @@ def bench(
 
 
 def main() -> None:
-    try:
-        app()
-    except EvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app)
 
 
 if __name__ == "__main__":
