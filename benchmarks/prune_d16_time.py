@@ -45,7 +45,8 @@ def main() -> None:
         save_pruned(result, Path(tmp) / "pruned")
     t_save = time.perf_counter() - t1
     r = result.report
-    out = {"model": args.model, "recipe": r["recipe"], "params": r["params"], "macs_per_image": r["macs_per_image"],
+    out = {"model": args.model, "recipe": r["recipe"], "calibration": r["calibration"], "params": r["params"],
+           "macs_per_image": r["macs_per_image"],
            "seconds": {"load": round(t_load, 1), **r["seconds"], "save": round(t_save, 1),
                        "wall": round(time.perf_counter() - t0, 1)},
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),

@@ -14,6 +14,18 @@ from evar.models.var import generate
 from evar.samples import SamplingSettings
 
 GENERATED = "teacher"  # the data source name meaning "sample the model itself"
+PRECISIONS = ("auto", "fp32", "bf16")  # of generating calibration data
+
+
+def generation_dtype(precision: str) -> torch.dtype:
+    """'auto' is bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: twice the
+    float32 rate), else float32. The result is samples either way, never a model's weights or statistics."""
+    if precision not in PRECISIONS:
+        raise EvarError(f"unknown calibration precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 @dataclass
@@ -38,13 +50,15 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def from_generations(model: Model, n: int, settings: SamplingSettings, batch_size: int = 64,
-                     progress: bool = True) -> TokenSet:
-    """n sequences the model samples itself (class-balanced labels): no dataset needed."""
+                     progress: bool = True, dtype: torch.dtype = torch.float32) -> TokenSet:
+    """n sequences the model samples itself (class-balanced labels): no dataset needed. A `dtype` other
+    than float32 samples under autocast (faster; the tokens then differ from a float32 run's)."""
     labels = balanced_labels(n, model.config.var.num_classes)
     chunks = []
     for start in tqdm(range(0, n, batch_size), desc="calibration samples", disable=not progress, dynamic_ncols=True):
-        gen = generate(model.var, model.vqvae, labels[start:start + batch_size], cfg=settings.cfg,
-                       top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=start)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            gen = generate(model.var, model.vqvae, labels[start:start + batch_size], cfg=settings.cfg, top_k=settings.top_k,
+                           top_p=settings.top_p, seed=settings.seed, first_sample=start, decode=False)
         chunks.append(torch.cat(gen.tokens, dim=1))
     return TokenSet(labels, torch.cat(chunks), GENERATED)
 

@@ -209,6 +209,8 @@ def prune(
     calib_scale: Annotated[str, typer.Option(help="statistics over 'all' tokens, 'last' scale or scale index N")] = "all",
     calib_uncond: Annotated[float, typer.Option(help="share of calibration sequences run unconditionally (CFG's other half)")] = 0.5,
     calib_batch: Annotated[int, typer.Option(help="calibration sequences per mini-batch")] = 8,
+    calib_precision: Annotated[str, typer.Option(help="sampling the model's own calibration sequences: auto (bf16 "
+                                                      "where the CPU has it natively) | fp32 | bf16")] = "auto",
     schedule: Annotated[str, typer.Option(help="uniform | log_increase | log_decrease (mean = --sparsity)")] = "uniform",
     min_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the light end")] = 0.1,
     max_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the heavy end")] = 0.5,
@@ -227,8 +229,8 @@ def prune(
     cfg = PruneConfig(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
                       compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
                       calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
-                      schedule=schedule, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
-                      iterative_steps=iterative_steps, heads=not ffn_only, ffn=not heads_only, seed=seed)
+                      calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
+                      max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only, ffn=not heads_only, seed=seed)
     cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
     t0 = time.perf_counter()
     result = prune_model(_load(model, var_ckpt, vae_ckpt), cfg, parent=model)

@@ -105,6 +105,7 @@ def test_pruned_directory_round_trip(tmp_path):
     (dict(sparsity=0.3, method="wanda"), "unknown pruning method 'wanda'"),
     (dict(sparsity=0.3, calib_scale="7"), "--calib-scale 7"),
     (dict(sparsity=0.3, schedule="cosine"), "unknown schedule"),
+    (dict(sparsity=0.3, calib_precision="fp16"), "unknown calibration precision 'fp16'"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kw, message):
     from typer.testing import CliRunner
@@ -268,6 +269,22 @@ def test_null_share_is_balanced_per_class():
     distinct = null_share(torch.arange(64), 0.5, 1000)  # one sample per class (d16 calibration)
     assert int((distinct == 1000).sum()) == 32
     assert torch.equal(null_share(labels, 0.0, 10), labels) and bool((null_share(labels, 1.0, 10) == 10).all())
+
+
+@pytest.mark.parametrize("precision, sampled_in", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_calibration_samples_in_the_requested_precision(precision, sampled_in):
+    """bf16 sampling (the 'auto' choice on CPUs with native bf16) gives valid, class-balanced sequences and
+    is recorded; fp32 gives exactly the tokens `generate` samples."""
+    model = tiny_model()
+    cfg = PruneConfig(sparsity=0.4, calib_precision=precision, calib_samples=6, calib_batch=4)
+    calib = calibration(model, cfg)
+    c = model.config.var
+    assert calib.tokens.shape == (6, c.seq_len) and 0 <= int(calib.tokens.min()) and int(calib.tokens.max()) < c.vocab_size
+    if precision == "fp32":
+        ref = generate(model.var, model.vqvae, torch.arange(6) % c.num_classes, cfg=1.5, top_k=900, top_p=0.96)
+        assert torch.equal(calib.tokens, torch.cat(ref.tokens, dim=1))
+    report = prune_model(model, cfg, progress=False).report
+    assert report["calibration"]["sampled_in"] == sampled_in
 
 
 def test_calib_scale_selects_one_scale():

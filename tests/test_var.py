@@ -96,6 +96,8 @@ def test_same_seed_same_tokens_and_chunking_invariance():
     tail = generate(model.var, model.vqvae, labels[2:], cfg=1.5, top_k=20, top_p=0.9, seed=11, first_sample=2)
     assert all(torch.equal(x[2:], y) for x, y in zip(a.tokens, tail.tokens))
     assert a.images.shape == (4, 3, 8, 8) and a.images.min() >= -1 and a.images.max() <= 1
+    tokens_only = generate(model.var, model.vqvae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=11, decode=False)
+    assert tokens_only.images is None and all(torch.equal(x, y) for x, y in zip(a.tokens, tokens_only.tokens))
 
 
 def test_hidden_states_returned_per_block():

@@ -219,19 +219,22 @@ class VAR(nn.Module):
 
 @dataclass
 class Generation:
-    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None when generated with decode=False
     tokens: list[torch.Tensor]  # per scale (B, pn*pn)
     scale_logits: list[torch.Tensor]  # per scale raw logits before CFG: (2B or B, pn*pn, V)
 
 
 @torch.no_grad()
 def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, cfg: float = 1.5, top_k: int = 0,
-             top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False) -> Generation:
+             top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
+             decode: bool = True) -> Generation:
     """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
 
     Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
     reproduce these tokens from the same seed; `first_sample` numbers this batch's samples within a
     larger run, so chunked generation equals one big batch. With cfg == 0 the unconditional half is skipped.
+    `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
+    its tokens with d16, and calibration and distillation data never look at the pixels.
     """
     c = var.cfg
     B = labels.shape[0]
@@ -244,6 +247,7 @@ def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, cfg: float = 1
     ranges = c.scale_ranges()
     for si, pn in enumerate(c.patch_nums):
         logits, past = var.decode_step(x, cond_BD, past)
+        logits = logits.float()  # under autocast the head outputs bfloat16; guidance and sampling stay float32
         if keep_logits:
             kept.append(logits)
         if guided:
@@ -257,4 +261,4 @@ def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, cfg: float = 1
             x = var.embed_scale(nxt.flatten(2).transpose(1, 2), *ranges[si + 1])
             if guided:
                 x = x.repeat(2, 1, 1)
-    return Generation(images=vqvae.fhat_to_img(f_hat), tokens=tokens, scale_logits=kept)
+    return Generation(images=vqvae.fhat_to_img(f_hat) if decode else None, tokens=tokens, scale_logits=kept)

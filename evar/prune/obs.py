@@ -57,7 +57,7 @@ class HessianAccumulator:
 class ObsResult:
     removed: list[int]  # removed group indices, in removal order
     weight: torch.Tensor  # (out, in): compensated (or original) weight; removed columns are zero if compensated
-    error: float  # Σ E(S) over the rounds: the predicted increase of the layer's squared output error
+    error: float  # Σ E(S) over the rounds = predicted (2/n)·Σ||Δy||² (the layer's output error, damped H)
 
 
 def ffn_chunks(n_remove: int) -> list[int]:
@@ -133,7 +133,8 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, size: int, n_remove: 
         W, Hinv, error = remove_columns(W, Hinv, cols)
         total += error
         removed += [alive[p] for p in pick]
-        alive = [g for j, g in enumerate(alive) if j not in set(pick)]
+        picked = set(pick)
+        alive = [g for j, g in enumerate(alive) if j not in picked]
     if not compensate:
         return ObsResult(removed, weight.detach().clone(), total)
     out = torch.zeros(weight.shape, dtype=W.dtype)

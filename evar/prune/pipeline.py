@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from evar.calibration import GENERATED, generation_dtype
 from evar.checkpoints import Model
 from evar.config import VARConfig
 from evar.errors import EvarError
@@ -40,6 +41,7 @@ class PruneConfig:
     calib_scale: str = "all"  # 'all', 'last' or a scale index (negative counts from the end)
     calib_uncond: float = 0.5  # share of calibration sequences run with the null class, as CFG does at inference
     calib_batch: int = 8
+    calib_precision: str = "auto"  # of generating the calibration samples: 'auto' (bf16 where native), fp32, bf16
     schedule: str = "uniform"
     min_sparsity: float = 0.1
     max_sparsity: float = 0.5
@@ -60,6 +62,7 @@ class PruneConfig:
                 raise EvarError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.calib_uncond <= 1.0:
             raise EvarError(f"--calib-uncond must be in [0, 1], got {self.calib_uncond}")
+        generation_dtype(self.calib_precision)
         if not (self.heads or self.ffn):
             raise EvarError("--heads-only and --ffn-only exclude each other")
         if self.calib_scale not in ("all", "last"):
@@ -104,14 +107,14 @@ def null_share(labels: torch.Tensor, share: float, null: int) -> torch.Tensor:
 
 @torch.no_grad()
 def calibration(model: Model, cfg: PruneConfig) -> Calibration:
-    from evar.calibration import GENERATED, from_generations, token_set
+    from evar.calibration import from_generations, token_set
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(seed=cfg.seed)
     if cfg.calib_data == GENERATED:
-        # Generation decodes every image (which calibration does not use): with token_set's batch of 64, a d16
-        # decode at 256 px needs ~19 GB. Generating in calibration mini-batches keeps it to a few GB.
-        tokens = from_generations(model, cfg.calib_samples, settings, batch_size=cfg.calib_batch)
+        # Calibration mini-batches bound the KV cache: d16 with CFG holds ~0.18 GB of keys and values per sample.
+        tokens = from_generations(model, cfg.calib_samples, settings, batch_size=cfg.calib_batch,
+                                  dtype=generation_dtype(cfg.calib_precision))
     else:
         tokens = token_set(model, cfg.calib_data, cfg.calib_samples, settings, cfg.seed)
     pn = model.config.var.patch_nums
@@ -283,7 +286,9 @@ def build_report(model: Model, cfg: PruneConfig, parent: str, targets: list[Bloc
 
 def calibration_record(calib: Calibration, cfg: PruneConfig, var_cfg: VARConfig) -> dict[str, Any]:
     tokens = cfg.token_range(var_cfg)
+    generated = calib.source == GENERATED
     return {"source": calib.source, "samples": len(calib),
+            "sampled_in": str(generation_dtype(cfg.calib_precision)).removeprefix("torch.") if generated else None,
             "unconditional": int((calib.labels == var_cfg.num_classes).sum()), "tokens": [tokens.start, tokens.stop],
             "statistics": {"hessian": "(2/n) Σ xᵀx of proj/fc2 inputs, block by block",
                            "gradients": "teacher-forced cross-entropy", "weights": None}[cfg.criterion().needs]}
