@@ -138,10 +138,10 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              f"max_length {m['kv_cache']['max_length']}, heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
     parity = m.get("parity")
     if parity:
-        worst = max((c["value"] for c in parity["checks"] if c.get("metric") == "max_abs_diff" and c["value"] is not None),
-                    default=0.0)
-        lines.append(f"parity: {'passed' if parity['passed'] else 'FAILED'} ({len(parity['checks'])} checks, worst max abs "
-                     f"diff {worst:.3g})" + (f"; skipped: {'; '.join(parity['skipped'])}" if parity.get("skipped") else ""))
+        worst = max((c["value"] / c["tolerance"] for c in parity["checks"] if c.get("metric") in
+                     ("max_abs_diff", "max_rel_diff") and c["value"] is not None and c.get("tolerance")), default=0.0)
+        lines.append(f"parity: {'passed' if parity['passed'] else 'FAILED'} ({len(parity['checks'])} checks, the "
+                     f"closest difference at {worst:.2g}× its tolerance)" + (f"; skipped: {'; '.join(parity['skipped'])}" if parity.get("skipped") else ""))
     for role, g in m["graphs"].items():
         lines.append("")
         lines.append(f"[{role}] {g['file']} ({g['format']}"

@@ -187,6 +187,17 @@ def test_parity_breach_raises_and_leaves_no_artifact(tmp_path, monkeypatch):
     _no_leftovers(tmp_path, "art")
 
 
+def test_logits_parity_is_judged_on_the_logits_scale():
+    ref = np.array([[20.0, -3.0, 0.5]])
+    report = pt.ParityReport()
+    report.max_abs("large logits, rounding-size error", ref + 1.5e-3, ref, 1e-4, relative=True)  # 7.5e-5 of 20
+    report.max_abs("same error, absolute", ref + 1.5e-3, ref, 1e-4)
+    report.max_abs("small logits, floor of 1", ref / 100 + 2e-4, ref / 100, 1e-4, relative=True)
+    report.max_abs("a real breach", ref + np.array([[0.0, 0.01, 0.0]]), ref, 1e-4, relative=True)
+    assert [c.passed for c in report.checks] == [True, False, False, False]
+    assert report.checks[0].metric == "max_rel_diff" and report.checks[1].metric == "max_abs_diff"
+
+
 def test_manifest_schema_rejects_a_broken_manifest(onnx_artifact):
     _, out, _ = onnx_artifact
     m = json.loads((out / "manifest.json").read_text())
