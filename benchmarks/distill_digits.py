@@ -64,7 +64,8 @@ def distill(work: Path, student: Path, mode: str) -> tuple[Path, float]:
     if is_model_dir(out) and timing.is_file():
         return out, float(timing.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [shutil.which("evar") or "evar", "distill", "--teacher", TEACHER, "--student", str(student),
+    beside = Path(sys.executable).parent / "evar"  # the venv's console script, whether or not it is activated
+    cmd = [str(beside) if beside.exists() else shutil.which("evar") or "evar", "distill", "--teacher", TEACHER, "--student", str(student),
            "--out", str(out), "--kd", mode]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
