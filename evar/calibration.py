@@ -2,6 +2,7 @@
 images through the VQVAE. Either way the result is teacher-forcing data: labels + all L tokens."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,12 @@ class TokenSet:
     def subset(self, index: torch.Tensor) -> TokenSet:
         return TokenSet(self.labels[index], self.tokens[index], self.source)
 
+    def digest(self) -> str:
+        """sha256 of labels and tokens: which data a model was made from, comparable across runs and ranks."""
+        h = hashlib.sha256(self.labels.to(torch.int64).numpy().tobytes())
+        h.update(self.tokens.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
     def scale_tokens(self, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
         return list(self.tokens.split([pn * pn for pn in patch_nums], dim=1))
 
@@ -50,17 +57,26 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def from_generations(model: Model, n: int, settings: SamplingSettings, batch_size: int = 64,
-                     progress: bool = True, dtype: torch.dtype = torch.float32) -> TokenSet:
+                     progress: bool = True, dtype: torch.dtype = torch.float32,
+                     part: tuple[int, int] | None = None) -> TokenSet:
     """n sequences the model samples itself (class-balanced labels): no dataset needed. A `dtype` other
-    than float32 samples under autocast (faster; the tokens then differ from a float32 run's)."""
-    labels = balanced_labels(n, model.config.var.num_classes)
+    than float32 samples under autocast (faster; the tokens then differ from a float32 run's).
+
+    `part=(start, stop)` makes only those samples of the n: sample i is the same whoever makes it (its
+    uniforms are numbered by i), so parts made by several processes concatenate to the whole set.
+    """
+    start, stop = part or (0, n)
+    labels = balanced_labels(n, model.config.var.num_classes)[start:stop]
     chunks = []
-    for start in tqdm(range(0, n, batch_size), desc="calibration samples", disable=not progress, dynamic_ncols=True):
+    for at in tqdm(range(start, stop, batch_size), desc="calibration samples", disable=not progress,
+                   dynamic_ncols=True):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            gen = generate(model.var, model.vqvae, labels[start:start + batch_size], cfg=settings.cfg, top_k=settings.top_k,
-                           top_p=settings.top_p, seed=settings.seed, first_sample=start, decode=False)
+            gen = generate(model.var, model.vqvae, labels[at - start:at - start + batch_size], cfg=settings.cfg,
+                           top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=at,
+                           decode=False)
         chunks.append(torch.cat(gen.tokens, dim=1))
-    return TokenSet(labels, torch.cat(chunks), GENERATED)
+    tokens = torch.cat(chunks) if chunks else torch.zeros(0, model.config.var.seq_len, dtype=torch.long)
+    return TokenSet(labels, tokens, GENERATED)
 
 
 @torch.no_grad()

@@ -186,6 +186,8 @@ def test_ddp_two_gloo_ranks_match_one_process(pair, tmp_path):
     single = distill(teacher, student, tmp_path / "single", recipe(steps=4))  # meanwhile, the same in one process
     _, stderr = ddp.communicate(timeout=120)
     assert ddp.returncode == 0, stderr[-2000:]
+    data = [json.loads((d / "config.json").read_text())["provenance"]["data"] for d in (tmp_path / "ddp", single)]
+    assert data[0] == data[1] and len(data[0]["sha256"]) == 64  # generated in halves and gathered: the same set
     a, b = load_file(str(tmp_path / "ddp" / "var.safetensors")), load_file(str(single / "var.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6  # gradients were averaged over both halves
     rows = log_rows(tmp_path / "ddp")

@@ -115,3 +115,15 @@ def test_config_validation_errors():
     with pytest.raises(ConfigError, match="no official VAR"):
         VARConfig.official(17)
     assert math.isclose(VARConfig.official(16).seq_len, 680)
+
+
+def test_generations_made_in_parts_concatenate_to_the_whole():
+    """What DDP distillation relies on: each rank samples its part of the set, rank 0 concatenates them."""
+    from evar.calibration import from_generations
+    from evar.samples import SamplingSettings
+
+    model, settings = tiny_model(), SamplingSettings(seed=5)
+    whole = from_generations(model, 7, settings, batch_size=3, progress=False)
+    parts = [from_generations(model, 7, settings, batch_size=2, progress=False, part=p) for p in ((0, 3), (3, 7))]
+    assert torch.equal(torch.cat([p.tokens for p in parts]), whole.tokens)
+    assert torch.equal(torch.cat([p.labels for p in parts]), whole.labels)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from evar import zoo
-from evar.calibration import TokenSet, token_set
+from evar.calibration import GENERATED, TokenSet, from_generations, token_set
 from evar.checkpoints import Model, is_model_dir, save_model_dir
 from evar.config import ModelConfig, VARConfig
 from evar.distill import defaults as D
@@ -168,6 +168,14 @@ class Ranks:
         if self.world_size > 1:
             dist.barrier()
 
+    def agree(self, value: bool) -> bool:
+        """Rank 0's value on every rank (so that all ranks take the same branch into a collective)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
 
 def init_ranks() -> Ranks:
     """One process, or one rank of a `torchrun` job (gloo on CPU, nccl on GPU), from torchrun's env."""
@@ -243,16 +251,32 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- data
 def _load_data(teacher: Model, recipe: DistillRecipe, out: Path, ranks: Ranks) -> TokenSet:
-    """The teacher-forcing set, made once by rank 0 and cached in --out (a resumed run reuses it)."""
+    """The teacher-forcing set, made once and cached in --out (a resumed run reuses it)."""
     path = out / DATA_FILE
-    if ranks.main and not path.exists():
-        data = token_set(teacher, recipe.data, recipe.data_samples, recipe.sampling, seed=recipe.schedule.seed)
-        buf = io.BytesIO()
-        torch.save({"labels": data.labels, "tokens": data.tokens, "source": data.source}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+    if not ranks.agree(path.exists()):
+        data = _make_data(teacher, recipe, ranks)
+        if ranks.main:
+            buf = io.BytesIO()
+            torch.save({"labels": data.labels, "tokens": data.tokens, "source": data.source}, buf)
+            atomic_write_bytes(path, buf.getvalue())
     ranks.barrier()
     saved = torch.load(path, map_location="cpu", weights_only=True)
     return TokenSet(saved["labels"], saved["tokens"], saved["source"])
+
+
+def _make_data(teacher: Model, recipe: DistillRecipe, ranks: Ranks) -> TokenSet | None:
+    """The teacher's generations are split over the ranks and gathered on rank 0: the same set as one
+    process makes, in 1/N of the time. Encoded images are cheap and are made by rank 0 alone."""
+    n, world = recipe.data_samples, ranks.world_size
+    if recipe.data != GENERATED or world == 1:
+        return token_set(teacher, recipe.data, n, recipe.sampling, seed=recipe.schedule.seed) if ranks.main else None
+    mine = from_generations(teacher, n, recipe.sampling, progress=ranks.main,
+                            part=(ranks.rank * n // world, (ranks.rank + 1) * n // world))
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (mine.labels, mine.tokens))
+    if not ranks.main:
+        return None
+    return TokenSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), GENERATED)
 
 
 @torch.no_grad()
@@ -390,7 +414,7 @@ def _write_output(out: Path, teacher: Model, student: Model, record: dict[str, A
     provenance = {
         "source": "evar distill", "teacher": record["teacher"], "parent": record["student"],
         "recipe": record["recipe"], "teacher_check": teacher_check,
-        "data": {"source": data.source, "samples": len(data)},
+        "data": {"source": data.source, "samples": len(data), "sha256": data.digest()},
         "vqvae": "teacher's" + ("" if same_vqvae else " (the student's own VQVAE differed and was replaced)"),
         "final": {k: round(v, 6) for k, v in rows[-1].items() if k in ("step", "loss", "task", "kd", "feature")},
         "run": run_info, "teacher_provenance": teacher.config.provenance,
