@@ -24,7 +24,8 @@ def generation_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise EvarError(f"unknown calibration precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
         return torch.bfloat16 if native else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -68,7 +69,7 @@ def from_generations(model: Model, n: int, settings: SamplingSettings, batch_siz
     start, stop = part or (0, n)
     labels = balanced_labels(n, model.config.var.num_classes)[start:stop]
     chunks = []
-    for at in tqdm(range(start, stop, batch_size), desc="calibration samples", disable=not progress,
+    for at in tqdm(range(start, stop, batch_size), desc="sampling the model", disable=not progress,
                    dynamic_ncols=True):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             gen = generate(model.var, model.vqvae, labels[at - start:at - start + batch_size], cfg=settings.cfg,
