@@ -220,8 +220,10 @@ def prune(
     seed: Annotated[int, typer.Option(help="seed of the calibration samples")] = 0,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
 ) -> None:
-    """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude)."""
+    """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude). Rerun an
+    interrupted prune to continue it: the calibration set and OBS progress wait in OUT.partial/."""
     from evar.prune import PruneConfig, prune_model, save_pruned
+    from evar.prune.pipeline import checkpoint_for
     from evar.prune.report import summary
 
     if heads_only and ffn_only:
@@ -230,11 +232,17 @@ def prune(
                       compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
                       calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
                       calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
-                      max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only, ffn=not heads_only, seed=seed)
+                      max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
+                      ffn=not heads_only, seed=seed)
     cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
     t0 = time.perf_counter()
-    result = prune_model(_load(model, var_ckpt, vae_ckpt), cfg, parent=model)
+    loaded = _load(model, var_ckpt, vae_ckpt)
+    checkpoint = checkpoint_for(out, loaded, cfg, model)
+    if checkpoint.dir.exists():
+        print(f"continuing from {checkpoint.dir} (rerun of an interrupted prune)")
+    result = prune_model(loaded, cfg, parent=model, checkpoint=checkpoint)
     save_pruned(result, out)
+    checkpoint.remove()
     print(summary(result.report))
     print(f"model directory → {out} (report: {out / 'prune_report.json'}); "
           f"{time.perf_counter() - t0:.0f}s with loading and saving")

@@ -301,3 +301,49 @@ def test_shared_adaln_and_no_l2_norm_variants_prune():
     assert result.model.config.var.num_heads == (1, 1, 2)
     assert not hasattr(result.model.var.blocks[0].attn, "scale_mul_1H11")
     assert torch.isfinite(_logits(result.model)).all()
+
+
+# ---------------------------------------------------------------- resuming
+def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from evar.prune import pipeline
+    from evar.prune.resume import PROGRESS_FILE, PruneCheckpoint
+
+    cfg = PruneConfig(sparsity=0.4, iterative_steps=2, **FAST)
+    uninterrupted = prune_model(tiny_model(), cfg, progress=False).model.var.state_dict()
+    checkpoint = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), cfg, "tests:tiny")
+    assert checkpoint.dir == PruneCheckpoint.beside(tmp_path / "out") == tmp_path / "out.partial"
+
+    real, calls = pipeline.sequential_block, []
+
+    def interrupted_after_four_blocks(*args, **kwargs):
+        if len(calls) == 4:  # step 2, block 1 of 3
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sequential_block", interrupted_after_four_blocks)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
+    assert (checkpoint.dir / PROGRESS_FILE).exists()
+    monkeypatch.setattr(pipeline, "sequential_block", real)
+    resumed = prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
+    assert resumed.report["resumed_at"] == {"step": 2, "block": 1}
+    state = resumed.model.var.state_dict()
+    assert state.keys() == uninterrupted.keys() and all(torch.equal(state[k], uninterrupted[k]) for k in state)
+
+    other = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), PruneConfig(sparsity=0.2, **FAST), "tests:tiny")
+    with pytest.raises(EvarError, match="progress of a different prune"):
+        prune_model(tiny_model(), PruneConfig(sparsity=0.2, **FAST), progress=False, checkpoint=other)
+
+
+def test_cli_prune_leaves_no_partial_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from evar.checkpoints import save_model_dir
+    from evar.cli import app
+
+    save_model_dir(tiny_model(), tmp_path / "model")
+    result = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "p"),
+                                      "--sparsity", "0.4", "--calib-samples", "8", "--calib-batch", "4"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p"]

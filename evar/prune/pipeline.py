@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evar.calibration import GENERATED, generation_dtype
+from evar.calibration import GENERATED, TokenSet, generation_dtype
 from evar.checkpoints import Model
 from evar.config import VARConfig
 from evar.errors import EvarError
 from evar.prune import report as rep
 from evar.prune.criteria import TAYLOR_TYPES, Criterion, Group, make_criterion
+from evar.prune.resume import Progress, PruneCheckpoint, restore_var
 from evar.prune.schedule import BlockTarget, Schedule, block_targets, step_amount
 from evar.prune.sequential import ActivationStream, Calibration, Capture, Replay, Skip, swapped
 from evar.prune.surgery import head_channels, rebuild, remove_heads, remove_units, set_weight
@@ -117,11 +119,17 @@ def calibration(model: Model, cfg: PruneConfig) -> Calibration:
                                   dtype=generation_dtype(cfg.calib_precision))
     else:
         tokens = token_set(model, cfg.calib_data, cfg.calib_samples, settings, cfg.seed)
+    return teacher_forcing(model, cfg, tokens)
+
+
+@torch.no_grad()
+def teacher_forcing(model: Model, cfg: PruneConfig, tokens: TokenSet) -> Calibration:
+    """The calibration set's labels (the null class for the unconditional share) and VAR inputs."""
     pn = model.config.var.patch_nums
     x_in = torch.cat([model.vqvae.idx_to_var_input(tokens.subset(torch.arange(s, min(s + 64, len(tokens))))
                                                     .scale_tokens(pn)) for s in range(0, len(tokens), 64)])
     labels = null_share(tokens.labels, cfg.calib_uncond, model.config.var.num_classes)
-    return Calibration(labels, tokens.tokens, x_in, tokens.source)
+    return Calibration(labels, tokens.tokens, x_in, tokens.source, tokens.labels)
 
 
 def gradients(model: Model, calib: Calibration, layers: list[torch.nn.Linear], tokens: slice,
@@ -213,20 +221,28 @@ def sequential_block(pruner: BlockPruner, i: int, block, stream: ActivationStrea
 
 # ---------------------------------------------------------------- the whole model
 def run_step(model: Model, cfg: PruneConfig, criterion: Criterion, amounts: list[tuple[int, int]],
-             calib: Calibration | None, pruner: BlockPruner, bar: tqdm, label: str) -> None:
+             calib: Calibration | None, pruner: BlockPruner, bar: tqdm, label: str, first_block: int = 0,
+             stream_x: torch.Tensor | None = None, after_block: Callable[[int, ActivationStream], None] | None = None,
+             ) -> None:
+    """One pass over the blocks, from `first_block` (a resumed run, whose stream is `stream_x`).
+    `after_block(next_block, stream)` runs after each block pruned with Hessians (to save progress)."""
     var, tokens = model.var, cfg.token_range(model.config.var)
     blocks = list(var.blocks)
     stream = ActivationStream(var, calib, cfg.calib_batch) if criterion.needs == "hessian" else None
+    if stream is not None and stream_x is not None:
+        stream.x = stream_x
     grads: list = []
     if criterion.needs == "gradients":
         bar.set_description(f"{label}gradients")
         layers = [layer for b in blocks for layer in (b.attn.proj, b.ffn.fc2)]
         grads = gradients(model, calib, layers, tokens, cfg.calib_batch)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks[first_block:], start=first_block):
         bar.set_description(f"{label}pruning block {i + 1}/{len(blocks)}")
         n_heads, n_units = amounts[i]
         if stream is not None:
             sequential_block(pruner, i, block, stream, amounts[i], tokens, last=i == len(blocks) - 1)
+            if after_block is not None:
+                after_block(i + 1, stream)
         else:
             g = grads[2 * i: 2 * i + 2] or [(None, None), (None, None)]
             if n_heads:
@@ -236,8 +252,36 @@ def run_step(model: Model, cfg: PruneConfig, criterion: Criterion, amounts: list
         bar.update()
 
 
-def prune_model(model: Model, cfg: PruneConfig, parent: str = "", progress: bool = True) -> PruneResult:
-    """Prune `model` (its VAR is cut in place; pass a copy to keep the original) and return the rebuilt model."""
+def cached_calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None) -> Calibration:
+    saved = checkpoint.load_calibration() if checkpoint is not None else None
+    if saved is not None:
+        return teacher_forcing(model, cfg, TokenSet(*saved))
+    calib = calibration(model, cfg)
+    if checkpoint is not None:
+        checkpoint.save_calibration(calib.class_labels, calib.tokens, calib.source)
+    return calib
+
+
+class ProgressSaver:
+    """Saves progress after a block when `every` seconds have passed since the last save (0: every block)."""
+
+    def __init__(self, checkpoint: PruneCheckpoint, model: Model, kept: Kept, every: float):
+        self.checkpoint, self.model, self.kept, self.every = checkpoint, model, kept, every
+        self.step, self.last = 1, time.perf_counter()
+
+    def __call__(self, next_block: int, stream: ActivationStream) -> None:
+        if time.perf_counter() - self.last < self.every:
+            return
+        self.checkpoint.save_progress(Progress(self.step, next_block, self.kept.heads, self.kept.units, stream.x),
+                                      self.model)
+        self.last = time.perf_counter()
+
+
+def prune_model(model: Model, cfg: PruneConfig, parent: str = "", progress: bool = True,
+                checkpoint: PruneCheckpoint | None = None, save_every: float = 60.0) -> PruneResult:
+    """Prune `model` (its VAR is cut in place; pass a copy to keep the original) and return the rebuilt model.
+    With a `checkpoint`, the calibration set and (OBS) the progress every `save_every` seconds are kept
+    there, and a run that finds them continues where the last one stopped."""
     t0 = time.perf_counter()
     cfg.validate()
     var_cfg = model.config.var
@@ -245,19 +289,50 @@ def prune_model(model: Model, cfg: PruneConfig, parent: str = "", progress: bool
     targets = block_targets(var_cfg, cfg.sparsity_schedule(), cfg.heads, cfg.ffn)
     criterion = cfg.criterion()
     work = any(t.heads or t.units for t in targets)  # sparsity 0 (or rounding to 0): nothing to calibrate
-    calib = calibration(model, cfg) if work and criterion.needs != "weights" else None
+    calib = cached_calibration(model, cfg, checkpoint) if work and criterion.needs != "weights" else None
     t_calib = time.perf_counter() - t0
     kept = Kept([list(range(h)) for h in var_cfg.num_heads], list(var_cfg.ffn_dims))
+    K, depth = cfg.iterative_steps, var_cfg.depth
+    start = resume(model, kept, checkpoint) if work and criterion.needs == "hessian" else None
+    first_step, first_block = (start.step, start.block) if start else (1, 0)
     pruner = BlockPruner(criterion, kept)
-    K = cfg.iterative_steps
-    with tqdm(total=K * var_cfg.depth, disable=not (progress and work), dynamic_ncols=True) as bar:
-        for step in range(1, K + 1 if work else 1):
+    saver = ProgressSaver(checkpoint, model, kept, save_every) if checkpoint is not None else None
+    with tqdm(total=K * depth, initial=(first_step - 1) * depth + first_block, disable=not (progress and work),
+              dynamic_ncols=True) as bar:
+        for step in range(first_step, K + 1 if work else 1):
             amounts = [(step_amount(t.heads, step, K), step_amount(t.units, step, K)) for t in targets]
-            run_step(model, cfg, criterion, amounts, calib, pruner, bar, f"step {step}/{K}: " if K > 1 else "")
+            resuming = start is not None and step == first_step
+            if saver is not None:
+                saver.step = step
+            run_step(model, cfg, criterion, amounts, calib, pruner, bar, f"step {step}/{K}: " if K > 1 else "",
+                     first_block if resuming else 0, start.stream if resuming else None, saver)
     t_prune = time.perf_counter() - t0 - t_calib
     report = build_report(model, cfg, parent, targets, kept, calib, (t_calib, t_prune))
+    if start is not None:
+        report["resumed_at"] = {"step": start.step, "block": start.block}
     pruned = rebuild(model, provenance(model, cfg, parent, report))
     return PruneResult(pruned, report)
+
+
+def checkpoint_for(out, model: Model, cfg: PruneConfig, parent: str) -> PruneCheckpoint:
+    """OUT.partial/ for this model and recipe (another model or recipe there is refused, not mixed)."""
+    c = model.config.var
+    identity = {"parent": parent, "recipe": dataclasses.asdict(cfg), "num_heads": list(c.num_heads),
+                "ffn_dims": list(c.ffn_dims), "params": sum(p.numel() for p in model.var.parameters())}
+    return PruneCheckpoint(PruneCheckpoint.beside(out), identity)
+
+
+def resume(model: Model, kept: Kept, checkpoint: PruneCheckpoint | None) -> Progress | None:
+    """Load saved progress into `model` and `kept`; a finished step resumes at the next step's first block."""
+    saved = checkpoint.load_progress() if checkpoint is not None else None
+    if saved is None:
+        return None
+    start, state = saved
+    restore_var(model, start, state)
+    kept.heads, kept.units = [list(h) for h in start.heads], list(start.units)
+    if start.block == model.config.var.depth:
+        start = Progress(start.step + 1, 0, start.heads, start.units, None)  # a new step, a new stream
+    return start
 
 
 # ---------------------------------------------------------------- records

@@ -1,0 +1,101 @@
+"""Resuming an interrupted `evar prune`: its progress lives in OUT.partial/ until the model is written.
+
+What is kept, each written atomically as soon as it exists:
+  calibration.pt  the calibration set (labels + tokens): sampling it is a third of a d16 run;
+  progress.pt     after every block pruned with Hessians (OBS): the cut VAR, the surviving heads/units,
+                  the calibration stream at the next block's input, and where to go on.
+A rerun of the same command continues from there and ends with the same weights as an uninterrupted run.
+Criteria without Hessians (magnitude, Taylor) re-score from the cached calibration set: they are quick.
+Another recipe or parent model in the same OUT.partial is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evar.checkpoints import Model, build_model, load_strict
+from evar.config import ModelConfig
+from evar.errors import EvarError
+from evar.files import atomic_write_bytes
+
+CALIBRATION_FILE, PROGRESS_FILE = "calibration.pt", "progress.pt"
+
+
+@dataclass
+class Progress:
+    step: int  # 1-based iterative step being run
+    block: int  # the next block to prune in that step
+    heads: list[list[int]]  # original indices of the surviving heads, per block
+    units: list[int]  # surviving FFN units, per block
+    stream: torch.Tensor | None  # (N, L, C): the calibration hidden states at `block`'s input
+
+
+class PruneCheckpoint:
+    def __init__(self, directory: str | Path, identity: dict[str, Any]):
+        self.dir, self.identity = Path(directory), json.dumps(identity, sort_keys=True)
+
+    @staticmethod
+    def beside(out: str | Path) -> Path:
+        out = Path(out)
+        return out.parent / f"{out.name}.partial"
+
+    # ---- the calibration set
+    def load_calibration(self) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        saved = self._read(CALIBRATION_FILE)
+        return None if saved is None else (saved["labels"], saved["tokens"], saved["source"])
+
+    def save_calibration(self, labels: torch.Tensor, tokens: torch.Tensor, source: str) -> None:
+        self._write(CALIBRATION_FILE, {"labels": labels, "tokens": tokens, "source": source})
+
+    # ---- progress through the blocks
+    def load_progress(self) -> tuple[Progress, dict[str, torch.Tensor]] | None:
+        saved = self._read(PROGRESS_FILE)
+        if saved is None:
+            return None
+        progress = Progress(int(saved["step"]), int(saved["block"]), [list(h) for h in saved["heads"]],
+                            [int(u) for u in saved["units"]], saved["stream"])
+        return progress, saved["var"]
+
+    def save_progress(self, progress: Progress, model: Model) -> None:
+        self._write(PROGRESS_FILE, {"step": progress.step, "block": progress.block, "heads": progress.heads,
+                                    "units": progress.units, "stream": progress.stream,
+                                    "var": model.var.state_dict()})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- files
+    def _read(self, name: str) -> dict[str, Any] | None:
+        path = self.dir / name
+        if not path.exists():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or foreign file: say which and how to recover
+            raise EvarError(f"cannot read {path} ({str(err).splitlines()[0]}); delete {self.dir} to start over") from None
+        if saved.get("identity") != self.identity:
+            raise EvarError(f"{self.dir} holds the progress of a different prune (another model or recipe); "
+                            "delete it, or rerun the command that made it")
+        return saved
+
+    def _write(self, name: str, payload: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save({**payload, "identity": self.identity}, buf)
+        atomic_write_bytes(self.dir / name, buf.getvalue())
+
+
+def restore_var(model: Model, progress: Progress, state: dict[str, torch.Tensor]) -> None:
+    """Replace `model.var` by one of the saved (partly cut) shapes holding the saved weights."""
+    heads = tuple(len(h) for h in progress.heads)
+    config = ModelConfig(model.config.var.with_blocks(heads, tuple(progress.units)), model.config.vqvae)
+    with torch.device("meta"):
+        fresh = build_model(config)
+    fresh.var.to_empty(device="cpu")
+    load_strict(fresh.var, state, "saved pruning progress")
+    model.var = fresh.var.eval()
