@@ -304,7 +304,8 @@ def test_shared_adaln_and_no_l2_norm_variants_prune():
 
 
 # ---------------------------------------------------------------- resuming
-def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("blocks_done, resumed_at", [(1, {"step": 1, "block": 1}), (4, {"step": 2, "block": 1})])
+def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch, blocks_done, resumed_at):
     from evar.prune import pipeline
     from evar.prune.resume import PROGRESS_FILE, PruneCheckpoint
 
@@ -315,19 +316,19 @@ def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch
 
     real, calls = pipeline.sequential_block, []
 
-    def interrupted_after_four_blocks(*args, **kwargs):
-        if len(calls) == 4:  # step 2, block 1 of 3
+    def interrupted(*args, **kwargs):  # 3 blocks per step
+        if len(calls) == blocks_done:
             raise KeyboardInterrupt
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "sequential_block", interrupted_after_four_blocks)
+    monkeypatch.setattr(pipeline, "sequential_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
     assert (checkpoint.dir / PROGRESS_FILE).exists()
     monkeypatch.setattr(pipeline, "sequential_block", real)
     resumed = prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
-    assert resumed.report["resumed_at"] == {"step": 2, "block": 1}
+    assert resumed.report["resumed_at"] == resumed_at
     state = resumed.model.var.state_dict()
     assert state.keys() == uninterrupted.keys() and all(torch.equal(state[k], uninterrupted[k]) for k in state)
 

@@ -2,8 +2,8 @@
 
 What is kept, each written atomically as soon as it exists:
   calibration.pt  the calibration set (labels + tokens): sampling it is a third of a d16 run;
-  progress.pt     after every block pruned with Hessians (OBS): the cut VAR, the surviving heads/units,
-                  the calibration stream at the next block's input, and where to go on.
+  progress.pt     about once a minute while pruning with Hessians (OBS): the blocks cut so far, the
+                  surviving heads/units, the calibration stream at the next block's input, and where to go on.
 A rerun of the same command continues from there and ends with the same weights as an uninterrupted run.
 Criteria without Hessians (magnitude, Taylor) re-score from the cached calibration set: they are quick.
 Another recipe or parent model in the same OUT.partial is refused rather than mixed.
@@ -63,9 +63,13 @@ class PruneCheckpoint:
         return progress, saved["var"]
 
     def save_progress(self, progress: Progress, model: Model) -> None:
+        """Only the blocks cut so far are written (in step 1, those before `block`): the rest still equal
+        the parent model, which a rerun loads anyway. At d16 this keeps a save to a few hundred MB."""
+        cut = range(progress.block) if progress.step == 1 else range(len(model.var.blocks))
+        prefixes = tuple(f"blocks.{i}." for i in cut)
+        state = {k: v for k, v in model.var.state_dict().items() if k.startswith(prefixes)}
         self._write(PROGRESS_FILE, {"step": progress.step, "block": progress.block, "heads": progress.heads,
-                                    "units": progress.units, "stream": progress.stream,
-                                    "var": model.var.state_dict()})
+                                    "units": progress.units, "stream": progress.stream, "var": state})
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -90,8 +94,10 @@ class PruneCheckpoint:
         atomic_write_bytes(self.dir / name, buf.getvalue())
 
 
-def restore_var(model: Model, progress: Progress, state: dict[str, torch.Tensor]) -> None:
-    """Replace `model.var` by one of the saved (partly cut) shapes holding the saved weights."""
+def restore_var(model: Model, progress: Progress, saved: dict[str, torch.Tensor]) -> None:
+    """Replace `model.var` (the parent's) by one of the saved, partly cut shapes: the saved blocks over the
+    parent's weights for everything else."""
+    state = {**model.var.state_dict(), **saved}
     heads = tuple(len(h) for h in progress.heads)
     config = ModelConfig(model.config.var.with_blocks(heads, tuple(progress.units)), model.config.vqvae)
     with torch.device("meta"):
