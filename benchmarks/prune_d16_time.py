@@ -22,7 +22,7 @@ import torch
 from evar import zoo
 from evar.files import atomic_write_json
 from evar.prune import PruneConfig, prune_model, save_pruned
-from evar.prune.pipeline import versions
+from evar.prune.pipeline import checkpoint_for, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,11 +39,14 @@ def main() -> None:
     model = zoo.load(args.model)
     t_load = time.perf_counter() - t0
     cfg = PruneConfig(sparsity=args.sparsity, method="obs", calib_samples=args.calib_samples)
-    result = prune_model(model, cfg, parent=args.model)
-    t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        save_pruned(result, Path(tmp) / "pruned")
-    t_save = time.perf_counter() - t1
+        out = Path(tmp) / "pruned"
+        checkpoint = checkpoint_for(out, model, cfg, args.model)  # as `evar prune` does: progress saved on the way
+        result = prune_model(model, cfg, parent=args.model, checkpoint=checkpoint)
+        t1 = time.perf_counter()
+        save_pruned(result, out)
+        checkpoint.remove()
+        t_save = time.perf_counter() - t1
     r = result.report
     out = {"model": args.model, "recipe": r["recipe"], "calibration": r["calibration"], "params": r["params"],
            "macs_per_image": r["macs_per_image"],
