@@ -127,7 +127,8 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"| dense | 0 | {d['params'] / 1e6:.2f}M | {d['class_accuracy'] * 100:.1f}% | "
                  f"{d['frechet_distance']:.1f} ± {d['std']['frechet_distance']:.1f} | 0 |")
     for r in result["rows"]:
-        lines.append(f"| {r['variant']} | {r['sparsity']} | {r['params'] / 1e6:.2f}M | {r['class_accuracy'] * 100:.1f}% | "
+        lines.append(f"| {r['variant']} | {r['sparsity']} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['class_accuracy'] * 100:.1f}% | "
                      f"{r['frechet_distance']:.1f} ± {r['std']['frechet_distance']:.1f} | {r['kl_to_dense']:.3f} |")
     return "\n".join(lines)
 
@@ -194,7 +195,8 @@ def main() -> None:
     result = {"model": args.model, "model_provenance": parent.config.provenance, "per_class": args.per_class,
               "sampling": {**dataclasses.asdict(SamplingSettings()), "seeds": seeds},
               "calibration": {"data": args.calib_data, "samples": args.calib_samples,
-                              "seeds": list(range(args.calib_seeds)), "sampled_in": str(generation_dtype("auto")).removeprefix("torch.")},
+                              "seeds": list(range(args.calib_seeds)),
+                              "sampled_in": str(generation_dtype("auto")).removeprefix("torch.")},
               "kl_held_out": {"sequences": len(held), "seed": HELD_OUT_SEED, "unconditional": 0.5},
               "dense": dense, "rows": rows, "checks": checks(rows),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},

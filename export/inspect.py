@@ -141,7 +141,8 @@ def report(root: str | Path, verify_files: bool = True) -> str:
         worst = max((c["value"] / c["tolerance"] for c in parity["checks"] if c.get("metric") in
                      ("max_abs_diff", "max_rel_diff") and c["value"] is not None and c.get("tolerance")), default=0.0)
         lines.append(f"parity: {'passed' if parity['passed'] else 'FAILED'} ({len(parity['checks'])} checks, the "
-                     f"closest difference at {worst:.2g}× its tolerance)" + (f"; skipped: {'; '.join(parity['skipped'])}" if parity.get("skipped") else ""))
+                     f"closest difference at {worst:.2g}× its tolerance)"
+                     + (f"; skipped: {'; '.join(parity['skipped'])}" if parity.get("skipped") else ""))
     for role, g in m["graphs"].items():
         lines.append("")
         lines.append(f"[{role}] {g['file']} ({g['format']}"

@@ -279,7 +279,8 @@ def test_calibration_samples_in_the_requested_precision(precision, sampled_in):
     cfg = PruneConfig(sparsity=0.4, calib_precision=precision, calib_samples=6, calib_batch=4)
     calib = calibration(model, cfg)
     c = model.config.var
-    assert calib.tokens.shape == (6, c.seq_len) and 0 <= int(calib.tokens.min()) and int(calib.tokens.max()) < c.vocab_size
+    assert calib.tokens.shape == (6, c.seq_len)
+    assert 0 <= int(calib.tokens.min()) and int(calib.tokens.max()) < c.vocab_size
     if precision == "fp32":
         ref = generate(model.var, model.vqvae, torch.arange(6) % c.num_classes, cfg=1.5, top_k=900, top_p=0.96)
         assert torch.equal(calib.tokens, torch.cat(ref.tokens, dim=1))
@@ -348,3 +349,29 @@ def test_cli_prune_leaves_no_partial_directory(tmp_path):
                                       "--sparsity", "0.4", "--calib-samples", "8", "--calib-batch", "4"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p"]
+
+
+def test_interrupted_calibration_sampling_resumes(tmp_path, monkeypatch):
+    import evar.calibration as cal
+    from evar.prune import pipeline
+
+    cfg = PruneConfig(sparsity=0.4, calib_samples=12, calib_batch=4)
+    uninterrupted = pipeline.calibration(tiny_model(), cfg)
+    checkpoint = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), cfg, "tests:tiny")
+    real, parts = cal.from_generations, []
+
+    def interrupted_after_two_batches(*args, **kwargs):
+        if len(parts) == 2:
+            raise KeyboardInterrupt
+        parts.append(kwargs["part"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "from_generations", interrupted_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.cached_calibration(tiny_model(), cfg, checkpoint, save_every=0)
+    parts.clear()
+    monkeypatch.setattr(cal, "from_generations", lambda *a, **k: parts.append(k["part"]) or real(*a, **k))
+    resumed = pipeline.cached_calibration(tiny_model(), cfg, checkpoint, save_every=0)
+    assert parts == [(8, 12)]  # only the last batch was sampled again
+    assert torch.equal(resumed.tokens, uninterrupted.tokens) and torch.equal(resumed.labels, uninterrupted.labels)
+    assert sorted(p.name for p in checkpoint.dir.iterdir()) == ["calibration.pt"]

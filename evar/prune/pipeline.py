@@ -108,18 +108,39 @@ def null_share(labels: torch.Tensor, share: float, null: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibration(model: Model, cfg: PruneConfig) -> Calibration:
-    from evar.calibration import from_generations, token_set
+def calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None = None,
+                save_every: float = 60.0) -> Calibration:
+    from evar.calibration import token_set
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(seed=cfg.seed)
     if cfg.calib_data == GENERATED:
-        # Calibration mini-batches bound the KV cache: d16 with CFG holds ~0.18 GB of keys and values per sample.
-        tokens = from_generations(model, cfg.calib_samples, settings, batch_size=cfg.calib_batch,
-                                  dtype=generation_dtype(cfg.calib_precision))
+        tokens = sampled(model, cfg, settings, checkpoint, save_every)
     else:
         tokens = token_set(model, cfg.calib_data, cfg.calib_samples, settings, cfg.seed)
     return teacher_forcing(model, cfg, tokens)
+
+
+def sampled(model: Model, cfg: PruneConfig, settings, checkpoint: PruneCheckpoint | None,
+            save_every: float) -> TokenSet:
+    """The model's own calibration sequences, a mini-batch at a time (which bounds the KV cache: d16 with CFG
+    holds ~0.18 GB per sample). With a checkpoint, those made so far are saved about every `save_every` s
+    and a rerun samples only the rest: sample i is the same whichever run makes it."""
+    from evar import calibration as cal
+
+    n, batch, dtype = cfg.calib_samples, cfg.calib_batch, generation_dtype(cfg.calib_precision)
+    done = checkpoint.load_samples() if checkpoint is not None else None
+    parts = [] if done is None else [done]
+    made, last = (0 if done is None else len(done)), time.perf_counter()
+    starts = range(made, n, batch)
+    for at in tqdm(starts, desc="sampling calibration sequences", total=-(-n // batch), initial=-(-made // batch),
+                   dynamic_ncols=True):
+        parts.append(cal.from_generations(model, n, settings, batch, progress=False, dtype=dtype,
+                                          part=(at, min(at + batch, n))).tokens)
+        if checkpoint is not None and time.perf_counter() - last >= save_every:
+            checkpoint.save_samples(torch.cat(parts))
+            last = time.perf_counter()
+    return TokenSet(cal.balanced_labels(n, model.config.var.num_classes), torch.cat(parts), GENERATED)
 
 
 @torch.no_grad()
@@ -252,11 +273,12 @@ def run_step(model: Model, cfg: PruneConfig, criterion: Criterion, amounts: list
         bar.update()
 
 
-def cached_calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None) -> Calibration:
+def cached_calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None,
+                       save_every: float = 60.0) -> Calibration:
     saved = checkpoint.load_calibration() if checkpoint is not None else None
     if saved is not None:
         return teacher_forcing(model, cfg, TokenSet(*saved))
-    calib = calibration(model, cfg)
+    calib = calibration(model, cfg, checkpoint, save_every)
     if checkpoint is not None:
         checkpoint.save_calibration(calib.class_labels, calib.tokens, calib.source)
     return calib
@@ -289,7 +311,7 @@ def prune_model(model: Model, cfg: PruneConfig, parent: str = "", progress: bool
     targets = block_targets(var_cfg, cfg.sparsity_schedule(), cfg.heads, cfg.ffn)
     criterion = cfg.criterion()
     work = any(t.heads or t.units for t in targets)  # sparsity 0 (or rounding to 0): nothing to calibrate
-    calib = cached_calibration(model, cfg, checkpoint) if work and criterion.needs != "weights" else None
+    calib = cached_calibration(model, cfg, checkpoint, save_every) if work and criterion.needs != "weights" else None
     t_calib = time.perf_counter() - t0
     kept = Kept([list(range(h)) for h in var_cfg.num_heads], list(var_cfg.ffn_dims))
     K, depth = cfg.iterative_steps, var_cfg.depth

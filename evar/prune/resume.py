@@ -1,6 +1,7 @@
 """Resuming an interrupted `evar prune`: its progress lives in OUT.partial/ until the model is written.
 
 What is kept, each written atomically as soon as it exists:
+  samples.pt      while the model samples its calibration sequences: those made so far (about once a minute);
   calibration.pt  the calibration set (labels + tokens): sampling it is a third of a d16 run;
   progress.pt     about once a minute while pruning with Hessians (OBS): the blocks cut so far, the
                   surviving heads/units, the calibration stream at the next block's input, and where to go on.
@@ -24,7 +25,7 @@ from evar.config import ModelConfig
 from evar.errors import EvarError
 from evar.files import atomic_write_bytes
 
-CALIBRATION_FILE, PROGRESS_FILE = "calibration.pt", "progress.pt"
+CALIBRATION_FILE, SAMPLES_FILE, PROGRESS_FILE = "calibration.pt", "samples.pt", "progress.pt"
 
 
 @dataclass
@@ -52,6 +53,15 @@ class PruneCheckpoint:
 
     def save_calibration(self, labels: torch.Tensor, tokens: torch.Tensor, source: str) -> None:
         self._write(CALIBRATION_FILE, {"labels": labels, "tokens": tokens, "source": source})
+        (self.dir / SAMPLES_FILE).unlink(missing_ok=True)
+
+    # ---- the model's own sequences while they are being sampled
+    def load_samples(self) -> torch.Tensor | None:
+        saved = self._read(SAMPLES_FILE)
+        return None if saved is None else saved["tokens"]
+
+    def save_samples(self, tokens: torch.Tensor) -> None:
+        self._write(SAMPLES_FILE, {"tokens": tokens})
 
     # ---- progress through the blocks
     def load_progress(self) -> tuple[Progress, dict[str, torch.Tensor]] | None:
@@ -82,7 +92,8 @@ class PruneCheckpoint:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a torn or foreign file: say which and how to recover
-            raise EvarError(f"cannot read {path} ({str(err).splitlines()[0]}); delete {self.dir} to start over") from None
+            reason = str(err).splitlines()[0]
+            raise EvarError(f"cannot read {path} ({reason}); delete {self.dir} to start over") from None
         if saved.get("identity") != self.identity:
             raise EvarError(f"{self.dir} holds the progress of a different prune (another model or recipe); "
                             "delete it, or rerun the command that made it")
