@@ -36,7 +36,7 @@ from evar.distill.trainer import teacher_forcing_inputs
 from evar.eval.classifier import DEFAULT_PATH as CLASSIFIER_PATH
 from evar.eval.classifier import load_classifier, run_classifier
 from evar.eval.metrics import frechet_distance
-from evar.files import atomic_write_bytes, atomic_write_json
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png
 from evar.prune import PruneConfig, prune_model, save_pruned
 from evar.quality import evaluate_model
 from evar.samples import SamplingSettings, class_labels, sample_images
@@ -190,8 +190,6 @@ def main() -> None:
 
 
 def plot(rows: list[dict], curves: dict[str, list[tuple]]) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,10 +235,7 @@ def plot(rows: list[dict], curves: dict[str, list[tuple]]) -> bytes:
     kd_ax.legend(fontsize=8)
     fig.suptitle(f"{TEACHER} pruned {SPARSITY:.0%} ({METHOD.upper()}), then distilled with the default recipe")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evar.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png  # noqa: E402
 from runtime import bench as rb  # noqa: E402
 from runtime import cost  # noqa: E402
 
@@ -240,8 +240,6 @@ def digits_table(dig: dict[str, Any]) -> str:
 
 
 def plot_d16(d16: dict[str, Any], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,10 +281,7 @@ def plot_d16(d16: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{m['cpu']}, {m['cpus']} CPUs, {first['threads']} threads; load average {m['load_average_before'][0]:.1f} "
                  f"before, {m['load_average_after'][0]:.1f} after", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
 
 
 # ---------------------------------------------------------------- parts

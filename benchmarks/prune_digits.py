@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from evar import zoo
 from evar.calibration import generation_dtype
-from evar.files import atomic_write_json
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png
 from evar.prune import PruneConfig, prune_model
 from evar.prune.pipeline import Calibration, calibration, versions
 from evar.quality import evaluate_model
@@ -168,8 +168,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  f"calibration sets × {len(result['sampling']['seeds'])} sampling seeds of {result['per_class']} "
                  f"samples per class (KL: range over calibration sets)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write_bytes(path, figure_png(fig, dpi=120))
 
 
 def main() -> None:

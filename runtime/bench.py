@@ -333,7 +333,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evar.files import atomic_write_bytes
+    from evar.files import atomic_write_bytes, figure_png
 
     reports = [r for r in (report.get("baseline"), report) if r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
@@ -361,12 +361,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"evar-bench, batch {report['batch']}, cfg {report['cfg']}, {report['machine']['cpu']} "
                  f"({report['threads'] or 'auto'} threads)", fontsize=9)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
     return Path(path)
 
 

@@ -34,7 +34,7 @@ from evar.distill import defaults as D
 from evar.distill.losses import (KD_MODES, default_scale_weights, feature_loss, kd_loss, per_scale_means,
                                  progressive_scales, task_loss, token_kl)
 from evar.errors import EvarError
-from evar.files import atomic_write_bytes, atomic_write_json
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png
 from evar.models.var import VAR
 from evar.samples import SamplingSettings
 from evar.train import LOG_FILE, STATE_FILE, Schedule, _run, draw_batch, drop_labels, split_scales
@@ -452,10 +452,7 @@ def loss_plot(rows: list[dict[str, Any]], title: str) -> bytes:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 def _smooth(values: list[float]) -> list[float]:

@@ -17,16 +17,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import evar.calibration as token_sets
 from evar.calibration import GENERATED, TokenSet, generation_dtype
 from evar.checkpoints import Model
 from evar.config import VARConfig
 from evar.errors import EvarError
 from evar.prune import report as rep
 from evar.prune.criteria import TAYLOR_TYPES, Criterion, Group, make_criterion
-from evar.prune.resume import Progress, PruneCheckpoint, restore_var
+from evar.prune.resume import Every, Progress, PruneCheckpoint, restore_var
 from evar.prune.schedule import BlockTarget, Schedule, block_targets, step_amount
 from evar.prune.sequential import ActivationStream, Calibration, Capture, Replay, Skip, swapped
 from evar.prune.surgery import head_channels, rebuild, remove_heads, remove_units, set_weight
+from evar.samples import SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -107,40 +109,35 @@ def null_share(labels: torch.Tensor, share: float, null: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None = None,
-                save_every: float = 60.0) -> Calibration:
-    from evar.calibration import token_set
-    from evar.samples import SamplingSettings
+def calibration(model: Model, cfg: PruneConfig) -> Calibration:
+    return teacher_forcing(model, cfg, calibration_tokens(model, cfg))
 
+
+@torch.no_grad()
+def calibration_tokens(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None = None,
+                       save_every: float = 60.0) -> TokenSet:
     settings = SamplingSettings(seed=cfg.seed)
     if cfg.calib_data == GENERATED:
-        tokens = sampled(model, cfg, settings, checkpoint, save_every)
-    else:
-        tokens = token_set(model, cfg.calib_data, cfg.calib_samples, settings, cfg.seed)
-    return teacher_forcing(model, cfg, tokens)
+        return sampled(model, cfg, settings, checkpoint, save_every)
+    return token_sets.token_set(model, cfg.calib_data, cfg.calib_samples, settings, cfg.seed)
 
 
-def sampled(model: Model, cfg: PruneConfig, settings, checkpoint: PruneCheckpoint | None,
+def sampled(model: Model, cfg: PruneConfig, settings: SamplingSettings, checkpoint: PruneCheckpoint | None,
             save_every: float) -> TokenSet:
     """The model's own calibration sequences, a mini-batch at a time (which bounds the KV cache: d16 with CFG
     holds ~0.18 GB per sample). With a checkpoint, those made so far are saved about every `save_every` s
     and a rerun samples only the rest: sample i is the same whichever run makes it."""
-    from evar import calibration as cal
-
     n, batch, dtype = cfg.calib_samples, cfg.calib_batch, generation_dtype(cfg.calib_precision)
     done = checkpoint.load_samples() if checkpoint is not None else None
     parts = [] if done is None else [done]
-    made, last = (0 if done is None else len(done)), time.perf_counter()
-    starts = range(made, n, batch)
-    for at in tqdm(starts, desc="sampling calibration sequences", total=-(-n // batch), initial=-(-made // batch),
-                   dynamic_ncols=True):
-        parts.append(cal.from_generations(model, n, settings, batch, progress=False, dtype=dtype,
-                                          part=(at, min(at + batch, n))).tokens)
-        if checkpoint is not None and time.perf_counter() - last >= save_every:
+    made, every = (0 if done is None else len(done)), Every(save_every)
+    for at in tqdm(range(made, n, batch), desc="sampling calibration sequences", total=-(-n // batch),
+                   initial=-(-made // batch), dynamic_ncols=True):
+        parts.append(token_sets.from_generations(model, n, settings, batch, progress=False, dtype=dtype,
+                                                 part=(at, min(at + batch, n))).tokens)
+        if checkpoint is not None and every.due():
             checkpoint.save_samples(torch.cat(parts))
-            last = time.perf_counter()
-    return TokenSet(cal.balanced_labels(n, model.config.var.num_classes), torch.cat(parts), GENERATED)
+    return TokenSet(token_sets.balanced_labels(n, model.config.var.num_classes), torch.cat(parts), GENERATED)
 
 
 @torch.no_grad()
@@ -150,7 +147,7 @@ def teacher_forcing(model: Model, cfg: PruneConfig, tokens: TokenSet) -> Calibra
     x_in = torch.cat([model.vqvae.idx_to_var_input(tokens.subset(torch.arange(s, min(s + 64, len(tokens))))
                                                     .scale_tokens(pn)) for s in range(0, len(tokens), 64)])
     labels = null_share(tokens.labels, cfg.calib_uncond, model.config.var.num_classes)
-    return Calibration(labels, tokens.tokens, x_in, tokens.source, tokens.labels)
+    return Calibration(labels, tokens.tokens, x_in, tokens.source)
 
 
 def gradients(model: Model, calib: Calibration, layers: list[torch.nn.Linear], tokens: slice,
@@ -278,25 +275,23 @@ def cached_calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoi
     saved = checkpoint.load_calibration() if checkpoint is not None else None
     if saved is not None:
         return teacher_forcing(model, cfg, TokenSet(*saved))
-    calib = calibration(model, cfg, checkpoint, save_every)
+    tokens = calibration_tokens(model, cfg, checkpoint, save_every)
     if checkpoint is not None:
-        checkpoint.save_calibration(calib.class_labels, calib.tokens, calib.source)
-    return calib
+        checkpoint.save_calibration(tokens.labels, tokens.tokens, tokens.source)
+    return teacher_forcing(model, cfg, tokens)
 
 
 class ProgressSaver:
     """Saves progress after a block when `every` seconds have passed since the last save (0: every block)."""
 
     def __init__(self, checkpoint: PruneCheckpoint, model: Model, kept: Kept, every: float):
-        self.checkpoint, self.model, self.kept, self.every = checkpoint, model, kept, every
-        self.step, self.last = 1, time.perf_counter()
+        self.checkpoint, self.model, self.kept, self.every = checkpoint, model, kept, Every(every)
+        self.step = 1
 
     def __call__(self, next_block: int, stream: ActivationStream) -> None:
-        if time.perf_counter() - self.last < self.every:
-            return
-        self.checkpoint.save_progress(Progress(self.step, next_block, self.kept.heads, self.kept.units, stream.x),
-                                      self.model)
-        self.last = time.perf_counter()
+        if self.every.due():
+            self.checkpoint.save_progress(Progress(self.step, next_block, self.kept.heads, self.kept.units,
+                                                   stream.x), self.model)
 
 
 def prune_model(model: Model, cfg: PruneConfig, parent: str = "", progress: bool = True,

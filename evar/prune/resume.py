@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,20 @@ class Progress:
     heads: list[list[int]]  # original indices of the surviving heads, per block
     units: list[int]  # surviving FFN units, per block
     stream: torch.Tensor | None  # (N, L, C): the calibration hidden states at `block`'s input
+
+
+class Every:
+    """`due()` about once per `seconds` (every time at 0): how often progress is worth a write."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
 
 
 class PruneCheckpoint:

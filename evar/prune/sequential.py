@@ -29,7 +29,6 @@ class Calibration:
     tokens: torch.Tensor  # (N, L) int64 targets
     x_in: torch.Tensor  # (N, L-1, Cvae) teacher-forcing inputs
     source: str
-    class_labels: torch.Tensor | None = None  # (N,) the labels before the null class was given out
 
     def __len__(self) -> int:
         return len(self.labels)
