@@ -272,12 +272,11 @@ def run_step(model: Model, cfg: PruneConfig, criterion: Criterion, amounts: list
 
 def cached_calibration(model: Model, cfg: PruneConfig, checkpoint: PruneCheckpoint | None,
                        save_every: float = 60.0) -> Calibration:
-    saved = checkpoint.load_calibration() if checkpoint is not None else None
-    if saved is not None:
-        return teacher_forcing(model, cfg, TokenSet(*saved))
-    tokens = calibration_tokens(model, cfg, checkpoint, save_every)
-    if checkpoint is not None:
-        checkpoint.save_calibration(tokens.labels, tokens.tokens, tokens.source)
+    tokens = checkpoint.load_calibration() if checkpoint is not None else None
+    if tokens is None:
+        tokens = calibration_tokens(model, cfg, checkpoint, save_every)
+        if checkpoint is not None:
+            checkpoint.save_calibration(tokens)
     return teacher_forcing(model, cfg, tokens)
 
 

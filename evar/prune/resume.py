@@ -11,6 +11,7 @@ Another recipe or parent model in the same OUT.partial is refused rather than mi
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from evar.calibration import TokenSet
 from evar.checkpoints import Model, build_model, load_strict
 from evar.config import ModelConfig
 from evar.errors import EvarError
@@ -62,12 +64,12 @@ class PruneCheckpoint:
         return out.parent / f"{out.name}.partial"
 
     # ---- the calibration set
-    def load_calibration(self) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    def load_calibration(self) -> TokenSet | None:
         saved = self._read(CALIBRATION_FILE)
-        return None if saved is None else (saved["labels"], saved["tokens"], saved["source"])
+        return None if saved is None else TokenSet(saved["labels"], saved["tokens"], saved["source"])
 
-    def save_calibration(self, labels: torch.Tensor, tokens: torch.Tensor, source: str) -> None:
-        self._write(CALIBRATION_FILE, {"labels": labels, "tokens": tokens, "source": source})
+    def save_calibration(self, tokens: TokenSet) -> None:
+        self._write(CALIBRATION_FILE, dataclasses.asdict(tokens))
         (self.dir / SAMPLES_FILE).unlink(missing_ok=True)
 
     # ---- the model's own sequences while they are being sampled
