@@ -38,7 +38,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = zoo.load(args.model)
     t_load = time.perf_counter() - t0
-    cfg = PruneConfig(sparsity=args.sparsity, method="obs", calib_samples=args.calib_samples)
+    cfg = PruneConfig(sparsity=args.sparsity, method="obs", calib_samples=args.calib_samples, calib_precision="auto")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned"
         checkpoint = checkpoint_for(out, model, cfg, args.model)  # as `evar prune` does: progress saved on the way
