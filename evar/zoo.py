@@ -4,10 +4,18 @@
     official:d16|d20|d24|d30           FoundationVision release files, given --var-ckpt and --vae-ckpt
     random:d16|d20|d24|d30|digits      random weights of those shapes (latency work, tests)
     PATH                               an EVAR model directory (config.json + *.safetensors)
+
+A model directory's config.json names its family in `format`. `load` returns VAR generators (what most
+commands take); `load_family` returns a model of any family a command accepts, each loaded by its own
+module (FAMILIES), so a new family (ViT, DiT, few-step students) is one row here, not a new code path.
 """
 from __future__ import annotations
 
+import importlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +25,17 @@ from evar.errors import ModelRefError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {"digits": ASSETS / "digits"}
+VAR_FORMAT = "evar-model"
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str  # what commands ask for: "var", …
+    what: str  # for messages: "a VAR generator (VAR + VQVAE)"
+    loader: str  # "module:function" taking the model directory; imported on first use
+
+
+FAMILIES = {VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir")}
 REF_FORMS = "builtin:digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), random:d16|…|digits, or a model directory"
 
 
@@ -41,9 +60,7 @@ def load(ref: str, var_ckpt: str | Path | None = None, vae_ckpt: str | Path | No
     """Resolve a model reference to a loaded model in eval mode."""
     kind, sep, name = ref.partition(":")
     if sep and kind == "builtin":
-        if name not in BUILTIN:
-            raise ModelRefError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
-        return load_model_dir(BUILTIN[name], attn_impl)
+        return load_model_dir(_var_dir(builtin_dir(name), ref), attn_impl)
     if sep and kind == "official":
         if var_ckpt is None or vae_ckpt is None:
             raise ModelRefError(f"'{ref}' needs the release files: pass --var-ckpt var_{name}.pth --vae-ckpt vae_ch160v4096z32.pth")
@@ -54,7 +71,49 @@ def load(ref: str, var_ckpt: str | Path | None = None, vae_ckpt: str | Path | No
         model = build_model(ModelConfig(config.var, config.vqvae, {"source": ref, "seed": seed}), attn_impl)
         return model.eval()
     if Path(ref).exists():
-        if not is_model_dir(ref):
-            raise ModelRefError(f"'{ref}' is not an EVAR model directory (no config.json)")
-        return load_model_dir(ref, attn_impl)
+        return load_model_dir(_var_dir(_model_dir(ref), ref), attn_impl)
     raise ModelRefError(f"unknown model reference '{ref}': use {REF_FORMS}")
+
+
+def builtin_dir(name: str) -> Path:
+    if name not in BUILTIN:
+        raise ModelRefError(f"no built-in model '{name}'; built-in models: {', '.join(BUILTIN)}")
+    return BUILTIN[name]
+
+
+def _model_dir(ref: str) -> Path:
+    if not is_model_dir(ref):
+        raise ModelRefError(f"'{ref}' is not an EVAR model directory (no config.json)")
+    return Path(ref)
+
+
+def family_of(model_dir: Path) -> Family | None:
+    """The family a model directory's config.json names (None: unreadable or unknown; its loader says why)."""
+    try:
+        fmt = json.loads((model_dir / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return FAMILIES.get(fmt)
+
+
+def _var_dir(model_dir: Path, ref: str) -> Path:
+    family = family_of(model_dir)
+    if family is not None and family.kind != "var":
+        raise ModelRefError(f"'{ref}' is {family.what}; this command needs a VAR generator")
+    return model_dir
+
+
+def load_family(ref: str, kinds: tuple[str, ...], **var_kwargs: Any) -> Any:
+    """A model of any family in `kinds`; official:/random: references and VAR directories go through `load`."""
+    kind, sep, name = ref.partition(":")
+    model_dir = builtin_dir(name) if sep and kind == "builtin" else None
+    if not sep and Path(ref).exists():
+        model_dir = _model_dir(ref)
+    family = family_of(model_dir) if model_dir is not None else None
+    if family is not None and family.kind not in kinds:
+        wanted = " or ".join(f.what for f in FAMILIES.values() if f.kind in kinds) or ", ".join(kinds)
+        raise ModelRefError(f"'{ref}' is {family.what}; this command needs {wanted}")
+    if family is None or family.kind == "var":
+        return load(ref, **var_kwargs)
+    module, _, function = family.loader.partition(":")
+    return getattr(importlib.import_module(module), function)(model_dir)

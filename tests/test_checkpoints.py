@@ -153,3 +153,19 @@ def test_model_references(tmp_path, tiny):
 def test_random_d16_has_official_shapes_without_weights():
     cfg = zoo.config_for("random:d16")
     assert cfg.var.embed_dim == 1024 and cfg.var.num_heads == (16,) * 16 and cfg.vqvae.vocab_size == 4096
+
+
+def test_model_families_are_dispatched_by_config_format(tmp_path):
+    """A directory of another family is refused by VAR commands with a line naming what it is."""
+    other = tmp_path / "vit"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"format": "evar-test-family"}))
+    zoo.FAMILIES["evar-test-family"] = zoo.Family("test", "a test classifier", "json:loads")
+    try:
+        with pytest.raises(ModelRefError, match="is a test classifier; this command needs a VAR generator"):
+            zoo.load(str(other))
+        with pytest.raises(ModelRefError, match="is a test classifier; this command needs a VAR generator"):
+            zoo.load_family(str(other), ("var",))
+        assert zoo.load_family("builtin:digits", ("var", "test")).config.var.num_classes == 10
+    finally:
+        del zoo.FAMILIES["evar-test-family"]
