@@ -13,6 +13,7 @@ within 3 points of the teacher and the Fréchet distance to at most 1.15x the te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -163,7 +164,7 @@ def main() -> None:
     report = {
         "benchmark": "distill_digits", "teacher": TEACHER, "pruning": {"sparsity": SPARSITY, "method": METHOD},
         "distill_defaults": {k: v for k, v in vars(defaults).items() if k.isupper()},
-        "eval": {"sampling": vars(SamplingSettings()), "per_class": 50},
+        "eval": {"sampling": dataclasses.asdict(SamplingSettings()), "per_class": 50},
         "acceptance": {"accuracy_within_points": ACC_POINTS, "frechet_ratio_at_most": FD_RATIO,
                        "wall_seconds_at_most": TIME_BUDGET_S},
         "rows": rows,

@@ -55,7 +55,7 @@ def check(ref: str, work: Path, per_class: int) -> dict:
     for seed, cfg in CASES:
         out = gen.generate(labels, seed=seed, cfg=cfg)
         with torch.no_grad():
-            ref_gen = generate(model.var, model.vqvae, torch.from_numpy(labels), cfg=cfg, top_k=gen.artifact.top_k,
+            ref_gen = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=cfg, top_k=gen.artifact.top_k,
                                top_p=gen.artifact.top_p, seed=seed)
         differing = [{"scale": si, "sample": int(b), "token": int(j)}
                      for si, (a, r) in enumerate(zip(out.tokens, ref_gen.tokens))

@@ -72,7 +72,7 @@ def from_generations(model: Model, n: int, settings: SamplingSettings, batch_siz
     for at in tqdm(range(start, stop, batch_size), desc="sampling the model", disable=not progress,
                    dynamic_ncols=True):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            gen = generate(model.var, model.vqvae, labels[at - start:at - start + batch_size], cfg=settings.cfg,
+            gen = generate(model.var, model.vqvae, labels[at - start:at - start + batch_size], guidance=settings.guidance,
                            top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=at,
                            decode=False)
         chunks.append(torch.cat(gen.tokens, dim=1))

@@ -21,7 +21,7 @@ from torch import nn
 
 from evar.config import ConfigError, ModelConfig
 from evar.errors import CheckpointError
-from evar.files import atomic_dir, atomic_write_json
+from evar.files import atomic_dir, atomic_write_json, read_versioned_json
 from evar.models.var import VAR
 from evar.models.vqvae import VQVAE
 
@@ -59,17 +59,30 @@ def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_torch_header(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if unsafe:
-            raise CheckpointError(f"{path} holds a Python object ({unsafe.group(1)}), not just tensors; "
-                                  "refused (EVAR loads checkpoints with weights_only=True)") from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}") from None
+        # The weights-only unpickler names what it refused as "GLOBAL module.name" (the wording varies by version).
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found or "weights only" in str(err).lower():
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"{path} holds pickled Python objects{what}, not only tensors, and EVAR never "
+                                  "unpickles code (it loads checkpoints with weights_only=True); save the weights "
+                                  "alone (torch.save(model.state_dict())) or as safetensors") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt)") from None
+    except Exception as err:  # noqa: BLE001 -- torch.load raises RuntimeError, KeyError, EOFError… on damaged files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {_first_line(err)}") from None
     return _unwrap_state(obj, path)
+
+
+def _check_torch_header(path: Path) -> None:
+    """torch.save writes a zip archive (or, before 1.6, a pickle): anything else is not a checkpoint at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        hint = " (it is empty)" if not head else ""
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint{hint}: expected the file torch.save writes")
 
 
 def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -110,6 +123,7 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     if extra:
         raise CheckpointError(f"{source}: unexpected key '{extra[0]}'" + _more(extra))
     state = dict(state)
+    params = {name for name, _ in module.named_parameters()}
     for name, ref in expected.items():
         got = state[name]
         if got.shape != ref.shape:
@@ -121,6 +135,11 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
             )
         if got.dtype.is_floating_point != ref.dtype.is_floating_point:
             raise CheckpointError(f"{source}: key '{name}' has dtype {got.dtype}, the model expects {ref.dtype}")
+        # buffers may hold -inf on purpose (attention masks); weights never hold either
+        broken = torch.isnan(got) if name not in params else ~torch.isfinite(got)
+        if got.dtype.is_floating_point and bool(broken.any()):
+            raise CheckpointError(f"{source}: key '{name}' holds NaN or infinite values; the checkpoint is damaged "
+                                  "(or came from a diverged training run)")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -150,20 +169,23 @@ def read_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"not an EVAR model directory (no {CONFIG_FILE}): {model_dir}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {_first_line(err)}") from None
-    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path} is not an EVAR model config (format must be '{MODEL_FORMAT}')")
-    if data.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {data['format_version']}; this EVAR reads up to {MODEL_FORMAT_VERSION}: upgrade EVAR"
-        )
+    data = read_versioned_json(path, MODEL_FORMAT, MODEL_FORMAT_VERSION, "model config", CheckpointError)
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
+
+
+def load_saved_state(path: Path, recover: str) -> dict[str, Any]:
+    """A progress or resume file EVAR wrote itself (`torch.save` of tensors and plain data). A torn or foreign
+    file (a kill mid-write on a filesystem without atomic rename, a copy gone wrong) is one line with `recover`."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch.load raises many types on damaged files
+        raise CheckpointError(f"cannot read {path} ({_first_line(err)}); {recover}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is not a file EVAR wrote (expected a dict); {recover}")
+    return saved
 
 
 def load_model_dir(model_dir: str | Path, attn_impl: str = "sdpa") -> Model:

@@ -1,6 +1,7 @@
 """`evar`: the PyTorch-side commands. A thin typer layer over the library; errors print as one line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -8,18 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from evar.cli_options import Guidance, ModelOpt, Overwrite, Seed, TopK, TopP, VaeCkpt, VarCkpt, VerifyHashes
 from evar.errors import EvarError, run_cli
+from evar.outputs import claim_output, mark_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="EVAR: compress, export and run VAR image generators on edge devices.")
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN | model dir")]
-VarCkpt = Annotated[Optional[Path], typer.Option(help="official VAR .pth (with --model official:dNN)")]
-VaeCkpt = Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (with --model official:dNN)")]
-Cfg = Annotated[float, typer.Option(help="classifier-free guidance at the last scale (VAR ramps it linearly from 0)")]
-TopK = Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")]
-TopP = Annotated[float, typer.Option(help="nucleus sampling mass (0 = off)")]
-Seed = Annotated[int, typer.Option(help="same seed, same tokens, on every backend")]
 
 
 def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
@@ -42,45 +37,77 @@ def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt:
 
 @app.command()
 def sample(
-    model: ModelOpt = "builtin:digits",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN "
+                                                                       "| model dir (default builtin:digits)")] = None,
     out: Annotated[Path, typer.Option(help="writes OUT/samples.npz and OUT/grid.png")] = Path("runs/sample"),
     classes: Annotated[str, typer.Option(help="comma-separated class ids")] = "0,1,2,3,4,5,6,7,8,9",
     per_class: Annotated[int, typer.Option(help="images per class")] = 4,
-    cfg: Cfg = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(help="images generated at once")] = 64,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
     artifact: Annotated[Optional[Path], typer.Option(help="generate from this exported artifact (evar-export) "
                                                           "instead of --model, with the runtime")] = None,
-    backend: Annotated[str, typer.Option(help="with --artifact: cpu (onnxruntime) | torch-cpu | ort-coreml | "
-                                              "coreml-cpu | coreml-gpu | ane")] = "cpu",
+    backend: Annotated[Optional[str], typer.Option(help="with --artifact: cpu (onnxruntime, the default) | torch-cpu "
+                                                        "| ort-coreml | coreml-cpu | coreml-gpu | ane")] = None,
+    verify_hashes: VerifyHashes = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Generate images scale by scale with the KV cache (VAR's sampler) and write them with a grid."""
-    from evar.samples import SamplingSettings, class_labels, parse_classes, sample_images, write_samples
+    from evar.samples import SamplingSettings
 
-    if artifact is not None:  # the exported graphs: same seed, same tokens as the PyTorch path at fp32
-        import numpy as np
+    settings = SamplingSettings(guidance, top_k, top_p, seed)
+    settings.validate()
+    _check_count("--per-class", per_class)
+    _check_count("--batch-size", batch_size)
+    if artifact is None and (backend is not None or verify_hashes):
+        raise EvarError("--backend and --verify-hashes go with --artifact (an exported model)")
+    if artifact is not None and (model is not None or var_ckpt or vae_ckpt):
+        raise EvarError("--artifact and --model exclude each other: the artifact is the model")
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model]):
+        if artifact is not None:
+            images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
+                                                    batch_size, verify_hashes)
+        else:
+            images, labels, what = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes, per_class,
+                                                 settings, batch_size)
+        from evar.samples import write_samples
 
-        from runtime import Generator
-        from runtime.manifest import load_artifact
+        write_samples(out, images, labels, columns=per_class, settings=settings, source=str(artifact or model))
+    print(f"{what} → {out / 'samples.npz'}, {out / 'grid.png'}")
 
-        SamplingSettings(cfg, top_k, top_p, seed).validate()
-        art = load_artifact(artifact)
-        gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
-        if per_class < 1:
-            raise EvarError(f"--per-class must be >= 1, got {per_class}")
-        labels = np.repeat(parse_classes(classes, gen.artifact.num_classes), per_class)
-        t0 = time.perf_counter()
-        images = gen.generate(labels, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p).images
-        write_samples(out, images, labels, columns=per_class)
-        print(f"{len(images)} images from {artifact} on {backend} in {time.perf_counter() - t0:.1f}s "
-              f"(load {gen.load_ms / 1e3:.1f}s) → {out / 'samples.npz'}, {out / 'grid.png'}")
-        return
+
+def _check_count(flag: str, value: int) -> None:
+    if value < 1:
+        raise EvarError(f"{flag} must be >= 1, got {value}")
+
+
+def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int):
+    from evar.samples import class_labels, parse_classes, sample_images
+
     m = _load(model, var_ckpt, vae_ckpt)
     labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
     t0 = time.perf_counter()
-    images = sample_images(m, labels, SamplingSettings(cfg, top_k, top_p, seed), batch_size)
-    write_samples(out, images, labels, columns=per_class)
-    print(f"{len(images)} images in {time.perf_counter() - t0:.1f}s → {out / 'samples.npz'}, {out / 'grid.png'}")
+    images = sample_images(m, labels, settings, batch_size)
+    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s"
+
+
+def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int, settings, batch_size: int,
+                     verify_hashes: bool):
+    """The exported graphs: same seed, same tokens as the PyTorch path at fp32."""
+    import numpy as np
+
+    from evar.samples import parse_classes
+    from runtime import Generator
+    from runtime.manifest import load_artifact
+
+    art = load_artifact(artifact, verify_hashes=verify_hashes)
+    gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
+    labels = np.repeat(parse_classes(classes, gen.artifact.num_classes), per_class)
+    t0 = time.perf_counter()
+    images = gen.generate(labels, seed=settings.seed, cfg=settings.guidance, top_k=settings.top_k,
+                          top_p=settings.top_p).images
+    return images, labels, (f"{len(images)} images from {artifact} on {backend} in {time.perf_counter() - t0:.1f}s "
+                            f"(load {gen.load_ms / 1e3:.1f}s)")
 
 
 @app.command("eval")
@@ -88,42 +115,49 @@ def evaluate(
     model: ModelOpt = "builtin:digits",
     out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
     per_class: Annotated[int, typer.Option(help="samples per digit class")] = 50,
-    cfg: Cfg = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """Quality of a digits model: class accuracy and classifier-feature Fréchet distance vs held-out digits."""
-    from evar.quality import evaluate_model
     from evar.samples import SamplingSettings
 
-    m = _load(model, var_ckpt, vae_ckpt)
-    report = evaluate_model(m, SamplingSettings(cfg, top_k, top_p, seed), per_class, source=model)
-    _print_report(report)
-    if out is not None:
-        from evar.files import atomic_write_json
+    settings = SamplingSettings(guidance, top_k, top_p, seed)
+    settings.validate()
+    _check_count("--per-class", per_class)
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model]))
+        from evar.quality import evaluate_model
 
-        atomic_write_json(out, report)
-        print(f"report → {out}")
+        report = evaluate_model(_load(model, var_ckpt, vae_ckpt), settings, per_class, source=model)
+        _print_report(report)
+        if out is not None:
+            from evar.files import atomic_write_json
+
+            atomic_write_json(out, report)
+            print(f"report → {out}")
 
 
 def _print_report(report: dict) -> None:
     q = report["quality"]
     print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f} "
           f"(real held-out digits score {q['real_data_floor']:.2f})  |  {q['n_samples']} samples, "
-          f"cfg {report['sampling']['cfg']}, top-k {report['sampling']['top_k']}, top-p {report['sampling']['top_p']}")
+          f"cfg {report['sampling']['guidance']}, top-k {report['sampling']['top_k']}, top-p {report['sampling']['top_p']}")
 
 
 @app.command()
 def convert(
     model: ModelOpt, out: Annotated[Path, typer.Option(help="model directory to write")],
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """Write any model reference (e.g. the official .pth files) as an EVAR model directory."""
-    from evar.checkpoints import save_model_dir
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
+        from evar.checkpoints import save_model_dir
 
-    m = _load(model, var_ckpt, vae_ckpt)
-    prov = {"source": model, "var_ckpt": str(var_ckpt) if var_ckpt else None,
-            "vae_ckpt": str(vae_ckpt) if vae_ckpt else None, "parent": m.config.provenance or None}
-    save_model_dir(m, out, prov)
+        m = _load(model, var_ckpt, vae_ckpt)
+        prov = {"source": model, "var_ckpt": str(var_ckpt) if var_ckpt else None,
+                "vae_ckpt": str(vae_ckpt) if vae_ckpt else None, "parent": m.config.provenance or None}
+        save_model_dir(m, out, prov)
     print(f"model directory → {out}")
 
 
@@ -135,11 +169,12 @@ def train_tokenizer_cmd(
     ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 500,
 ) -> None:
     """Train the multi-scale VQVAE (digits architecture); rerun the same command to resume."""
-    from evar.train import Schedule, TokenizerTraining, train_tokenizer
+    with _training_run(out, "tokenizer"):
+        from evar.train import Schedule, TokenizerTraining, train_tokenizer
 
-    sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, ckpt_every=ckpt_every, seed=seed)
-    t0 = time.perf_counter()
-    path = train_tokenizer(TokenizerTraining(data=data, schedule=sched), out)
+        sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, ckpt_every=ckpt_every, seed=seed)
+        t0 = time.perf_counter()
+        path = train_tokenizer(TokenizerTraining(data=data, schedule=sched), out)
     print(f"tokenizer → {path} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -153,23 +188,41 @@ def train_cmd(
     ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 500,
 ) -> None:
     """Train a class-conditional VAR (digits architecture) on tokens from a frozen tokenizer; resumable."""
-    from evar.train import Schedule, VARTraining, train_var
+    with _training_run(out, "training run", inputs=[tokenizer]):
+        from evar.train import Schedule, VARTraining, train_var
 
-    sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed)
-    t0 = time.perf_counter()
-    path = train_var(VARTraining(tokenizer=str(tokenizer), data=data, schedule=sched, shift_augment=shift_augment), out)
+        sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, ckpt_every=ckpt_every,
+                         seed=seed)
+        t0 = time.perf_counter()
+        path = train_var(VARTraining(tokenizer=str(tokenizer), data=data, schedule=sched, shift_augment=shift_augment),
+                         out)
     print(f"model directory → {path} ({time.perf_counter() - t0:.0f}s)")
+
+
+@contextlib.contextmanager
+def _training_run(out: Path, kind: str, inputs=()):
+    """A run folder trained in place: rerunning the command into it resumes; anything else there is refused."""
+    with claim_output(out, "dir", resumes=(kind, "training run"), inputs=inputs,
+                      progress_note=f"the last checkpoint waits in {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, kind)
+        yield
 
 
 @app.command("train-classifier")
 def train_classifier_cmd(
     out: Annotated[Path, typer.Option(help="safetensors file to write")] = Path("evar/assets/digits_classifier.safetensors"),
-    seed: int = 0,
+    seed: int = 0, overwrite: Overwrite = False,
 ) -> None:
     """Train the digit classifier behind `evar eval` on the digits training split."""
-    from evar.eval.classifier import train_classifier
+    with claim_output(out, "file", overwrite=overwrite or out.resolve() == _default_classifier()):
+        from evar.eval.classifier import train_classifier
 
-    print(json.dumps(train_classifier(seed=seed, out=out)))
+        print(json.dumps(train_classifier(seed=seed, out=out)))
+
+
+def _default_classifier() -> Path:
+    return (Path(__file__).resolve().parent / "assets" / "digits_classifier.safetensors")
 
 
 @app.command()
@@ -183,9 +236,13 @@ def demo(
 
     Every stage is skipped when its output exists, so a stopped demo continues where it was.
     """
-    from evar.demo import DemoPlan, run_demo
+    with claim_output(out, "dir", resumes=("demo run",), inputs=[model],
+                      progress_note=f"finished stages wait in {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "demo run", model=model)
+        from evar.demo import DemoPlan, run_demo
 
-    report = run_demo(DemoPlan(model=model, out=out, sparsity=sparsity, method=method))
+        report = run_demo(DemoPlan(model=model, out=out, sparsity=sparsity, method=method))
     print(f"report → {report}")
 
 
@@ -219,7 +276,7 @@ def prune(
     heads_only: Annotated[bool, typer.Option("--heads-only", help="prune attention heads only")] = False,
     ffn_only: Annotated[bool, typer.Option("--ffn-only", help="prune FFN units only")] = False,
     seed: Annotated[int, typer.Option(help="seed of the calibration samples")] = 0,
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude). Rerun an
     interrupted prune to continue it: the calibration set and OBS progress wait in OUT.partial/."""
@@ -236,14 +293,16 @@ def prune(
                       max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
                       ffn=not heads_only, seed=seed)
     cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
-    t0 = time.perf_counter()
-    loaded = _load(model, var_ckpt, vae_ckpt)
-    checkpoint = checkpoint_for(out, loaded, cfg, model)
-    if checkpoint.dir.exists():
-        print(f"continuing from {checkpoint.dir} (rerun of an interrupted prune)")
-    result = prune_model(loaded, cfg, parent=model, checkpoint=checkpoint)
-    save_pruned(result, out)
-    checkpoint.remove()
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt, calib_data],
+                      progress_note=f"the calibration set and pruning progress wait in {out}.partial/"):
+        t0 = time.perf_counter()
+        loaded = _load(model, var_ckpt, vae_ckpt)
+        checkpoint = checkpoint_for(out, loaded, cfg, model)
+        if checkpoint.dir.exists():
+            print(f"continuing from {checkpoint.dir} (rerun of an interrupted prune)")
+        result = prune_model(loaded, cfg, parent=model, checkpoint=checkpoint)
+        save_pruned(result, out)
+        checkpoint.remove()
     print(summary(result.report))
     print(f"model directory → {out} (report: {out / 'prune_report.json'}); "
           f"{time.perf_counter() - t0:.0f}s with loading and saving")

@@ -6,6 +6,9 @@ described by its config: loading it needs no pruning library and no replay of a 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,16 +164,43 @@ class ModelConfig:
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Dataclass from JSON: lists become tuples; unknown or missing fields are named in the error."""
+    """Dataclass from JSON: lists become tuples; unknown, missing or mistyped fields are named in the error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    hints = typing.get_type_hints(cls)
+    values = {k: _typed(f"{cls.__name__}.{k}", v, hints[k]) for k, v in data.items()}
     try:
         return cls(**values)
     except TypeError as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's type (JSON lists → tuples, ints → floats), or a ConfigError naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = args[0]
+        return tuple(_typed(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          str: lambda v: isinstance(v, str)}.get(hint)
+    if ok is None:  # nested structures (provenance) are kept as read
+        return value
+    if not ok(value):
+        raise ConfigError(f"{name} must be {'a finite number' if hint is float else hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def official_config(depth: int) -> ModelConfig:

@@ -122,9 +122,9 @@ def _run_exported(plan: DemoPlan, artifact: Path, torch_ref: Path, out: Path) ->
         s = SamplingSettings(seed=plan.seed)
         labels = np.repeat(np.arange(10), 8)
         gen = Generator(artifact, backend="cpu")
-        exported = gen.generate(labels, seed=s.seed, cfg=s.cfg)
+        exported = gen.generate(labels, seed=s.seed, cfg=s.guidance)
         model = zoo.load(str(torch_ref))
-        ref = generate(model.var, model.vqvae, torch.from_numpy(labels), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+        ref = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=s.guidance, top_k=s.top_k, top_p=s.top_p,
                        seed=s.seed)
         same = [bool(np.array_equal(np.asarray(a), b.numpy())) for a, b in zip(exported.tokens, ref.tokens)]
         write_samples(out, exported.images, labels, columns=8)

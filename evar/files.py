@@ -39,8 +39,10 @@ def figure_png(fig: Any, dpi: int = 110) -> bytes:
 
     import matplotlib.pyplot as plt
 
+    from evar.outputs import PNG_SOFTWARE
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": PNG_SOFTWARE})  # --overwrite recognises it
     plt.close(fig)
     return buf.getvalue()
 
@@ -68,6 +70,39 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """JSON from `path`, or an EvarError naming the file (missing, unreadable, not JSON)."""
+    from evar.errors import EvarError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvarError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvarError(f"{path} is not valid JSON ({what}): {str(err).splitlines()[0]}") from None
+
+
+def read_versioned_json(path: str | Path, fmt: str, max_version: int, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A JSON object whose `format` is `fmt` and whose `format_version` this EVAR reads (1..max_version).
+    A newer version is refused before anything else is looked at, so the message says "upgrade"."""
+    try:
+        data = read_json(path, what)
+    except error:
+        raise
+    except Exception as err:  # the EvarError of read_json, re-raised as the caller's type
+        raise error(str(err)) from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path} is not an EVAR {what} (its \"format\" must be '{fmt}')")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise error(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > max_version:
+        raise error(f"{path} was written by a newer EVAR (format_version {version}; this one reads up to "
+                    f"{max_version}): upgrade EVAR, or re-create the {what} with this version")
+    return data
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from safetensors.torch import save_file
 
-from evar.checkpoints import VQVAE_FILE, Model, load_model_dir, load_strict, read_safetensors, save_model_dir
+from evar.checkpoints import (VQVAE_FILE, Model, load_model_dir, load_saved_state, load_strict, read_safetensors,
+                              save_model_dir)
 from evar.config import ModelConfig, VQVAEConfig, digits_config
 from evar.data import load_images
 from evar.errors import EvarError
@@ -122,7 +123,7 @@ def _resume(out: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Opt
         if main:
             (out / LOG_FILE).unlink(missing_ok=True)
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_saved_state(path, f"delete {path} to start this run over")
     if json.loads(state["schedule"]) != json.loads(json.dumps(dataclasses.asdict(sched))):
         raise EvarError(f"{path} was written by a run with other settings; use another --out or delete it to restart")
     for name, module in modules.items():

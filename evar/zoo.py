@@ -59,6 +59,9 @@ def load(ref: str, var_ckpt: str | Path | None = None, vae_ckpt: str | Path | No
          seed: int = 0, attn_impl: str = "sdpa") -> Model:
     """Resolve a model reference to a loaded model in eval mode."""
     kind, sep, name = ref.partition(":")
+    if (var_ckpt is not None or vae_ckpt is not None) and kind != "official":
+        raise ModelRefError(f"--var-ckpt/--vae-ckpt go with --model official:dNN (the release files); "
+                            f"'{ref}' carries its own weights")
     if sep and kind == "builtin":
         return load_model_dir(_var_dir(builtin_dir(name), ref), attn_impl)
     if sep and kind == "official":

@@ -1,34 +1,31 @@
 """`evar-export`: ONNX and Core ML artifacts with a manifest, and what is inside them. Errors print as one line."""
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from evar.errors import EvarError, run_cli
+from evar.cli_options import ModelOpt, Overwrite, VaeCkpt, VarCkpt, command_line
+from evar.errors import run_cli
+from evar.outputs import check_space, claim_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export EVAR models to ONNX / Core ML (per-scale KV-cached decoder + VQVAE decoder + manifest.json).")
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN|digits | model dir")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="artifact directory (written atomically)")]
-VarCkpt = Annotated[Optional[Path], typer.Option(help="official VAR .pth (with --model official:dNN)")]
-VaeCkpt = Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (with --model official:dNN)")]
 TopK = Annotated[int, typer.Option(help="baked into the graph: keep the k most likely tokens (0 = off)")]
 TopP = Annotated[float, typer.Option(help="baked into the graph: nucleus mass (0 = off)")]
 
 
-def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
+def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path], out: Path, bytes_per_param: float):
+    """The model, once the disk is known to hold its export (graphs, the unsimplified copy, parity's sessions)."""
     from evar import zoo
 
-    return zoo.load(model, var_ckpt, vae_ckpt, attn_impl="math")
-
-
-def _command() -> str:
-    return "evar-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    loaded = zoo.load(model, var_ckpt, vae_ckpt, attn_impl="math")
+    params = sum(p.numel() for p in loaded.var.parameters()) + sum(p.numel() for p in loaded.vqvae.parameters())
+    check_space(out, int(2.5 * bytes_per_param * params))
+    return loaded
 
 
 def _summary(out: Path, result: dict) -> None:
@@ -50,16 +47,19 @@ def onnx(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxsim when it shrinks the graph")] = True,
     external_data: Annotated[str, typer.Option(help="auto (>= 1 GiB of weights) | always | never")] = "auto",
     top_k: TopK = 900, top_p: TopP = 0.96,
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
-    from export.artifact import build_onnx
     from export.onnx import OnnxOptions
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
                           top_k=top_k, top_p=top_p)
     options.validate()  # before loading a model: a bad option costs nothing
-    result = build_onnx(_load(model, var_ckpt, vae_ckpt), model, out, options, _command())
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
+        from export.artifact import build_onnx
+
+        loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
+        result = build_onnx(loaded, model, out, options, command_line("evar-export"))
     _summary(out, result)
 
 
@@ -72,16 +72,19 @@ def coreml(
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 (coremltools.optimize.coreml)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One mlprogram function per scale sharing weights + the VQVAE decoder; structure and wrapper parity on Linux."""
-    from export.artifact import build_coreml
     from export.coreml import CoremlOptions
 
     options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
                             batch=batch, top_k=top_k, top_p=top_p)
     options.validate()
-    result = build_coreml(_load(model, var_ckpt, vae_ckpt), model, out, options, _command())
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
+        from export.artifact import build_coreml
+
+        loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
+        result = build_coreml(loaded, model, out, options, command_line("evar-export"))
     _summary(out, result)
 
 

@@ -117,7 +117,7 @@ def parity_labels(batch: int, num_classes: int) -> np.ndarray:
 def reference(model: Model, labels: np.ndarray, seed: int, cfg: float, top_k: int, top_p: float) -> Reference:
     c = model.config.var
     B = len(labels)
-    gen = generate(model.var, model.vqvae, torch.from_numpy(labels.astype(np.int64)), cfg=cfg, top_k=top_k,
+    gen = generate(model.var, model.vqvae, torch.from_numpy(labels.astype(np.int64)), guidance=cfg, top_k=top_k,
                    top_p=top_p, seed=seed, keep_logits=True)
     logits = [apply_cfg(lg[:B], lg[B:], cfg_ratio(cfg, si, c.num_scales)).numpy() if cfg != 0 else lg.numpy()
               for si, lg in enumerate(gen.scale_logits)]

@@ -13,11 +13,12 @@ drawn from that JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
+import math
 import os
 import platform
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,9 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
+from evar.cli_options import Overwrite, command_line
 from evar.errors import EvarError, run_cli
+from evar.outputs import claim_output
 
 FORMAT, TOOL = "evar-bench-v1", "evar-bench"
 SWIFT_FIELDS = ("format", "tool", "device", "os", "backend", "compute_units", "threads", "precision", "weights",
@@ -53,8 +56,8 @@ class BenchSettings:
             raise EvarError(f"--warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise EvarError(f"--threads must be >= 1, got {self.threads}")
-        if self.cfg is not None and self.cfg < 0:
-            raise EvarError(f"--cfg must be >= 0, got {self.cfg}")
+        if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise EvarError(f"--cfg must be a finite number >= 0, got {self.cfg}")
 
 
 @dataclass
@@ -423,20 +426,31 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG plot of the report")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Measure ARTIFACT on DEVICE and print a table; --json / --plot write the same numbers."""
     settings = BenchSettings(batch=batch, warmup=warmup, iters=iters, seed=seed, cfg=cfg, threads=threads)
-    command = "evar-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = run(artifact, device, settings, baseline, baseline_device, io_binding, model, None, verify_hashes,
-                 progress=not quiet, command=command)
-    print(table(report))
-    if json_out is not None:
-        from evar.files import atomic_write_json
+    settings.validate()
+    if model is not None and "torch-cpu" not in (device, baseline_device):
+        raise EvarError("--model goes with --device torch-cpu (or --baseline-device torch-cpu): other devices run "
+                        "the artifact's own graphs")
+    if baseline_device is not None and baseline is None:
+        raise EvarError("--baseline-device goes with --baseline")
+    with contextlib.ExitStack() as outputs:  # both checked (and held) before anything is measured
+        for path, flag in ((json_out, "--json"), (plot_out, "--plot")):
+            if path is not None:
+                outputs.enter_context(claim_output(path, "file", overwrite=overwrite, flag=flag,
+                                                   inputs=[artifact, baseline]))
+        report = run(artifact, device, settings, baseline, baseline_device, io_binding, model, None, verify_hashes,
+                     progress=not quiet, command=command_line("evar-bench"))
+        print(table(report))
+        if json_out is not None:
+            from evar.files import atomic_write_json
 
-        atomic_write_json(json_out, report)
-        print(f"json → {json_out}")
-    if plot_out is not None:
-        print(f"plot → {plot(report, plot_out)}")
+            atomic_write_json(json_out, report)
+            print(f"json → {json_out}")
+        if plot_out is not None:
+            print(f"plot → {plot(report, plot_out)}")
 
 
 def main() -> None:

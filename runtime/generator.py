@@ -12,6 +12,7 @@ seed, cfg) is passed. No torch is imported unless the torch reference backend is
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,8 +84,8 @@ class Generator:
             raise EvarError(f"class {int(bad[0])} is out of range: this model has classes 0..{a.num_classes - 1}")
         if not 0 <= seed < 2**64:
             raise EvarError(f"seed must be in [0, 2**64), got {seed}")
-        if cfg < 0:
-            raise EvarError(f"cfg must be >= 0, got {cfg}")
+        if not (math.isfinite(cfg) and cfg >= 0):
+            raise EvarError(f"cfg must be a finite number >= 0, got {cfg}")
         top_k = a.top_k if top_k is None else top_k
         top_p = a.top_p if top_p is None else top_p
         if (top_k, float(top_p)) != (a.top_k, a.top_p):

@@ -69,7 +69,7 @@ def test_truncated_and_garbage_files(tmp_path, official_files):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     for path in (truncated, garbage):
-        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        with pytest.raises(CheckpointError, match="not a (readable )?PyTorch checkpoint"):
             read_torch_state(path)
     with pytest.raises(CheckpointError, match="not found"):
         read_torch_state(tmp_path / "missing.pth")

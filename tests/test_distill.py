@@ -239,4 +239,4 @@ def test_cli_errors_name_the_problem(pair, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("mine")
     assert "notes.txt" in fails("--teacher", teacher, "--student", student, "--out", str(tmp_path / "d"))
-    assert "already a model directory" in fails("--teacher", teacher, "--student", student, "--out", student)
+    assert "overlaps the input" in fails("--teacher", teacher, "--student", student, "--out", student)

@@ -100,7 +100,7 @@ def test_onnx_tokens_equal_generate_for_a_new_seed_and_batch(onnx_artifact):
         return dict(zip(names, sess.run(None, feeds)))
 
     run = pt.drive(step, iface, labels, seed, cfg)
-    ref = generate(model.var, model.vqvae, torch.from_numpy(labels), cfg=cfg, top_k=TOP_K, top_p=TOP_P, seed=seed)
+    ref = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=cfg, top_k=TOP_K, top_p=TOP_P, seed=seed)
     for si, out_si in enumerate(run.outputs):
         np.testing.assert_array_equal(out_si["idx"], ref.tokens[si].numpy())
     image = session(out / "vqvae_decoder.onnx").run(None, {"f_hat": run.outputs[-1]["next_f_hat"]})[0]

@@ -43,7 +43,7 @@ def test_shapes_really_shrink_and_generation_runs(method):
         assert block.attn.proj.weight.shape == (c.embed_dim, a)
         assert block.ffn.fc1.weight.shape == (c.ffn_dims[i], c.embed_dim)
         assert block.ffn.fc2.weight.shape == (c.embed_dim, c.ffn_dims[i])
-    gen = generate(var, result.model.vqvae, torch.tensor([0, 3]), cfg=1.5, top_k=10)
+    gen = generate(var, result.model.vqvae, torch.tensor([0, 3]), guidance=1.5, top_k=10)
     assert torch.isfinite(gen.images).all() and gen.images.shape == (2, 3, 8, 8)
     assert result.report["params"]["after"] == sum(p.numel() for p in var.parameters())
 
@@ -282,7 +282,7 @@ def test_calibration_samples_in_the_requested_precision(precision, sampled_in):
     assert calib.tokens.shape == (6, c.seq_len)
     assert 0 <= int(calib.tokens.min()) and int(calib.tokens.max()) < c.vocab_size
     if precision == "fp32":
-        ref = generate(model.var, model.vqvae, torch.arange(6) % c.num_classes, cfg=1.5, top_k=900, top_p=0.96)
+        ref = generate(model.var, model.vqvae, torch.arange(6) % c.num_classes, guidance=1.5, top_k=900, top_p=0.96)
         assert torch.equal(calib.tokens, torch.cat(ref.tokens, dim=1))
     report = prune_model(model, cfg, progress=False).report
     assert report["calibration"]["sampled_in"] == sampled_in

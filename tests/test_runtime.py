@@ -47,7 +47,7 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 
 
 def reference(model, labels, seed, cfg):
-    return generate(model.var, model.vqvae, torch.from_numpy(np.asarray(labels)), cfg=cfg, top_k=TOP_K,
+    return generate(model.var, model.vqvae, torch.from_numpy(np.asarray(labels)), guidance=cfg, top_k=TOP_K,
                     top_p=TOP_P, seed=seed)
 
 
@@ -72,7 +72,7 @@ def test_batches_are_numbered_so_splitting_changes_nothing(art):
     assert len(split.timings) == 3
     for a, b in zip(whole.tokens, split.tokens):
         np.testing.assert_array_equal(a, b)
-    ref = generate(model.var, model.vqvae, torch.tensor(labels[3:]), cfg=1.5, top_k=TOP_K, top_p=TOP_P, seed=7,
+    ref = generate(model.var, model.vqvae, torch.tensor(labels[3:]), guidance=1.5, top_k=TOP_K, top_p=TOP_P, seed=7,
                    first_sample=3)
     np.testing.assert_array_equal(split.tokens[-1][3:], ref.tokens[-1].numpy())
 
@@ -103,6 +103,21 @@ def test_sample_cli_with_artifact_equals_the_model(art, tmp_path):
     assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
 
 
+def test_sample_cli_verifies_hashes_on_request(art, tmp_path):
+    from evar.cli import app
+
+    path = copy_artifact(art[1], tmp_path / "a")
+    graph = path / "vqvae_decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    graph.write_bytes(bytes(data))
+    args = ["sample", "--artifact", str(path), "--classes", "1", "--per-class", "1", "--top-k", str(TOP_K),
+            "--top-p", str(TOP_P)]
+    result = CliRunner().invoke(app, [*args, "--verify-hashes", "--out", str(tmp_path / "s")])
+    assert isinstance(result.exception, ManifestError) and "sha256" in str(result.exception)
+    assert not (tmp_path / "s").exists()
+
+
 def test_runtime_runs_without_torch(art):
     _, path = art
     code = ("import sys, runtime, runtime.bench, runtime.generator, runtime.manifest, runtime.cost\n"
@@ -122,7 +137,7 @@ def test_baked_top_k_and_bad_requests_are_clear_errors(art):
         gen.generate([1], top_k=900)
     with pytest.raises(EvarError, match="class 10 is out of range"):
         gen.generate([10])
-    with pytest.raises(EvarError, match="cfg must be >= 0"):
+    with pytest.raises(EvarError, match="cfg must be a finite number >= 0"):
         gen.generate([1], cfg=-1)
 
 

@@ -66,7 +66,7 @@ def _teacher_forced_logits(model, labels, tokens):
 def test_cached_generation_equals_full_sequence(variant):
     model = tiny_model(**variant)
     labels = torch.tensor([1, 7, 3])
-    gen = generate(model.var, model.vqvae, labels, cfg=2.0, top_k=10, top_p=0.9, seed=5, keep_logits=True)
+    gen = generate(model.var, model.vqvae, labels, guidance=2.0, top_k=10, top_p=0.9, seed=5, keep_logits=True)
     doubled = torch.cat((labels, torch.full_like(labels, model.config.var.num_classes)))
     tokens2 = [t.repeat(2, 1) for t in gen.tokens]  # both CFG halves were fed the same sampled tokens
     full = _teacher_forced_logits(model, doubled, tokens2)
@@ -88,15 +88,15 @@ def test_math_attention_equals_sdpa():
 def test_same_seed_same_tokens_and_chunking_invariance():
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 3])
-    a = generate(model.var, model.vqvae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=11)
-    b = generate(model.var, model.vqvae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=11)
-    c = generate(model.var, model.vqvae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=12)
+    a = generate(model.var, model.vqvae, labels, guidance=1.5, top_k=20, top_p=0.9, seed=11)
+    b = generate(model.var, model.vqvae, labels, guidance=1.5, top_k=20, top_p=0.9, seed=11)
+    c = generate(model.var, model.vqvae, labels, guidance=1.5, top_k=20, top_p=0.9, seed=12)
     assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
     assert not all(torch.equal(x, y) for x, y in zip(a.tokens, c.tokens))
-    tail = generate(model.var, model.vqvae, labels[2:], cfg=1.5, top_k=20, top_p=0.9, seed=11, first_sample=2)
+    tail = generate(model.var, model.vqvae, labels[2:], guidance=1.5, top_k=20, top_p=0.9, seed=11, first_sample=2)
     assert all(torch.equal(x[2:], y) for x, y in zip(a.tokens, tail.tokens))
     assert a.images.shape == (4, 3, 8, 8) and a.images.min() >= -1 and a.images.max() <= 1
-    tokens_only = generate(model.var, model.vqvae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=11, decode=False)
+    tokens_only = generate(model.var, model.vqvae, labels, guidance=1.5, top_k=20, top_p=0.9, seed=11, decode=False)
     assert tokens_only.images is None and all(torch.equal(x, y) for x, y in zip(a.tokens, tokens_only.tokens))
 
 

@@ -1,12 +1,16 @@
 """The `evar distill` command: its flags and their help, in one place for `evar` and `python -m evar.distill`."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from evar.cli_options import Overwrite
 from evar.distill import defaults as D
+from evar.outputs import claim_output
 
 
 def distill(
@@ -50,6 +54,7 @@ def distill(
                                               "(same flags → same final weights as an uninterrupted run)")] = False,
     var_ckpt: Annotated[Optional[Path], typer.Option(help="official VAR .pth (with --teacher official:dNN)")] = None,
     vae_ckpt: Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (with --teacher official:dNN)")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Distil a dense teacher into a pruned student (teacher forcing); resumable; DDP under torchrun."""
     from evar.distill.trainer import DistillRecipe, distill as run, parse_scale_weights
@@ -62,4 +67,11 @@ def distill(
                            scale_weights=parse_scale_weights(scale_weights), feature_weight=feature_weight,
                            progressive=progressive, data=data, data_samples=data_samples,
                            sampling=SamplingSettings(D.DATA_CFG, D.DATA_TOP_K, D.DATA_TOP_P, seed), schedule=sched)
-    run(teacher, student, out, recipe, resume=resume, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt)
+    recipe.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    # The run folder is trained in place: --resume continues it (its own rules, in the trainer); --overwrite
+    # replaces a finished model directory there (the trainer removes it after the teacher and student loaded).
+    # Under torchrun only rank 0 claims --out (the ranks are one run).
+    claim = claim_output(out, "dir", overwrite=overwrite, resumes=("training run",), inputs=[teacher, student],
+                         progress_note=f"the last checkpoint waits in {out} (continue with --resume)")
+    with claim if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        run(teacher, student, out, recipe, resume=resume, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, overwrite=overwrite)

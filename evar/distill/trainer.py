@@ -16,7 +16,9 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from evar import zoo
 from evar.calibration import GENERATED, TokenSet, from_generations, token_set
-from evar.checkpoints import Model, is_model_dir, save_model_dir
+from evar.checkpoints import Model, is_model_dir, load_saved_state, save_model_dir
 from evar.config import ModelConfig, VARConfig
 from evar.distill import defaults as D
 from evar.distill.losses import (KD_MODES, default_scale_weights, feature_loss, kd_loss, per_scale_means,
                                  progressive_scales, task_loss, token_kl)
 from evar.errors import EvarError
-from evar.files import atomic_write_bytes, atomic_write_json, figure_png
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png, read_json
 from evar.models.var import VAR
 from evar.samples import SamplingSettings
 from evar.train import LOG_FILE, STATE_FILE, Schedule, _run, draw_batch, drop_labels, split_scales
@@ -82,6 +84,12 @@ class DistillRecipe:
         """Everything checkable without the models, so bad flags fail before any loading."""
         if self.kd not in KD_MODES:
             raise EvarError(f"--kd must be one of {', '.join(KD_MODES)}, got '{self.kd}'")
+        numbers = {"--temperature": self.temperature, "--alpha": self.alpha, "--beta": self.beta,
+                   "--feature-weight": self.feature_weight, "--lr": self.schedule.lr,
+                   "--weight-decay": self.schedule.weight_decay}
+        bad = [flag for flag, v in numbers.items() if not math.isfinite(v)]
+        if bad:
+            raise EvarError(f"{bad[0]} must be a finite number, got {numbers[bad[0]]}")
         if self.temperature <= 0:
             raise EvarError(f"--temperature must be > 0, got {self.temperature}")
         if min(self.alpha, self.beta, self.feature_weight) < 0:
@@ -203,12 +211,14 @@ def ranks_agree(module: torch.nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------- the output directory
-def _prepare_out(out: Path, resume: bool) -> str:
-    """'done' (a finished model is there and --resume accepts it), 'resume' or 'fresh'."""
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> str:
+    """'done' (a finished model is there and --resume accepts it), 'replace' (--overwrite it), 'resume' or 'fresh'."""
     if is_model_dir(out):
         if resume:
             return "done"
-        raise EvarError(f"{out} is already a model directory; choose another --out")
+        if overwrite:
+            return "replace"
+        raise EvarError(f"{out} is already a model directory; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise EvarError(f"--out {out} is a file; give a directory")
     if out.exists():
@@ -234,7 +244,7 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     if not path.exists():
         raise EvarError(f"{out} has a checkpoint but no {RUN_FILE}; cannot tell how it was made, "
                         "delete it to start over")
-    old, new = _flat(json.loads(path.read_text())), _flat(record)
+    old, new = _flat(read_json(path, "run record")), _flat(record)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         raise EvarError(f"--resume with other settings than the run in {out}: {', '.join(changed)} changed "
@@ -260,7 +270,7 @@ def _load_data(teacher: Model, recipe: DistillRecipe, out: Path, ranks: Ranks) -
             torch.save({"labels": data.labels, "tokens": data.tokens, "source": data.source}, buf)
             atomic_write_bytes(path, buf.getvalue())
     ranks.barrier()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_saved_state(path, f"delete {path} and rerun with --resume to make the data again")
     return TokenSet(saved["labels"], saved["tokens"], saved["source"])
 
 
@@ -338,24 +348,24 @@ class StepLoss:
 
 # ---------------------------------------------------------------- the run
 def distill(teacher_ref: str, student_ref: str, out: str | Path, recipe: DistillRecipe, resume: bool = False,
-            var_ckpt: str | Path | None = None, vae_ckpt: str | Path | None = None) -> Path:
+            var_ckpt: str | Path | None = None, vae_ckpt: str | Path | None = None, overwrite: bool = False) -> Path:
     """Distil `teacher_ref` into `student_ref`; write the student as a model directory at `out`.
 
     Run it plainly or under `torchrun --nproc_per_node N`: the ranks split every batch, only rank 0 writes.
     """
     ranks = init_ranks()
     try:
-        return _distill(teacher_ref, student_ref, Path(out), recipe, resume, var_ckpt, vae_ckpt, ranks)
+        return _distill(teacher_ref, student_ref, Path(out), recipe, resume, var_ckpt, vae_ckpt, ranks, overwrite)
     finally:
         if ranks.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _distill(teacher_ref: str, student_ref: str, out: Path, recipe: DistillRecipe, resume: bool,
-             var_ckpt: str | Path | None, vae_ckpt: str | Path | None, ranks: Ranks) -> Path:
+             var_ckpt: str | Path | None, vae_ckpt: str | Path | None, ranks: Ranks, overwrite: bool = False) -> Path:
     t0 = time.perf_counter()
     recipe.validate(ranks.world_size)
-    status = _prepare_out(out, resume)
+    status = _prepare_out(out, resume, overwrite)
     if status == "done":
         _say(ranks, f"{out} is already a finished model directory; nothing to resume")
         return out
@@ -370,7 +380,9 @@ def _distill(teacher_ref: str, student_ref: str, out: Path, recipe: DistillRecip
     elif resume:
         _say(ranks, f"no checkpoint in {out}: starting from step 0")
     ranks.barrier()  # every rank has read --out before rank 0 changes it
-    if ranks.main and status == "fresh":
+    if ranks.main and status == "replace":  # only now: a bad teacher or student must not cost the old model
+        shutil.rmtree(out)
+    if ranks.main and status in ("fresh", "replace"):
         (out / DATA_FILE).unlink(missing_ok=True)
         atomic_write_json(out / RUN_FILE, record)
 

@@ -225,20 +225,20 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, cfg: float = 1.5, top_k: int = 0,
+def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, guidance: float = 1.5, top_k: int = 0,
              top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
              decode: bool = True) -> Generation:
     """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
 
     Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
     reproduce these tokens from the same seed; `first_sample` numbers this batch's samples within a
-    larger run, so chunked generation equals one big batch. With cfg == 0 the unconditional half is skipped.
+    larger run, so chunked generation equals one big batch. With guidance 0 the unconditional half is skipped.
     `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
     its tokens with d16, and calibration and distillation data never look at the pixels.
     """
     c = var.cfg
     B = labels.shape[0]
-    guided = cfg != 0
+    guided = guidance != 0
     batch_labels = torch.cat((labels, torch.full_like(labels, c.num_classes))) if guided else labels
     cond_BD = var.class_emb(batch_labels)
     x = var.first_tokens(cond_BD)
@@ -251,7 +251,7 @@ def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, cfg: float = 1
         if keep_logits:
             kept.append(logits)
         if guided:
-            logits = apply_cfg(logits[:B], logits[B:], cfg_ratio(cfg, si, c.num_scales))
+            logits = apply_cfg(logits[:B], logits[B:], cfg_ratio(guidance, si, c.num_scales))
         u = torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)).to(logits.device)
         idx = sample_tokens(logits, u, top_k, top_p)  # (B, pn*pn)
         tokens.append(idx)

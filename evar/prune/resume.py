@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from evar.calibration import TokenSet
-from evar.checkpoints import Model, build_model, load_strict
+from evar.checkpoints import Model, build_model, load_saved_state, load_strict
 from evar.config import ModelConfig
 from evar.errors import EvarError
 from evar.files import atomic_write_bytes
@@ -106,11 +106,7 @@ class PruneCheckpoint:
         path = self.dir / name
         if not path.exists():
             return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a torn or foreign file: say which and how to recover
-            reason = str(err).splitlines()[0]
-            raise EvarError(f"cannot read {path} ({reason}); delete {self.dir} to start over") from None
+        saved = load_saved_state(path, f"delete {self.dir} to start over")
         if saved.get("identity") != self.identity:
             raise EvarError(f"{self.dir} holds the progress of a different prune (another model or recipe); "
                             "delete it, or rerun the command that made it")
