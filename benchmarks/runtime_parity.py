@@ -25,7 +25,7 @@ from benchmarks.latency import RESULTS, ensure_export  # noqa: E402
 from evar import zoo  # noqa: E402
 from evar.data import to_uint8_nhwc  # noqa: E402
 from evar.files import atomic_write_json  # noqa: E402
-from evar.models.var import generate  # noqa: E402
+from evar.models.decoding import generate  # noqa: E402
 from runtime import Generator  # noqa: E402
 
 CASES = ((0, 1.5), (12345, 4.0), (7, 0.0))  # (seed, cfg)

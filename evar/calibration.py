@@ -11,7 +11,7 @@ from tqdm import tqdm
 from evar.checkpoints import Model
 from evar.data import load_images
 from evar.errors import EvarError
-from evar.models.var import generate
+from evar.models.decoding import generate
 from evar.samples import SamplingSettings
 
 GENERATED = "teacher"  # the data source name meaning "sample the model itself"

@@ -115,7 +115,7 @@ def _run_exported(plan: DemoPlan, artifact: Path, torch_ref: Path, out: Path) ->
         import torch
 
         from evar import zoo
-        from evar.models.var import generate
+        from evar.models.decoding import generate
         from evar.samples import SamplingSettings, write_samples
         from runtime.generator import Generator
 

@@ -16,7 +16,7 @@ from evar.checkpoints import Model
 from evar.data import to_uint8_nhwc
 from evar.errors import EvarError
 from evar.files import atomic_dir, atomic_write_bytes
-from evar.models.var import generate
+from evar.models.decoding import generate
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,15 @@
 """Export-ready wrappers: the per-scale decoder step and the VQVAE decoder.
 
-Both step wrappers compute exactly what `evar.models.var.generate` computes for one scale (see
-interface.py for the contract): input embedding (class token at scale 0, else word_embed of the
-area-downsampled f_hat), the transformer over this scale's tokens with the KV cache, head, CFG over the
-in-graph 2B batch, top-k/top-p and inverse-CDF sampling from explicit uniforms, and the f_hat update
-with the sampled tokens (embedding lookup, bicubic upsample, Phi).
+Both step wrappers run `evar.models.decoding.decode_scale`, the one scale step `generate` runs (see
+interface.py for the graph contract); they differ only in where the scale-dependent pieces come from:
 
-- `ScaleStep`: one scale with static shapes (Core ML: one function per scale). It reuses the model's own
-  methods (separable resize matrices, Phi by index), so it is the reference semantics by construction.
-- `DynamicStep`: every scale in one graph (ONNX). What depends on the scale is gathered from stacked
-  constants by the `scale_index` input; sizes come from the symbolic token count (uniforms.shape[1]).
-  Resizes are Kronecker matrices (H², pn²) zero-padded to (H², H²) and sliced to the live token count,
-  so no shape arithmetic (sqrt of a length) has to be traced.
+- `ScaleStep`: one scale with static shapes (Core ML: one function per scale), with `EagerOps`: the
+  model's own separable resize matrices and Phi by index, the reference semantics by construction.
+- `DynamicStep`: every scale in one graph (ONNX), with `GatheredOps`: what depends on the scale is gathered
+  from stacked constants by the `scale_index` input; sizes come from the symbolic token count
+  (uniforms.shape[1]). Resizes are Kronecker matrices (H², pn²) zero-padded to (H², H²) and sliced to the
+  live token count, so no shape arithmetic (sqrt of a length) has to be traced.
+The CFG batch (2B rows: conditional, then unconditional) is formed in-graph from the labels.
 
 The attention implementation is the caller's choice (`VAR(cfg, attn_impl=...)`): export loads the
 model with "math" so the graph has plain matmul/softmax (fused SDPA with a custom scale decomposes
@@ -24,34 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evar.checkpoints import Model
-from evar.models.sampling import apply_cfg, sample_tokens
-from evar.models.vqvae import resize, resize_matrix
-
-KV = tuple[Tensor, Tensor]
-
-
-def cfg_labels(labels: Tensor, num_classes: int) -> Tensor:
-    """(B,) → (2B,): conditional rows first, then the unconditional class (as `generate`)."""
-    return torch.cat((labels, torch.full_like(labels, num_classes)))
-
-
-def guide_and_sample(logits_2BlV: Tensor, uniforms_Bl: Tensor, t: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
-    """CFG over the stacked halves, then the sampler of `generate`. → (logits (B, l, V), idx (B, l))."""
-    cond, uncond = logits_2BlV.unflatten(0, (2, -1)).unbind(0)
-    logits = apply_cfg(cond, uncond, t)
-    return logits, sample_tokens(logits, uniforms_Bl, top_k, top_p)
-
-
-def run_blocks(model: Model, x: Tensor, cond_BD: Tensor, past: list[KV | None]) -> tuple[Tensor, list[KV]]:
-    """`VAR.decode_step` with an optional past per layer → (raw logits (2B, l, V), presents)."""
-    var = model.var
-    cond = var.block_condition(cond_BD)
-    presents = []
-    for block, p in zip(var.blocks, past):
-        x, kv = block(x, cond, None, p)
-        presents.append(kv)
-    return var.logits(x, cond_BD), presents
-
+from evar.models.decoding import EagerOps, cfg_labels, decode_scale
+from evar.models.sampling import cfg_ratio
+from evar.models.var import KV
+from evar.models.vqvae import resize_matrix
 
 class ScaleStep(nn.Module):
     """Scale `si` with static shapes. kv_mode "io": past tensors in (none at scale 0), presents out;
@@ -60,13 +34,12 @@ class ScaleStep(nn.Module):
     def __init__(self, model: Model, si: int, *, top_k: int, top_p: float, kv_mode: str = "io",
                  batch: int | None = None, index_dtype: torch.dtype = torch.int64):
         super().__init__()
-        self.model_var, self.vqvae = model.var, model.vqvae
-        self.model = model
+        self.var, self.vqvae = model.var, model.vqvae
+        self.ops = EagerOps(model.var, model.vqvae)
         c = model.config.var
-        self.si, self.pn = si, c.patch_nums[si]
+        self.si = si
         self.begin, self.end = c.scale_ranges()[si]
-        self.num_scales, self.depth, self.num_classes = c.num_scales, c.depth, c.num_classes
-        self.ratio = si / max(c.num_scales - 1, 1)
+        self.depth, self.num_classes = c.depth, c.num_classes
         self.top_k, self.top_p, self.kv_mode, self.index_dtype = top_k, top_p, kv_mode, index_dtype
         if kv_mode == "state":
             if batch is None:
@@ -76,41 +49,27 @@ class ScaleStep(nn.Module):
                 self.register_buffer(f"key_cache_{i}", torch.zeros(shape))
                 self.register_buffer(f"value_cache_{i}", torch.zeros(shape))
 
-    def embed_input(self, cond_BD: Tensor, f_hat: Tensor) -> Tensor:
-        var = self.model_var
-        if self.si == 0:
-            return var.first_tokens(cond_BD)  # (2B, 1, C)
-        nxt = resize(f_hat, self.pn, "area")  # (B, Cvae, pn, pn)
-        x = var.embed_scale(nxt.flatten(2).transpose(1, 2), self.begin, self.end)
-        return x.repeat(2, 1, 1)
-
-    def accumulate(self, f_hat: Tensor, idx: Tensor) -> Tensor:
-        q = self.vqvae.quantize
-        return f_hat + q.scale_residual(self.si, q.embed_idx(idx, self.pn))
+    def _past(self, past_flat: tuple[Tensor, ...]) -> list[KV | None]:
+        if self.begin == 0:
+            return [None] * self.depth
+        if self.kv_mode == "state":
+            return [(getattr(self, f"key_cache_{i}")[:, :, : self.begin],
+                     getattr(self, f"value_cache_{i}")[:, :, : self.begin]) for i in range(self.depth)]
+        return [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
 
     def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, cfg: Tensor, *past_flat: Tensor):
-        cond_BD = self.model_var.class_emb(cfg_labels(labels, self.num_classes))
-        x = self.embed_input(cond_BD, f_hat)
+        cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+        out = decode_scale(self.var, self.ops, self.si, cond_BD, f_hat, uniforms, cfg, self._past(past_flat),
+                           self.top_k, self.top_p)
+        idx = out.idx.to(self.index_dtype)
         if self.kv_mode == "state":
-            past = [None if self.begin == 0 else (getattr(self, f"key_cache_{i}")[:, :, : self.begin],
-                                                  getattr(self, f"value_cache_{i}")[:, :, : self.begin])
-                    for i in range(self.depth)]
-        elif self.begin == 0:
-            past = [None] * self.depth
-        else:
-            past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
-        raw, presents = run_blocks(self.model, x, cond_BD, past)
-        logits, idx = guide_and_sample(raw, uniforms, cfg * self.ratio, self.top_k, self.top_p)
-        next_f_hat = self.accumulate(f_hat, idx)
-        idx = idx.to(self.index_dtype)
-        if self.kv_mode == "state":
-            for i, (k, v) in enumerate(presents):
+            for i, (k, v) in enumerate(out.presents):
                 if self.begin:  # (a full slice [0:] would trace to an alias, which Core ML cannot convert)
                     k, v = k[:, :, self.begin:], v[:, :, self.begin:]
                 getattr(self, f"key_cache_{i}")[:, :, self.begin: self.end] = k
                 getattr(self, f"value_cache_{i}")[:, :, self.begin: self.end] = v
-            return logits, idx, next_f_hat
-        return (logits, idx, next_f_hat, *[t for kv in presents for t in kv])
+            return out.logits, idx, out.f_hat
+        return (out.logits, idx, out.f_hat, *[t for kv in out.presents for t in kv])
 
 
 def _kron_stacks(patch_nums: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -131,24 +90,23 @@ def _kron_stacks(patch_nums: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     return up.float(), down.float()
 
 
-class DynamicStep(nn.Module):
-    """Any scale in one graph: (labels, f_hat, uniforms, cfg, scale_index, *past) → (logits, idx, next_f_hat, *present)."""
+class GatheredOps(nn.Module):
+    """`ScaleOps` for one graph serving every scale: the scale-dependent values are stacked constants
+    gathered by the `scale_index` input; sizes come from the symbolic token count, never from arithmetic."""
 
-    def __init__(self, model: Model, *, top_k: int, top_p: float):
+    def __init__(self, model: Model):
         super().__init__()
         c = model.config.var
-        self.model = model
-        self.var, self.vqvae = model.var, model.vqvae
-        self.depth, self.num_classes, self.full = c.depth, c.num_classes, c.patch_nums[-1]
-        self.top_k, self.top_p = top_k, top_p
-        q = model.vqvae.quantize
+        self.var, self.embedding = model.var, model.vqvae.quantize.embedding
+        self.full = c.patch_nums[-1]
         up, down = _kron_stacks(c.patch_nums)
         self.register_buffer("up_kron", up, persistent=False)
         self.register_buffer("down_kron", down, persistent=False)
         begins = torch.tensor([b for b, _ in c.scale_ranges()])
         self.register_buffer("positions", begins[:, None] + torch.arange(self.full ** 2)[None], persistent=False)
-        self.register_buffer("cfg_ramp", torch.tensor([si / max(c.num_scales - 1, 1) for si in range(c.num_scales)]),
+        self.register_buffer("cfg_ramp", torch.tensor([cfg_ratio(1.0, si, c.num_scales) for si in range(c.num_scales)]),
                              persistent=False)
+        q = model.vqvae.quantize
         phis = q.quant_resi.qresi_ls
         self.register_buffer("phi_of_scale", torch.tensor([q.phi_index(si) for si in range(c.num_scales)]), persistent=False)
         self.phi_ratio = phis[0].ratio
@@ -158,31 +116,40 @@ class DynamicStep(nn.Module):
     def _pick(self, table: Tensor, scale_index: Tensor) -> Tensor:
         return table.index_select(0, scale_index).squeeze(0)
 
-    def phi(self, h: Tensor, scale_index: Tensor) -> Tensor:
+    def scale_input(self, scale_index: Tensor, cond_BD: Tensor, f_hat: Tensor, n_tokens, guided: bool) -> Tensor:
+        down = self._pick(self.down_kron, scale_index)[:, :n_tokens]  # (H², n)
+        nxt = (f_hat.flatten(2) @ down).transpose(1, 2)  # (B, n, Cvae)
+        pos = self._pick(self.positions, scale_index)[:n_tokens]
+        embedded = (self.var.word_embed(nxt) + self.var.level_pos().index_select(1, pos)).repeat(2, 1, 1)
+        return torch.where((scale_index == 0).view(1, 1, 1), self.var.first_tokens(cond_BD), embedded)
+
+    def ramp(self, scale_index: Tensor) -> Tensor:
+        return self.cfg_ramp.index_select(0, scale_index)
+
+    def accumulate(self, scale_index: Tensor, f_hat: Tensor, idx: Tensor) -> Tensor:
+        up = self._pick(self.up_kron, scale_index)[: idx.shape[1]]  # (n, H²)
+        h = (self.embedding(idx).transpose(1, 2) @ up).unflatten(2, (self.full, self.full))
         k = self._pick(self.phi_of_scale, scale_index).view(1)
         w, b = self.phi_weight.index_select(0, k).squeeze(0), self.phi_bias.index_select(0, k).squeeze(0)
-        return h * (1 - self.phi_ratio) + F.conv2d(h, w, b, padding=1) * self.phi_ratio
+        return f_hat + (h * (1 - self.phi_ratio) + F.conv2d(h, w, b, padding=1) * self.phi_ratio)
+
+
+class DynamicStep(nn.Module):
+    """Any scale in one graph: (labels, f_hat, uniforms, cfg, scale_index, *past) → (logits, idx, next_f_hat, *present)."""
+
+    def __init__(self, model: Model, *, top_k: int, top_p: float):
+        super().__init__()
+        c = model.config.var
+        self.var, self.ops = model.var, GatheredOps(model)
+        self.depth, self.num_classes = c.depth, c.num_classes
+        self.top_k, self.top_p = top_k, top_p
 
     def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, cfg: Tensor, scale_index: Tensor,
                 *past_flat: Tensor):
-        n = uniforms.shape[1]  # this scale's token count (symbolic in the graph)
-        var = self.var
-        cond_BD = var.class_emb(cfg_labels(labels, self.num_classes))
-        # input embedding: class token at scale 0, else word_embed(area(f_hat)) + level/position
-        down = self._pick(self.down_kron, scale_index)[:, :n]  # (H², n)
-        nxt = (f_hat.flatten(2) @ down).transpose(1, 2)  # (B, n, Cvae)
-        pos = self._pick(self.positions, scale_index)[:n]
-        embedded = (var.word_embed(nxt) + var.level_pos().index_select(1, pos)).repeat(2, 1, 1)
-        x = torch.where((scale_index == 0).view(1, 1, 1), var.first_tokens(cond_BD), embedded)
+        cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
-        raw, presents = run_blocks(self.model, x, cond_BD, past)
-        t = cfg * self.cfg_ramp.index_select(0, scale_index)
-        logits, idx = guide_and_sample(raw, uniforms, t, self.top_k, self.top_p)
-        # f_hat update with this scale's tokens: embed, upsample to the full map, Phi
-        up = self._pick(self.up_kron, scale_index)[:n]  # (n, H²)
-        h = (self.vqvae.quantize.embedding(idx).transpose(1, 2) @ up).unflatten(2, (self.full, self.full))
-        next_f_hat = f_hat + self.phi(h, scale_index)
-        return (logits, idx, next_f_hat, *[t for kv in presents for t in kv])
+        out = decode_scale(self.var, self.ops, scale_index, cond_BD, f_hat, uniforms, cfg, past, self.top_k, self.top_p)
+        return (out.logits, out.idx, out.f_hat, *[t for kv in out.presents for t in kv])
 
 
 class VQVAEDecoder(nn.Module):

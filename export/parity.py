@@ -22,7 +22,7 @@ from evar import rng
 from evar.checkpoints import Model
 from evar.errors import EvarError
 from evar.models.sampling import apply_cfg, cfg_ratio
-from evar.models.var import generate
+from evar.models.decoding import generate
 from export.interface import NP_DTYPES, StepInterface
 
 LOGITS_TOL = 1e-4  # fp32, max abs relative to the logits' scale (see ParityReport.max_abs)

@@ -12,7 +12,7 @@ import torch
 
 from evar.checkpoints import build_model, save_model_dir
 from evar.config import ModelConfig, VARConfig, VQVAEConfig
-from evar.models.var import generate
+from evar.models.decoding import generate
 from tests.conftest import tiny_model
 
 onnxruntime = pytest.importorskip("onnxruntime")

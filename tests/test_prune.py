@@ -7,7 +7,7 @@ import torch
 from evar.checkpoints import load_model_dir
 from evar.config import VARConfig
 from evar.errors import EvarError
-from evar.models.var import generate
+from evar.models.decoding import generate
 from evar.prune import PruneConfig, prune_model, save_pruned
 from evar.prune.criteria import Group, Magnitude, Taylor, make_criterion
 from evar.prune.obs import HessianAccumulator, ffn_chunks, obs_prune

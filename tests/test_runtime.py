@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from evar.checkpoints import build_model, save_model_dir
 from evar.data import to_uint8_nhwc
-from evar.models.var import generate
+from evar.models.decoding import generate
 from tests.conftest import tiny_model
 
 pytest.importorskip("onnxruntime")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from evar.config import ConfigError, VARConfig
-from evar.models.var import VAR, generate
+from evar.models.decoding import generate
+from evar.models.var import VAR
 from tests.conftest import tiny_model
 
 D16_SHAPES = {  # REFERENCE.md §1, C = 1024

@@ -7,15 +7,11 @@ the present, which teacher forcing, cached generation and export wrappers all sh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evar import rng
 from evar.config import VARConfig
-from evar.models.sampling import apply_cfg, cfg_ratio, sample_tokens
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, H, L_so_far, head_dim)
 MAX_SCALE_MUL = math.log(100.0)
@@ -207,58 +203,12 @@ class VAR(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def decode_step(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor,
-                    past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """One scale of cached decoding: this scale's tokens attend to the cache and to each other."""
+                    past: list[KV | None] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """One scale of cached decoding: this scale's tokens attend to the cache and to each other.
+        `past` per layer (None, or None for a layer: nothing cached yet) → (raw logits, presents)."""
         cond = self.block_condition(cond_BD)
         presents = []
         for i, block in enumerate(self.blocks):
             x_BlC, kv = block(x_BlC, cond, None, None if past is None else past[i])
             presents.append(kv)
         return self.logits(x_BlC, cond_BD), presents
-
-
-@dataclass
-class Generation:
-    images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None when generated with decode=False
-    tokens: list[torch.Tensor]  # per scale (B, pn*pn)
-    scale_logits: list[torch.Tensor]  # per scale raw logits before CFG: (2B or B, pn*pn, V)
-
-
-@torch.no_grad()
-def generate(var: VAR, vqvae: nn.Module, labels: torch.Tensor, *, guidance: float = 1.5, top_k: int = 0,
-             top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
-             decode: bool = True) -> Generation:
-    """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
-
-    Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
-    reproduce these tokens from the same seed; `first_sample` numbers this batch's samples within a
-    larger run, so chunked generation equals one big batch. With guidance 0 the unconditional half is skipped.
-    `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
-    its tokens with d16, and calibration and distillation data never look at the pixels.
-    """
-    c = var.cfg
-    B = labels.shape[0]
-    guided = guidance != 0
-    batch_labels = torch.cat((labels, torch.full_like(labels, c.num_classes))) if guided else labels
-    cond_BD = var.class_emb(batch_labels)
-    x = var.first_tokens(cond_BD)
-    past, tokens, kept = None, [], []
-    f_hat = cond_BD.new_zeros(B, c.cvae, c.patch_nums[-1], c.patch_nums[-1])
-    ranges = c.scale_ranges()
-    for si, pn in enumerate(c.patch_nums):
-        logits, past = var.decode_step(x, cond_BD, past)
-        logits = logits.float()  # under autocast the head outputs bfloat16; guidance and sampling stay float32
-        if keep_logits:
-            kept.append(logits)
-        if guided:
-            logits = apply_cfg(logits[:B], logits[B:], cfg_ratio(guidance, si, c.num_scales))
-        u = torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)).to(logits.device)
-        idx = sample_tokens(logits, u, top_k, top_p)  # (B, pn*pn)
-        tokens.append(idx)
-        h = vqvae.quantize.embed_idx(idx, pn)  # (B, Cvae, pn, pn)
-        f_hat, nxt = vqvae.quantize.next_input(si, f_hat, h)
-        if si + 1 < c.num_scales:
-            x = var.embed_scale(nxt.flatten(2).transpose(1, 2), *ranges[si + 1])
-            if guided:
-                x = x.repeat(2, 1, 1)
-    return Generation(images=vqvae.fhat_to_img(f_hat) if decode else None, tokens=tokens, scale_logits=kept)

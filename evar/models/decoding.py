@@ -1,0 +1,161 @@
+"""VAR's scale-by-scale decoding, written once: `generate`, the runtime's torch reference and the export
+wrappers all step through `decode_scale`.
+
+    decoder = Decoder(var, vqvae, top_k=900, top_p=0.96)
+    state = decoder.begin(labels, guidance=1.5)
+    for si: idx = decoder.step(state, si, uniforms_si)    # one scale, KV cache and f_hat kept in `state`
+    images = vqvae.fhat_to_img(state.f_hat)
+
+One scale (`decode_scale`): this scale's input (the class token at scale 0, else the word embedding of
+f_hat area-resized to this scale) → the transformer over this scale's tokens with the cache → head →
+classifier-free guidance over the stacked conditional/unconditional rows → top-k/top-p → inverse-CDF
+draw from the given uniforms → f_hat += Phi(upsample(embed(tokens))). What depends on the scale (the
+resizes, Phi, the guidance ramp) comes from `ScaleOps`: `EagerOps` computes it from the model; the ONNX
+graph gathers the same values from constants indexed by a scale input (`evar.export.graphs`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from evar import rng
+from evar.models.sampling import apply_cfg, cfg_ratio, sample_tokens
+from evar.models.var import KV, VAR
+from evar.models.vqvae import resize
+
+
+def cfg_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """(B,) → (2B,): the conditional rows first, then as many rows of the unconditional class."""
+    return torch.cat((labels, torch.full_like(labels, num_classes)))
+
+
+class ScaleOps(Protocol):
+    """What one scale needs besides the transformer; `si` is an int (eager, static graphs) or a (1,) tensor."""
+
+    def scale_input(self, si, cond_BD: Tensor, f_hat: Tensor, n_tokens, guided: bool) -> Tensor:
+        """(2B or B, n_tokens, C): the class token at scale 0, else word_embed(area(f_hat)) + level/position."""
+
+    def ramp(self, si):
+        """The share of the guidance scale applied at `si` (VAR's linear ramp: 0 at the first scale, 1 at the last)."""
+
+    def accumulate(self, si, f_hat: Tensor, idx: Tensor) -> Tensor:
+        """f_hat + Phi_si(upsample(embed(idx)))."""
+
+
+class EagerOps:
+    """Scale-dependent pieces computed from the model itself (PyTorch, and static per-scale graphs)."""
+
+    def __init__(self, var: VAR, vqvae: torch.nn.Module):
+        self.var, self.quant = var, vqvae.quantize
+        self.patch_nums, self.ranges = var.cfg.patch_nums, var.cfg.scale_ranges()
+
+    def scale_input(self, si: int, cond_BD: Tensor, f_hat: Tensor, n_tokens: int, guided: bool) -> Tensor:
+        if si == 0:
+            return self.var.first_tokens(cond_BD)
+        down = resize(f_hat, self.patch_nums[si], "area")  # (B, Cvae, pn, pn)
+        x = self.var.embed_scale(down.flatten(2).transpose(1, 2), *self.ranges[si])
+        return x.repeat(2, 1, 1) if guided else x
+
+    def ramp(self, si: int) -> float:
+        return cfg_ratio(1.0, si, len(self.patch_nums))
+
+    def accumulate(self, si: int, f_hat: Tensor, idx: Tensor) -> Tensor:
+        return f_hat + self.quant.scale_residual(si, self.quant.embed_idx(idx, self.patch_nums[si]))
+
+
+@dataclass
+class StepOutput:
+    logits: Tensor  # (B, n, V) after guidance: what the tokens were drawn from
+    raw_logits: Tensor  # (2B or B, n, V) before guidance
+    idx: Tensor  # (B, n) int64 tokens, row-major
+    f_hat: Tensor  # (B, Cvae, H, H) after this scale
+    presents: list[KV]  # per layer (k, v) with this scale appended
+
+
+def decode_scale(var: VAR, ops: ScaleOps, si, cond_BD: Tensor, f_hat: Tensor, uniforms: Tensor, guidance,
+                 past: list[KV | None] | None, top_k: int, top_p: float, guided: bool = True) -> StepOutput:
+    """One scale of VAR's decoding (see the module doc). `cond_BD` has 2B rows when `guided`, else B."""
+    x = ops.scale_input(si, cond_BD, f_hat, uniforms.shape[1], guided)
+    raw, presents = var.decode_step(x, cond_BD, past)
+    raw = raw.float()  # under autocast the head gives bfloat16; guidance and sampling stay float32
+    if guided:
+        cond, uncond = raw.unflatten(0, (2, -1)).unbind(0)
+        logits = apply_cfg(cond, uncond, guidance * ops.ramp(si))
+    else:
+        logits = raw
+    idx = sample_tokens(logits, uniforms, top_k, top_p)
+    return StepOutput(logits, raw, idx, ops.accumulate(si, f_hat, idx), presents)
+
+
+@dataclass
+class DecodeState:
+    """One batch in flight: its condition rows, cache and running f_hat."""
+
+    cond_BD: Tensor
+    guidance: float
+    f_hat: Tensor
+    past: list[KV] | None = None
+    tokens: list[Tensor] = field(default_factory=list)
+    raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 0  # no guidance: the unconditional rows are not run at all
+
+
+class Decoder:
+    """Eager decoding of one model: `begin` a batch, `step` each scale in order (the loop is the caller's)."""
+
+    def __init__(self, var: VAR, vqvae: torch.nn.Module, *, top_k: int = 0, top_p: float = 0.0,
+                 keep_logits: bool = False):
+        self.var, self.vqvae, self.ops = var, vqvae, EagerOps(var, vqvae)
+        self.top_k, self.top_p, self.keep_logits = top_k, top_p, keep_logits
+
+    @torch.no_grad()
+    def begin(self, labels: Tensor, guidance: float) -> DecodeState:
+        c = self.var.cfg
+        rows = cfg_labels(labels, c.num_classes) if guidance != 0 else labels
+        cond_BD = self.var.class_emb(rows)
+        H = c.patch_nums[-1]
+        return DecodeState(cond_BD, guidance, cond_BD.new_zeros(len(labels), c.cvae, H, H))
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, si: int, uniforms: Tensor) -> Tensor:
+        out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
+                           state.guidance, state.past, self.top_k, self.top_p, state.guided)
+        state.f_hat, state.past = out.f_hat, out.presents
+        state.tokens.append(out.idx)
+        if self.keep_logits:
+            state.raw_logits.append(out.raw_logits)
+        return out.idx
+
+
+@dataclass
+class Generation:
+    images: Tensor | None  # (B, 3, H, W) in [-1, 1]; None when generated with decode=False
+    tokens: list[Tensor]  # per scale (B, pn*pn)
+    scale_logits: list[Tensor]  # per scale raw logits before guidance: (2B or B, pn*pn, V)
+
+
+@torch.no_grad()
+def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: float = 1.5, top_k: int = 0,
+             top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
+             decode: bool = True) -> Generation:
+    """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
+
+    Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
+    reproduce these tokens from the same seed; `first_sample` numbers this batch's samples within a
+    larger run, so chunked generation equals one big batch. With guidance 0 the unconditional half is skipped.
+    `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
+    its tokens with d16, and calibration and distillation data never look at the pixels.
+    """
+    decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
+    state = decoder.begin(labels, guidance)
+    B = len(labels)
+    for si, pn in enumerate(var.cfg.patch_nums):
+        decoder.step(state, si, torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)))
+    images = vqvae.fhat_to_img(state.f_hat) if decode else None
+    return Generation(images, state.tokens, state.raw_logits)
