@@ -10,7 +10,7 @@ Every stage is skipped when its output exists (models and exports under --work, 
   2. ORT CPU fp32, batch 1, CFG on: 40%, 20% and the PyTorch eager reference (`evar sample`'s path, dense),
      each loaded beside the dense ORT graph and run alternating with it (A B B A ...), so machine load hits
      both alike; per scale, VQVAE decode, end to end, wall clock and process CPU time;
-  3. FLOPs per image of each variant (runtime.cost) and the measured speedup next to the FLOP ratio, with this
+  3. FLOPs per image of each variant (evar.runtime.cost) and the measured speedup next to the FLOP ratio, with this
      machine's matmul throughput and weight-streaming bandwidth (onnxruntime, same threads) as the roofline;
   4. digits: the teacher and 40%-pruned shapes (a distilled student has the pruned shapes) beside the quality
      table of benchmarks/results/prune_digits.json / distill_digits.json when those exist; and io-binding on/off.
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evar.files import atomic_write_bytes, atomic_write_json, figure_png  # noqa: E402
-from runtime import bench as rb  # noqa: E402
-from runtime import cost  # noqa: E402
+from evar.runtime import bench as rb  # noqa: E402
+from evar.runtime import cost  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
@@ -145,7 +145,7 @@ def bound_ms(flops: float, weight_bytes: float, roof: dict[str, Any]) -> float:
 # ---------------------------------------------------------------- measuring a group of artifacts together
 def measure_group(entries: list[tuple[str, Path, str, dict[str, Any]]], settings: rb.BenchSettings) -> dict[str, dict]:
     """entries: (label, artifact, device, Generator kwargs). All loaded, then run round-robin. → label → report."""
-    from runtime import memory
+    from evar.runtime import memory
 
     base_rss = memory.rss_mb()
     targets = []

@@ -1,4 +1,4 @@
-"""Same seed, same tokens: the exported ONNX graphs run by `runtime.Generator` vs `evar sample`'s PyTorch path.
+"""Same seed, same tokens: the exported ONNX graphs run by `evar.runtime.Generator` vs `evar sample`'s PyTorch path.
 
     python benchmarks/runtime_parity.py [--models random:digits,builtin:digits] [--per-class 20]
 
@@ -26,7 +26,7 @@ from evar import zoo  # noqa: E402
 from evar.data import to_uint8_nhwc  # noqa: E402
 from evar.files import atomic_write_json  # noqa: E402
 from evar.models.decoding import generate  # noqa: E402
-from runtime import Generator  # noqa: E402
+from evar.runtime import Generator  # noqa: E402
 
 CASES = ((0, 1.5), (12345, 4.0), (7, 0.0))  # (seed, cfg)
 

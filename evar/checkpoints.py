@@ -6,10 +6,8 @@ modules the config builds, and the first problem is reported by name.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -100,8 +100,8 @@ def read_versioned_json(path: str | Path, fmt: str, max_version: int, what: str,
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise error(f"{path}: format_version must be a positive integer, got {version!r}")
     if version > max_version:
-        raise error(f"{path} was written by a newer EVAR (format_version {version}; this one reads up to "
-                    f"{max_version}): upgrade EVAR, or re-create the {what} with this version")
+        raise error(f"{path} was written by a newer EVAR (format_version {version}); this EVAR reads format_version "
+                    f"{max_version} at most: upgrade EVAR, or re-create the {what} with this version")
     return data
 
 

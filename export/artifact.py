@@ -5,7 +5,10 @@ parity check passed and the manifest validated, so a breach leaves no complete-l
 """
 from __future__ import annotations
 
+import datetime as _dt
+import platform
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,13 @@ from evar import rng
 from evar.checkpoints import Model, build_model
 from evar.errors import EvarError
 from evar.files import atomic_dir
-from export import coreml as cm
-from export import manifest as mf
-from export import onnx as ox
-from export import parity as pt
-from export.graphs import DynamicStep
-from export.interface import DECODER_GRAPH, STEP_GRAPH, StepInterface
+from evar import contract
+from evar.contract import DECODER_GRAPH, FORMAT, STEP_GRAPH
+from evar.export import coreml as cm
+from evar.export import onnx as ox
+from evar.export import parity as pt
+from evar.export.graphs import DynamicStep
+from evar.export.interface import StepInterface
 
 CFG_DEFAULT = 1.5
 
@@ -49,11 +53,26 @@ def _sampling(iface: StepInterface, top_k: int, top_p: float) -> dict[str, Any]:
 
 def _base(model: Model, backend: str, model_ref: str, command: str | None, iface: StepInterface) -> dict[str, Any]:
     c = model.config
-    return {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "backend": backend, "model": c.to_dict(),
+    return {"backend": backend, "model": c.to_dict(),
             "patch_nums": list(c.var.patch_nums), "image_size": c.vqvae.image_size,
             "batch": {"mode": "dynamic" if iface.batch is None else "static", "size": iface.batch, "cfg_doubled": True},
             "kv_cache": iface.kv_json(),
-            "provenance": mf.provenance(model_ref, c.provenance, command)}
+            "provenance": provenance(model_ref, c.provenance, command)}
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("evar", "torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(model_ref: str, model_provenance: dict[str, Any], command: str | None) -> dict[str, Any]:
+    return {"model_ref": model_ref, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "tool_versions": tool_versions(), "model_provenance": model_provenance}
 
 
 def _check_options(top_k: int, top_p: float) -> None:
@@ -129,7 +148,7 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
                     "precision": {"weights": options.precision, "compute": "fp32", "fp32_ops": []},
                     "compression": {"method": "none", "tool": None, "details": {}},
                     "parity": report.to_json()}
-        mf.write(tmp, manifest)
+        contract.write(tmp, manifest)
     return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}
 
 
@@ -203,7 +222,7 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
     _check_options(options.top_k, options.top_p)
     model = export_ready(model)
     t0 = time.perf_counter()
-    meta = {"evar.format": mf.FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
+    meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
             "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
     with atomic_dir(out) as tmp:
         notes: list[str] = []
@@ -213,9 +232,9 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
                   "compute_units": options.compute_units, "simplified": None, "signature": None}
         graphs = {
-            STEP_GRAPH: {**common, "file": "decoder_step.mlpackage", "functions": [f.to_json() for f in iface.functions()],
+            STEP_GRAPH: {**common, "file": f"{STEP_GRAPH}.mlpackage", "functions": [f.to_json() for f in iface.functions()],
                          "default_function": iface.function_name(0), "scale_selection": "function", "notes": notes},
-            DECODER_GRAPH: {**common, "file": "vqvae_decoder.mlpackage", "functions": [diface.function().to_json()],
+            DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "functions": [diface.function().to_json()],
                             "default_function": "main", "scale_selection": None, "notes": []},
         }
         report = coreml_parity(model, tmp, iface, wrappers, graphs, options)
@@ -230,5 +249,5 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
                     "sampling": _sampling(iface, options.top_k, options.top_p),
                     "precision": {"weights": weights, "compute": options.precision, "fp32_ops": fp32_ops},
                     "compression": compression, "parity": report.to_json()}
-        mf.write(tmp, manifest)
+        contract.write(tmp, manifest)
     return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}

@@ -29,9 +29,9 @@ def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path], out: P
 
 
 def _summary(out: Path, result: dict) -> None:
-    from export import manifest as mf
+    from evar.contract import load_artifact
 
-    m = mf.read(out)
+    m = load_artifact(out).data
     total = sum(f["bytes"] for f in m["files"])
     checks = result["parity"].checks
     print(f"artifact → {out} ({total / 2**20:.1f} MiB, export {result['export_seconds']:.1f}s, "
@@ -50,13 +50,13 @@ def onnx(
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
-    from export.onnx import OnnxOptions
+    from evar.export.onnx import OnnxOptions
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
                           top_k=top_k, top_p=top_p)
     options.validate()  # before loading a model: a bad option costs nothing
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
-        from export.artifact import build_onnx
+        from evar.export.artifact import build_onnx
 
         loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
         result = build_onnx(loaded, model, out, options, command_line("evar-export"))
@@ -75,13 +75,13 @@ def coreml(
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One mlprogram function per scale sharing weights + the VQVAE decoder; structure and wrapper parity on Linux."""
-    from export.coreml import CoremlOptions
+    from evar.export.coreml import CoremlOptions
 
     options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
                             batch=batch, top_k=top_k, top_p=top_p)
     options.validate()
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
-        from export.artifact import build_coreml
+        from evar.export.artifact import build_coreml
 
         loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
         result = build_coreml(loaded, model, out, options, command_line("evar-export"))
@@ -94,7 +94,7 @@ def inspect_cmd(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256")] = True,
 ) -> None:
     """Graphs, I/O per scale, sizes, op histogram and the ANE-risk report."""
-    from export.inspect import report
+    from evar.export.inspect import report
 
     print(report(artifact, verify_files=verify))
 

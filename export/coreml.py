@@ -28,8 +28,9 @@ import torch
 
 from evar.checkpoints import Model
 from evar.errors import EvarError
-from export.graphs import ScaleStep, VQVAEDecoder
-from export.interface import DECODER_STEM, STEP_STEM, DecoderInterface, FunctionSpec, StepInterface
+from evar.export.graphs import ScaleStep, VQVAEDecoder
+from evar.contract import DECODER_GRAPH, STEP_GRAPH
+from evar.export.interface import DecoderInterface, FunctionSpec, StepInterface
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
 TARGETS = ("iOS18", "iOS17")
@@ -218,7 +219,7 @@ def export_step(model: Model, out: Path, options: CoremlOptions, metadata: dict[
             del mlmodel
         desc.default_function_name = iface.function_name(0)
         with _quiet():
-            ct.utils.save_multifunction(desc, str(out / f"{STEP_STEM}.mlpackage"))
+            ct.utils.save_multifunction(desc, str(out / f"{STEP_GRAPH}.mlpackage"))
     notes.append(f"{c.num_scales} functions scale_0..scale_{c.num_scales - 1}; identical weights are stored once")
     if options.kv_mode == "state":
         notes.append("KV cache as state: make one state per image batch and pass it to every scale's function "
@@ -232,7 +233,7 @@ def export_decoder(model: Model, out: Path, options: CoremlOptions, metadata: di
     mlmodel = _convert(VQVAEDecoder(model).eval(), fn, iface.example_inputs(options.batch, seed=0), options, None)
     _metadata(mlmodel, metadata)
     with _quiet():
-        mlmodel.save(str(out / f"{DECODER_STEM}.mlpackage"))
+        mlmodel.save(str(out / f"{DECODER_GRAPH}.mlpackage"))
     return iface
 
 

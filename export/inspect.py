@@ -1,6 +1,6 @@
 """`evar-export inspect DIR`: what an artifact holds, and what will likely fall off the Neural Engine.
 
-The ANE-risk rules are heuristics from REFERENCE.md §5 and Apple's ml-ane-transformers notes; they flag,
+The ANE-risk rules are heuristics from Apple's ml-ane-transformers notes and coremltools' issue tracker; they flag,
 they do not prove: a compute plan on a Mac (MLComputePlan) is the ground truth.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from export import manifest as mf
+from evar.contract import load_artifact
 
 ANE_MULTIPLE = 32
 LARGE_ELEMENTS = 1 << 24  # one tensor of more than 16M elements
@@ -57,7 +57,7 @@ def onnx_ops(path: Path) -> Counter:
 
 
 def coreml_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
-    from export.coreml import package_ops
+    from evar.export.coreml import package_ops
 
     return package_ops(path)
 
@@ -123,7 +123,7 @@ def _coreml_findings(ops: list[dict[str, Any]]) -> list[str]:
 
 def report(root: str | Path, verify_files: bool = True) -> str:
     root = Path(root)
-    m = mf.read(root, verify_files=verify_files)
+    m = load_artifact(root, verify_hashes=verify_files).data
     var = m["model"]["var"]
     lines = [f"EVAR artifact {root} (format {m['format']} v{m['format_version']}, backend {m.get('backend')})",
              f"model: {m['provenance']['model_ref']} depth {var['depth']}, width {var['embed_dim']}, heads {var['num_heads']}, "

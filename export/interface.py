@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import numpy as np
 
 from evar.config import ModelConfig
+from evar.contract import NP_DTYPES
 
 Dim = Union[int, str]
 Backend = Literal["onnx", "coreml"]
@@ -28,11 +29,6 @@ KVMode = Literal["io", "state"]
 
 BATCH, CFG_BATCH = "batch", "cfg_batch"
 SEQ, PAST, TOTAL = "sequence_length", "past_sequence_length", "total_sequence_length"
-STEP_GRAPH, DECODER_GRAPH = "decoder_step", "vqvae_decoder"
-STEP_STEM, DECODER_STEM = "decoder_step", "vqvae_decoder"
-
-# numpy dtypes of the manifest's dtype names
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import torch
 
 from evar.checkpoints import Model
 from evar.errors import EvarError
-from export.graphs import DynamicStep, VQVAEDecoder
-from export.interface import DECODER_STEM, STEP_STEM, DecoderInterface, StepInterface
+from evar.export.graphs import DynamicStep, VQVAEDecoder
+from evar.contract import DECODER_GRAPH, STEP_GRAPH
+from evar.export.interface import DecoderInterface, StepInterface
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
 PROTOBUF_LIMIT = 2 ** 31 - 1
@@ -165,19 +166,19 @@ def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str])
     ins, outs = iface.signature()
     example = iface.example_inputs(si=1, batch=2, seed=0)
     args = tuple(torch.from_numpy(example[t.name]) for t in ins)
-    raw = out / f".{STEP_STEM}.raw.onnx"
+    raw = out / f".{STEP_GRAPH}.raw.onnx"
     _torch_export(step, args, raw, [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
-    return _postprocess(raw, out / f"{STEP_STEM}.onnx", options, notes), iface
+    return _postprocess(raw, out / f"{STEP_GRAPH}.onnx", options, notes), iface
 
 
 def export_decoder(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, DecoderInterface]:
     iface = DecoderInterface(model.config, "onnx")
     fn = iface.function()
     example = iface.example_inputs(batch=2, seed=0)
-    raw = out / f".{DECODER_STEM}.raw.onnx"
+    raw = out / f".{DECODER_GRAPH}.raw.onnx"
     _torch_export(VQVAEDecoder(model).eval(), (torch.from_numpy(example["f_hat"]),), raw,
                   [t.name for t in fn.inputs], [t.name for t in fn.outputs], iface.dynamic_axes(), options.opset)
-    return _postprocess(raw, out / f"{DECODER_STEM}.onnx", options, notes), iface
+    return _postprocess(raw, out / f"{DECODER_GRAPH}.onnx", options, notes), iface
 
 
 def session(path: Path, threads: int = 1):

@@ -1,6 +1,6 @@
 """Parity: every link from the original model to the saved graphs is checked before an artifact is complete.
 
-Links (STYLE.md §6), all on labels/seed/batch other than the trace inputs:
+Links, all on labels/seed/batch other than the trace inputs:
   1. original model (`generate`) → export-ready wrapper driven through the manifest interface: tokens
      identical, CFG'd logits within LOGITS_TOL of their scale, final image within IMAGE_TOL;
   2. wrapper → backend, scale by scale on the *same* inputs (the wrapper's f_hat and KV), so a token that
@@ -23,7 +23,8 @@ from evar.checkpoints import Model
 from evar.errors import EvarError
 from evar.models.sampling import apply_cfg, cfg_ratio
 from evar.models.decoding import generate
-from export.interface import NP_DTYPES, StepInterface
+from evar.contract import empty_past, step_feeds
+from evar.export.interface import StepInterface
 
 LOGITS_TOL = 1e-4  # fp32, max abs relative to the logits' scale (see ParityReport.max_abs)
 IMAGE_TOL = 1e-3  # fp32 decoder output in [-1, 1], max abs
@@ -135,18 +136,12 @@ class Run:
 def scale_feeds(iface: StepInterface, si: int, labels: np.ndarray, f_hat: np.ndarray, seed: int, cfg: float,
                 kv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inputs of scale si as the manifest declares them (uniforms from evar.rng, past KV from `kv`)."""
-    fn = iface.function(si)
     B, pn = len(labels), iface.var.patch_nums[si]
     values = {"labels": labels, "f_hat": f_hat, "uniforms": rng.scale_uniforms(seed, si, B, pn * pn),
               "cfg": np.array([cfg]), "scale_index": np.array([si])}
-    feeds = {}
-    for t in fn.inputs:
-        if t.role in values:
-            feeds[t.name] = values[t.role].astype(NP_DTYPES[t.dtype])
-        else:  # past KV: scale 0 of an io graph starts empty
-            layer_shape = (2 * B, iface.var.num_heads[t.layer], 0, iface.var.head_dim)
-            feeds[t.name] = kv.get(t.name, np.zeros(layer_shape, NP_DTYPES[t.dtype]))
-    return feeds
+    inputs = [t.to_json() for t in iface.function(si).inputs]
+    return step_feeds(inputs, values, kv, lambda t: empty_past(t, B, iface.var.num_heads[t["layer"]],
+                                                                iface.var.head_dim))
 
 
 def next_kv(iface: StepInterface, si: int, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
 """EVAR's runtime: exported artifacts (manifest.json + graphs) → images and timings, without torch."""
-from runtime.generator import Generation, Generator
+from evar.runtime.generator import GeneratedImages, Generator
 
-__all__ = ["Generation", "Generator"]
+__all__ = ["GeneratedImages", "Generator"]

@@ -4,7 +4,7 @@ baseline measured in the same run.
     evar-bench --device cpu --artifact runs/export/pruned-d16 --baseline runs/export/dense-d16 \
         --iters 10 --json pruned.json --plot pruned.png
 
-Conventions (REFERENCE.md §5): load every artifact first (load time reported, not counted), warm up, then
+Conventions (as ml-stable-diffusion and onnxruntime_perf_test report latency): load every artifact first (load time reported, not counted), warm up, then
 time back-to-back generations and report the median and p90 (numpy percentiles, as evar-ios-bench). With a
 baseline both stay loaded and the runs alternate A B B A …, so drift in machine load and temperature hits
 both; the speedup is the ratio of their medians. The JSON uses the field names of evar-ios-bench
@@ -91,8 +91,8 @@ def machine() -> dict[str, Any]:
 
 def load_target(artifact: str | Path, device: str, settings: BenchSettings, io_binding: bool = True,
                 model: Any = None, verify_hashes: bool = False) -> Target:
-    from runtime import memory
-    from runtime.generator import Generator
+    from evar.runtime import memory
+    from evar.runtime.generator import Generator
 
     gc.collect()  # so that garbage freed during the load does not hide what the load adds
     before = memory.rss_mb()
@@ -108,7 +108,7 @@ def bench_labels(batch: int, num_classes: int) -> np.ndarray:
 
 def measure(targets: list[Target], settings: BenchSettings, progress: bool = False) -> float:
     """Warm-up + timed generations of every target, alternating (A B, B A, …). → process peak RSS (MB)."""
-    from runtime import memory
+    from evar.runtime import memory
 
     process_peak = memory.peak_mb()
     rounds = settings.warmup + settings.iters
@@ -139,14 +139,14 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def macs_per_image(target: Target, cfg: float) -> dict[str, Any]:
-    from runtime import cost
-    from runtime.manifest import DECODER
+    from evar.runtime import cost
+    from evar.contract import DECODER_GRAPH
 
     a = target.artifact
     rows = 1 if target.device == "torch-cpu" and cfg == 0 else 2  # graphs always run the CFG pair
     out = cost.generation_macs(a.var, batch=1, cfg_rows=rows)
     try:
-        out["vqvae_decoder"] = cost.onnx_macs(a.graph_path(DECODER)) if a.format == "onnx" else None
+        out["vqvae_decoder"] = cost.onnx_macs(a.graph_path(DECODER_GRAPH)) if a.format == "onnx" else None
     except Exception as err:  # shape inference can fail on exotic graphs: report, don't crash the bench
         out["vqvae_decoder"], out["vqvae_decoder_error"] = None, str(err).splitlines()[0]
     out["total_with_decoder"] = out["total"] + out["vqvae_decoder"] if out["vqvae_decoder"] is not None else None
@@ -156,7 +156,7 @@ def macs_per_image(target: Target, cfg: float) -> dict[str, Any]:
 def summarize(target: Target, settings: BenchSettings, process_peak_mb: float | None = None,
               base_rss_mb: float | None = None, command: str | None = None) -> dict[str, Any]:
     """The report of one target; `base_rss_mb` is the RSS before any artifact was loaded."""
-    from runtime import cost
+    from evar.runtime import cost
 
     a, gen, runs = target.artifact, target.generator, target.timings
     b = gen.backend
@@ -374,7 +374,7 @@ def run(artifact: str | Path, device: str = "cpu", settings: BenchSettings = Ben
         model: Any = None, baseline_model: Any = None, verify_hashes: bool = False, progress: bool = False,
         command: str | None = None) -> dict[str, Any]:
     """Load, warm up, measure (alternating with the baseline) → the report dict (baseline nested)."""
-    from runtime import backends, memory
+    from evar.runtime import backends, memory
 
     settings.validate()
     backends.check_available(device)

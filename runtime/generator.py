@@ -1,6 +1,6 @@
 """`Generator`: images from an exported artifact, reading only manifest.json and the graph files.
 
-    from runtime import Generator
+    from evar.runtime import Generator
     gen = Generator("runs/export/dense-digits", backend="cpu")
     out = gen.generate([3, 3, 7], seed=0, cfg=1.5)      # out.images: uint8 (3, H, W, 3); out.tokens: per scale
 
@@ -23,8 +23,8 @@ import numpy as np
 
 from evar import rng
 from evar.errors import EvarError
-from runtime import backends
-from runtime.manifest import Artifact, load_artifact
+from evar.runtime import backends
+from evar.contract import Artifact, load_artifact
 
 
 @dataclass
@@ -41,7 +41,9 @@ class Timing:
 
 
 @dataclass
-class Generation:
+class GeneratedImages:
+    """What the runtime returns (numpy, uint8 pixels); `evar.models.decoding.Generation` is PyTorch's."""
+
     images: np.ndarray  # uint8 (N, H, W, 3)
     tokens: list[np.ndarray]  # per scale (N, pn²) int64, coarse to fine
     labels: np.ndarray  # (N,) int64
@@ -95,7 +97,7 @@ class Generator:
         return top_k, top_p
 
     def generate(self, labels: Sequence[int] | np.ndarray, seed: int = 0, cfg: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, first_sample: int = 0) -> Generation:
+                 top_k: int | None = None, top_p: float | None = None, first_sample: int = 0) -> GeneratedImages:
         """Images for `labels`, split into batches of `batch_size` (numbered from `first_sample`, so splitting
         never changes an image). cfg None = the manifest's default; top-k/top-p None = the baked values."""
         labels = np.asarray(labels, dtype=np.int64)
@@ -112,7 +114,7 @@ class Generator:
             tokens.append([t[:real] for t in tok])
             timings.append(timing)
         per_scale = [np.concatenate([t[si] for t in tokens]) for si in range(self.artifact.num_scales)]
-        return Generation(np.concatenate(images), per_scale, labels, timings)
+        return GeneratedImages(np.concatenate(images), per_scale, labels, timings)
 
     def run_batch(self, labels: np.ndarray, seed: int, cfg: float, top_k: int, top_p: float,
                   first_sample: int = 0) -> tuple[np.ndarray, list[np.ndarray], Timing]:

@@ -17,9 +17,9 @@ import pytest
 from evar.outputs import claim_output
 from evar.zoo import BUILTIN
 
-EVAR = [sys.executable, "-m", "evar.cli"]
-EXPORT = [sys.executable, "-m", "export.cli"]
-BENCH = [sys.executable, "-m", "runtime.bench"]
+EVAR = [sys.executable, "-m", "evar.apps.cli"]
+EXPORT = [sys.executable, "-m", "evar.export.cli"]
+BENCH = [sys.executable, "-m", "evar.runtime.bench"]
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

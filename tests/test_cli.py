@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from typer.testing import CliRunner
 
-from evar.cli import app
+from evar.apps.cli import app
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def test_info_and_convert_round_trip(tmp_path):
 
 
 def test_bad_reference_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "evar.cli", "sample", "--model", "official:d16"],
+    proc = subprocess.run([sys.executable, "-m", "evar.apps.cli", "sample", "--model", "official:d16"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1

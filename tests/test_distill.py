@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import evar.train
 from evar.checkpoints import ModelConfig, build_model, save_model_dir
-from evar.cli import app
+from evar.apps.cli import app
 from evar.distill.losses import (default_scale_weights, feature_loss, kd_loss, normal_kd, per_scale_means,
                                  progressive_scales, scale_aware_kd, task_loss, token_kl)
 from evar.distill.trainer import DistillRecipe, check_family, check_teacher, distill

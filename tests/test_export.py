@@ -18,12 +18,12 @@ from tests.conftest import tiny_model
 onnxruntime = pytest.importorskip("onnxruntime")
 ct = pytest.importorskip("coremltools")
 
-from export import manifest as mf  # noqa: E402
-from export import parity as pt  # noqa: E402
-from export.artifact import build_coreml, build_onnx  # noqa: E402
-from export.coreml import CoremlOptions, package_functions  # noqa: E402
-from export.interface import StepInterface  # noqa: E402
-from export.onnx import OnnxOptions, session  # noqa: E402
+from evar import contract as mf  # noqa: E402
+from evar.export import parity as pt  # noqa: E402
+from evar.export.artifact import build_coreml, build_onnx  # noqa: E402
+from evar.export.coreml import CoremlOptions, package_functions  # noqa: E402
+from evar.export.interface import StepInterface  # noqa: E402
+from evar.export.onnx import OnnxOptions, session  # noqa: E402
 
 TOP_K, TOP_P = 40, 0.9
 
@@ -69,7 +69,7 @@ def _no_leftovers(parent: Path, name: str) -> None:
 def test_onnx_artifact_is_complete_and_valid(onnx_artifact):
     _, out, result = onnx_artifact
     assert result["parity"].passed
-    m = mf.read(out, verify_files=True)  # schema + sizes + sha256
+    m = mf.load_artifact(out, verify_hashes=True).data  # schema + sizes + sha256
     assert m["backend"] == "onnx" and m["model"]["var"]["num_heads"] == [2, 1, 3]
     assert {f["path"] for f in m["files"]} == {"decoder_step.onnx", "vqvae_decoder.onnx"}
     layers = m["kv_cache"]["layers"]
@@ -80,7 +80,7 @@ def test_onnx_artifact_is_complete_and_valid(onnx_artifact):
 
 def test_onnx_graph_io_matches_manifest(onnx_artifact):
     _, out, _ = onnx_artifact
-    m = mf.read(out)
+    m = mf.load_artifact(out).data
     sig = m["graphs"]["decoder_step"]["signature"]
     sess = session(out / "decoder_step.onnx")
     assert [i.name for i in sess.get_inputs()] == [t["name"] for t in sig["inputs"]]
@@ -112,7 +112,7 @@ def test_onnx_fp16_weights_external_data(tmp_path):
     out = tmp_path / "fp16"
     result = build_onnx(model, "tests:tiny", out, OnnxOptions(precision="fp16", external_data="always", simplify=False,
                                                               top_k=TOP_K, top_p=TOP_P))
-    m = mf.read(out, verify_files=True)
+    m = mf.load_artifact(out, verify_hashes=True).data
     assert result["parity"].passed and m["precision"] == {"weights": "fp16", "compute": "fp32", "fp32_ops": []}
     assert m["graphs"]["decoder_step"]["external_data"] == "decoder_step.onnx.data"
     assert (out / "decoder_step.onnx.data").is_file()
@@ -121,7 +121,7 @@ def test_onnx_fp16_weights_external_data(tmp_path):
 # ---------------------------------------------------------------- Core ML
 def test_coreml_package_matches_manifest(coreml_artifact):
     _, out, result = coreml_artifact
-    m = mf.read(out, verify_files=True)
+    m = mf.load_artifact(out, verify_hashes=True).data
     graph = m["graphs"]["decoder_step"]
     assert [f["name"] for f in graph["functions"]] == ["scale_0", "scale_1"]
     declared = package_functions(out / graph["file"])
@@ -156,7 +156,7 @@ def test_coreml_prediction_parity_on_macos(coreml_artifact):
 
 # ---------------------------------------------------------------- failures leave nothing behind
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from export import cli
+    from evar.export import cli
 
     monkeypatch.setattr(sys, "argv", ["evar-export", *args])
     with pytest.raises(SystemExit) as exc:
@@ -210,7 +210,7 @@ def test_manifest_schema_rejects_a_broken_manifest(onnx_artifact):
 
 # ---------------------------------------------------------------- inspect
 def test_inspect_prints_graphs_io_and_ane_risks(onnx_artifact, coreml_artifact):
-    from export.inspect import report
+    from evar.export.inspect import report
 
     text = report(onnx_artifact[1])
     assert "[decoder_step] decoder_step.onnx" in text
@@ -231,7 +231,7 @@ def test_coreml_targets_and_compression(request, tmp_path, target, compress):
     out = tmp_path / "art"
     result = build_coreml(tiny_coreml_model(), "tests:tiny2", out, CoremlOptions(target=target, compress=compress,
                                                                                    top_k=TOP_K, top_p=TOP_P))
-    m = mf.read(out, verify_files=True)
+    m = mf.load_artifact(out, verify_hashes=True).data
     assert result["parity"].passed and m["compression"]["method"] == compress
     fn1 = next(f for f in m["graphs"]["decoder_step"]["functions"] if f["name"] == "scale_1")
     if target == "iOS17":

@@ -1,7 +1,7 @@
 """ios_demo checks that run without a Swift toolchain.
 
 - every Swift file parses with a real Swift grammar (tree-sitter-swift), with a negative control;
-- EVARKit's `Manifest` types match export/manifest.schema.json key for key (read from the Swift source);
+- EVARKit's `Manifest` types match evar/contract/manifest.schema.json key for key (read from the Swift source);
 - the shared fixtures equal what ios_demo/scripts/make_fixtures.py builds now, and agree with the
   Python runtime (evar.rng, evar.models.sampling); the XCTest target reads the same files on macOS;
 - the bench JSON fields of BenchReport.swift are the ones ios_demo/README.md documents.
@@ -26,7 +26,7 @@ tree_sitter_swift = pytest.importorskip("tree_sitter_swift")
 ROOT = Path(__file__).resolve().parents[1]
 IOS = ROOT / "ios_demo"
 FIXTURES = IOS / "Tests" / "Fixtures"
-SCHEMA_PATH = ROOT / "export" / "manifest.schema.json"
+SCHEMA_PATH = ROOT / "evar" / "contract" / "manifest.schema.json"
 KIT = IOS / "Sources" / "EVARKit"
 
 
@@ -312,7 +312,7 @@ def test_swift_manifest_matches_the_schema(schema, manifest_types):
             swift_values = {raw for _, raw in swift.cases}
             if schema_values != swift_values:
                 problems.append(f"enum {swift.name}: Swift {sorted(swift_values)} vs schema {sorted(schema_values)}")
-    assert not problems, "Swift Manifest and export/manifest.schema.json disagree:\n" + "\n".join(problems)
+    assert not problems, "Swift Manifest and evar/contract/manifest.schema.json disagree:\n" + "\n".join(problems)
 
 
 def test_the_schema_check_catches_drift(schema, manifest_types):

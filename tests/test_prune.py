@@ -111,7 +111,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kw, message):
     from typer.testing import CliRunner
 
     from evar.checkpoints import save_model_dir
-    from evar.cli import app
+    from evar.apps.cli import app
 
     with pytest.raises(EvarError, match=message):
         save_pruned(prune_model(tiny_model(), PruneConfig(**kw), progress=False), tmp_path / "out")
@@ -342,7 +342,7 @@ def test_cli_prune_leaves_no_partial_directory(tmp_path):
     from typer.testing import CliRunner
 
     from evar.checkpoints import save_model_dir
-    from evar.cli import app
+    from evar.apps.cli import app
 
     save_model_dir(tiny_model(), tmp_path / "model")
     result = CliRunner().invoke(app, ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "p"),

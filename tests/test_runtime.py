@@ -21,10 +21,10 @@ from tests.conftest import tiny_model
 
 pytest.importorskip("onnxruntime")
 
-from export.artifact import build_onnx  # noqa: E402
-from export.onnx import OnnxOptions  # noqa: E402
-from runtime import Generator, bench, cost  # noqa: E402
-from runtime.manifest import ManifestError, load_artifact  # noqa: E402
+from evar.export.artifact import build_onnx  # noqa: E402
+from evar.export.onnx import OnnxOptions  # noqa: E402
+from evar.runtime import Generator, bench, cost  # noqa: E402
+from evar.contract import ManifestError, load_artifact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K, TOP_P = 40, 0.9
@@ -77,6 +77,35 @@ def test_batches_are_numbered_so_splitting_changes_nothing(art):
     np.testing.assert_array_equal(split.tokens[-1][3:], ref.tokens[-1].numpy())
 
 
+def test_one_seed_gives_the_same_tokens_on_every_path(art):
+    """generate, the runtime's torch reference, the ONNX artifact and both export wrappers all step through
+    `evar.models.decoding.decode_scale`: one seed, one set of tokens."""
+    from evar.export import parity
+    from evar.export.graphs import DynamicStep, ScaleStep
+    from evar.export.interface import StepInterface
+
+    model, path = art
+    labels, seed, guidance = np.array([4, 1, 7]), 31, 1.5
+    want = [t.numpy() for t in reference(model, labels, seed, guidance).tokens]
+    runs = {"torch backend": Generator(path, "torch-cpu", model=model).generate(labels, seed=seed, cfg=guidance).tokens,
+            "onnx artifact": Generator(path, "cpu", threads=1).generate(labels, seed=seed, cfg=guidance).tokens}
+    ready = build_model(model.config, attn_impl="math")
+    ready.var.load_state_dict(model.var.state_dict())
+    ready.vqvae.load_state_dict(model.vqvae.state_dict())
+    dynamic = StepInterface(model.config, "onnx")
+    static = StepInterface(model.config, "coreml", batch=len(labels))
+    wrappers = {"one graph for every scale (ONNX wrapper)": (DynamicStep(ready, top_k=TOP_K, top_p=TOP_P), dynamic),
+                "a function per scale (Core ML wrapper)": (
+                    [ScaleStep(ready, si, top_k=TOP_K, top_p=TOP_P, batch=len(labels))
+                     for si in range(model.config.var.num_scales)], static)}
+    for name, (module, iface) in wrappers.items():
+        run = parity.drive(parity.torch_step(module, iface), iface, labels, seed, guidance)
+        runs[name] = [o["idx"] for o in run.outputs]
+    for name, tokens in runs.items():
+        for si, (got, ref) in enumerate(zip(tokens, want)):
+            np.testing.assert_array_equal(np.asarray(got, np.int64), ref, err_msg=f"{name}, scale {si}")
+
+
 def test_torch_reference_backend_equals_generate(art):
     model, path = art
     labels = [1, 2, 3]
@@ -89,7 +118,7 @@ def test_torch_reference_backend_equals_generate(art):
 
 
 def test_sample_cli_with_artifact_equals_the_model(art, tmp_path):
-    from evar.cli import app
+    from evar.apps.cli import app
 
     _, path = art
     runner = CliRunner()
@@ -104,7 +133,7 @@ def test_sample_cli_with_artifact_equals_the_model(art, tmp_path):
 
 
 def test_sample_cli_verifies_hashes_on_request(art, tmp_path):
-    from evar.cli import app
+    from evar.apps.cli import app
 
     path = copy_artifact(art[1], tmp_path / "a")
     graph = path / "vqvae_decoder.onnx"
@@ -120,8 +149,8 @@ def test_sample_cli_verifies_hashes_on_request(art, tmp_path):
 
 def test_runtime_runs_without_torch(art):
     _, path = art
-    code = ("import sys, runtime, runtime.bench, runtime.generator, runtime.manifest, runtime.cost\n"
-            f"out = runtime.Generator({str(path)!r}, 'cpu', threads=1).generate([1, 2], seed=3)\n"
+    code = ("import sys, evar.runtime, evar.runtime.bench, evar.runtime.generator, evar.contract, evar.runtime.cost\n"
+            f"out = evar.runtime.Generator({str(path)!r}, 'cpu', threads=1).generate([1, 2], seed=3)\n"
             "assert out.images.shape == (2, 8, 8, 3)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'coremltools')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

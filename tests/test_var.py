@@ -8,7 +8,7 @@ from evar.models.decoding import generate
 from evar.models.var import VAR
 from tests.conftest import tiny_model
 
-D16_SHAPES = {  # REFERENCE.md §1, C = 1024
+D16_SHAPES = {  # the FoundationVision var_d16.pth release file, C = 1024
     "pos_start": (1, 1, 1024), "pos_1LC": (1, 680, 1024), "lvl_1L": (1, 680),
     "attn_bias_for_masking": (1, 1, 680, 680), "word_embed.weight": (1024, 32), "word_embed.bias": (1024,),
     "class_emb.weight": (1001, 1024), "lvl_embed.weight": (10, 1024),

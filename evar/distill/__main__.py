@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node 2 -m evar.distill --teacher builtin:digits --student pruned/ --out distilled/
 """
-import sys
+import typer
 
-from evar.cli import main
+from evar.distill.command import distill
+from evar.errors import run_cli
 
 if __name__ == "__main__":
-    sys.argv[1:1] = ["distill"]
-    main()
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(distill)
+    run_cli(app)

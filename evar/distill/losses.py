@@ -1,4 +1,4 @@
-"""Distillation losses over teacher-forced VAR sequences (REFERENCE.md §2, with two corrections).
+"""Distillation losses over teacher-forced VAR sequences (the EVAR paper's normal and scale-aware KD, with two corrections).
 
 Shapes: logits (B, L, V) over the whole token sequence, scales concatenated coarse to fine; a scale
 range is the [begin, end) slice of L that `VARConfig.scale_ranges()` gives. Every term is a mean, so a

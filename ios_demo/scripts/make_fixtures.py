@@ -353,12 +353,12 @@ def image_fixture() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # A tiny manifest: functions and KV layout from export.interface (the exporter's own declarations),
-# the other sections as evar-export coreml writes them; valid against export/manifest.schema.json.
+# the other sections as evar-export coreml writes them; valid against evar/contract/manifest.schema.json.
 
 
 def tiny_manifest(kv_mode: str) -> dict:
     from evar.config import ModelConfig, VARConfig, VQVAEConfig
-    from export.interface import DecoderInterface, StepInterface
+    from evar.export.interface import DecoderInterface, StepInterface
 
     patch_nums = (1, 2, 3, 4)
     vqvae = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, v_patch_nums=patch_nums)

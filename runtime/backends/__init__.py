@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evar.errors import EvarError
-from runtime.backends.base import Backend, BackendUnavailable, require_macos
-from runtime.manifest import Artifact
+from evar.runtime.backends.base import Backend, BackendUnavailable, require_macos
+from evar.contract import Artifact
 
 
 @dataclass(frozen=True)
@@ -47,18 +47,18 @@ def create(name: str, artifact: Artifact, threads: int | None = None, io_binding
            model: Any = None) -> Backend:
     d = check_available(name)
     if d.kind == "ort":
-        from runtime.backends.ort import OrtBackend
+        from evar.runtime.backends.ort import OrtBackend
 
         return OrtBackend(artifact, threads, io_binding)
     if d.kind == "ort-coreml":
-        from runtime.backends.ort import OrtBackend
+        from evar.runtime.backends.ort import OrtBackend
 
         return OrtBackend(artifact, threads, io_binding, execution_provider="coreml", compute_units=d.compute_units)
     if d.kind == "torch":
-        from runtime.backends.torch_ref import TorchBackend
+        from evar.runtime.backends.torch_ref import TorchBackend
 
         return TorchBackend(artifact, threads, model)
-    from runtime.backends.coreml import CoremlBackend
+    from evar.runtime.backends.coreml import CoremlBackend
 
     return CoremlBackend(artifact, d.compute_units, name)
 

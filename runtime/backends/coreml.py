@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import BackendUnavailable, require_format, require_macos
-from runtime.manifest import DECODER, NP_DTYPES, STEP, Artifact
+from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
+from evar.contract import DECODER_GRAPH, STEP_GRAPH, Artifact, step_feeds
 
 CT_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
 
@@ -30,17 +30,17 @@ class CoremlBackend:
             raise BackendUnavailable("coremltools is not installed: pip install coremltools") from None
         self.artifact, self.compute_units = artifact, compute_units
         units = getattr(ct.ComputeUnit, CT_UNITS[compute_units])
-        step = artifact.graph(STEP)
-        path = str(artifact.graph_path(STEP))
+        step = artifact.graph(STEP_GRAPH)
+        path = str(artifact.graph_path(STEP_GRAPH))
         if step.get("scale_selection") == "function":
-            self.functions = [ct.models.MLModel(path, function_name=artifact.function(STEP, si)["name"], compute_units=units)
+            self.functions = [ct.models.MLModel(path, function_name=artifact.function(STEP_GRAPH, si)["name"], compute_units=units)
                               for si in range(artifact.num_scales)]
         else:  # one function for every scale
             self.functions = [ct.models.MLModel(path, compute_units=units)] * artifact.num_scales
-        self.decoder = ct.models.MLModel(str(artifact.graph_path(DECODER)), compute_units=units)
+        self.decoder = ct.models.MLModel(str(artifact.graph_path(DECODER_GRAPH)), compute_units=units)
         self.past_of = artifact.past_of_present()
-        self.dec_in = artifact.function(DECODER)["inputs"][0]["name"]
-        self.dec_out = artifact.function(DECODER)["outputs"][0]["name"]
+        self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
+        self.dec_out = artifact.function(DECODER_GRAPH)["outputs"][0]["name"]
 
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
         var = self.artifact.var
@@ -51,14 +51,10 @@ class CoremlBackend:
         self.state = self.functions[0].make_state() if self.artifact.kv_mode == "state" else None
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        fn = self.artifact.function(STEP, si)
-        feeds = {}
-        for t in fn["inputs"]:
-            role, dtype = t["role"], NP_DTYPES[t["dtype"]]
-            value = {"uniforms": uniforms, "scale_index": np.array([si])}.get(role)
-            if value is None:
-                value = self.past[t["name"]] if role in ("past_key", "past_value") else self.values[role]
-            feeds[t["name"]] = np.ascontiguousarray(value, dtype=dtype)
+        fn = self.artifact.function(STEP_GRAPH, si)
+        # Core ML io artifacts give scale 0 no cache inputs at all: nothing empty is ever fed
+        feeds = step_feeds(fn["inputs"], {**self.values, "uniforms": uniforms, "scale_index": np.array([si])},
+                           self.past, lambda t: self.artifact.empty_past(t, len(self.values["labels"])))
         kw = {"state": self.state} if self.state is not None else {}
         outs = self.functions[si].predict(feeds, **kw)
         roles = {t["role"]: t["name"] for t in fn["outputs"]}

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import BackendUnavailable, require_format, require_macos
-from runtime.manifest import DECODER, NP_DTYPES, STEP, Artifact, ManifestError
+from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
+from evar.contract import DECODER_GRAPH, STEP_GRAPH, Artifact, ManifestError, step_feeds
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
 
@@ -49,12 +49,12 @@ class OrtBackend:
             providers = ["CPUExecutionProvider"]
             self.compute_units = "cpuOnly"
         self.execution_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        self.step = self._session(ort, STEP, providers)
-        self.decoder = self._session(ort, DECODER, providers)
+        self.step = self._session(ort, STEP_GRAPH, providers)
+        self.decoder = self._session(ort, DECODER_GRAPH, providers)
         self.step_outputs = [o.name for o in self.step.get_outputs()]
         self.past_of = artifact.past_of_present()
-        self.roles = {t["role"]: t["name"] for t in artifact.function(STEP, 0)["outputs"] if t.get("role")}
-        self.dec_in = artifact.function(DECODER)["inputs"][0]["name"]
+        self.roles = {t["role"]: t["name"] for t in artifact.function(STEP_GRAPH, 0)["outputs"] if t.get("role")}
+        self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
 
     def _session(self, ort, role: str, providers: list[Any]):
         so = ort.SessionOptions()
@@ -86,34 +86,21 @@ class OrtBackend:
         self.past: dict[str, Any] = {}  # past input name → OrtValue / array; empty at scale 0
         self.batch = B
 
-    def _feed(self, t: dict[str, Any], si: int, uniforms: np.ndarray) -> Any:
-        role, dtype = t["role"], NP_DTYPES[t["dtype"]]
-        if role == "uniforms":
-            return np.ascontiguousarray(uniforms, dtype=dtype)
-        if role == "scale_index":
-            return np.array([si], dtype=dtype)
-        if role in ("past_key", "past_value"):
-            if t["name"] in self.past:
-                return self.past[t["name"]]
-            heads = self.artifact.data["kv_cache"]["layers"][t["layer"]]["heads"]
-            return np.zeros((2 * self.batch, heads, 0, self.artifact.var["head_dim"]), dtype)
-        value = self.values[role]
-        return value if not isinstance(value, np.ndarray) else np.ascontiguousarray(value, dtype=dtype)
-
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        inputs = self.artifact.function(STEP, si)["inputs"]
+        feeds = step_feeds(self.artifact.function(STEP_GRAPH, si)["inputs"],
+                           {**self.values, "uniforms": uniforms, "scale_index": np.array([si])}, self.past,
+                           lambda t: self.artifact.empty_past(t, self.batch))
         if not self.io_binding:
-            outs = dict(zip(self.step_outputs, self.step.run(None, {t["name"]: self._feed(t, si, uniforms) for t in inputs})))
+            outs = dict(zip(self.step_outputs, self.step.run(None, feeds)))
             idx = outs[self.roles["idx"]]
         else:
             ort = _ort()
             binding = self.step.io_binding()
-            for t in inputs:
-                value = self._feed(t, si, uniforms)
+            for name, value in feeds.items():
                 if isinstance(value, ort.OrtValue):
-                    binding.bind_ortvalue_input(t["name"], value)
+                    binding.bind_ortvalue_input(name, value)
                 else:
-                    binding.bind_cpu_input(t["name"], value)
+                    binding.bind_cpu_input(name, value)
             for name in self.step_outputs:
                 binding.bind_output(name, "cpu")
             self.step.run_with_iobinding(binding)

@@ -14,8 +14,8 @@ import torch
 
 from evar.errors import EvarError
 from evar.models.decoding import Decoder
-from runtime.backends.base import BackendUnavailable
-from runtime.manifest import Artifact
+from evar.runtime.backends.base import BackendUnavailable
+from evar.contract import Artifact
 
 # what must agree between the artifact and the model it is compared with
 _SHAPE_KEYS = ("depth", "embed_dim", "num_heads", "ffn_dims", "head_dim", "vocab_size", "cvae", "num_classes", "patch_nums")

@@ -1,4 +1,4 @@
-// The artifact manifest, decoded exactly as export/manifest.schema.json declares it.
+// The artifact manifest, decoded exactly as evar/contract/manifest.schema.json declares it.
 //
 // Each type below names the schema node it models in a `Schema:` line. tests/test_ios_demo.py reads
 // those lines, the CodingKeys and the stored properties with a Swift parser and checks them against

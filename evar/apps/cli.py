@@ -97,8 +97,8 @@ def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int,
     import numpy as np
 
     from evar.samples import parse_classes
-    from runtime import Generator
-    from runtime.manifest import load_artifact
+    from evar.runtime import Generator
+    from evar.contract import load_artifact
 
     art = load_artifact(artifact, verify_hashes=verify_hashes)
     gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
@@ -240,7 +240,7 @@ def demo(
                       progress_note=f"finished stages wait in {out}"):
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "demo run", model=model)
-        from evar.demo import DemoPlan, run_demo
+        from evar.apps.demo import DemoPlan, run_demo
 
         report = run_demo(DemoPlan(model=model, out=out, sparsity=sparsity, method=method))
     print(f"report → {report}")

@@ -97,11 +97,11 @@ def _export(ref: str, out: Path, backend: str) -> Callable[[], None]:
         s = SamplingSettings()
         model = zoo.load(ref)
         if backend == "onnx":
-            from export import artifact, onnx
+            from evar.export import artifact, onnx
 
             artifact.build_onnx(model, ref, out, onnx.OnnxOptions(top_k=s.top_k, top_p=s.top_p), command="evar demo")
         else:
-            from export import artifact, coreml
+            from evar.export import artifact, coreml
 
             artifact.build_coreml(model, ref, out, coreml.CoremlOptions(top_k=s.top_k, top_p=s.top_p),
                                   command="evar demo")
@@ -117,7 +117,7 @@ def _run_exported(plan: DemoPlan, artifact: Path, torch_ref: Path, out: Path) ->
         from evar import zoo
         from evar.models.decoding import generate
         from evar.samples import SamplingSettings, write_samples
-        from runtime.generator import Generator
+        from evar.runtime.generator import Generator
 
         s = SamplingSettings(seed=plan.seed)
         labels = np.repeat(np.arange(10), 8)
@@ -135,7 +135,7 @@ def _run_exported(plan: DemoPlan, artifact: Path, torch_ref: Path, out: Path) ->
 
 def _bench(plan: DemoPlan, artifact: Path, baseline: Path, out: Path) -> Callable[[], None]:
     def run() -> None:
-        from runtime import bench
+        from evar.runtime import bench
 
         report = bench.run(artifact, "cpu", bench.BenchSettings(iters=plan.bench_iters, warmup=2, seed=plan.seed),
                            baseline=baseline, command="evar demo")
