@@ -325,14 +325,16 @@ def random_state_dict(reduction: int = 1, seed: int = 0) -> dict[str, torch.Tens
     pipeline can be run end to end where the real file is not at hand. Its numbers mean nothing."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, ref in FIDInception(reduction).state_dict().items():
+    with torch.device("meta"):
+        layout = FIDInception(reduction).state_dict()
+    for key, ref in layout.items():
         if key.endswith("conv.weight"):
             fan_in = ref[0].numel()
             state[key] = torch.randn(ref.shape, generator=gen) * (2.0 / fan_in) ** 0.5
         elif key == "fc.weight":
             state[key] = torch.randn(ref.shape, generator=gen) / ref.shape[1] ** 0.5
         else:
-            state[key] = ref.clone()  # bn weight 1, bias 0, running mean 0, var 1; fc bias 0
+            state[key] = torch.ones(ref.shape) if key.endswith(("bn.weight", "running_var")) else torch.zeros(ref.shape)
     return state
 
 

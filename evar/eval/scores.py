@@ -78,7 +78,7 @@ class NpyMember:
         with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
             f.seek(self.offset + start * row_bytes)
             data = f.read((stop - start) * row_bytes)
-        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:])).copy()
 
 
 def npz_keys(path: Path) -> list[str]:

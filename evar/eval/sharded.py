@@ -222,8 +222,8 @@ def _check_record(parts: Path, record: dict[str, Any]) -> None:
     """Refuse to continue a run made with other settings (naming them); write the record for a new run."""
     path = parts / RUN_FILE
     if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        old, new = _dotted(json.loads(path.read_text())), _dotted(record)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise EvarError(f"{parts} holds a run with other settings ({', '.join(changed)} changed): use the same "
                             "flags to continue it, or another --work-dir / --out")
@@ -231,6 +231,14 @@ def _check_record(parts: Path, record: dict[str, Any]) -> None:
     if parts.exists() and any(parts.iterdir()):
         raise EvarError(f"{parts} exists and is not an evaluation's work directory; choose another --work-dir")
     atomic_write_json(path, record)
+
+
+def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"source": {"sampling": {"cfg": 1.5}}} → {"source.sampling.cfg": 1.5}: a change is named to the flag."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def _source_record(described: dict[str, Any]) -> dict[str, Any]:
