@@ -1,6 +1,5 @@
 """ImageNet-style evaluation: the FID Inception layout, the scores against reference computations, the
 reference file readers, and the sharded run (per-sample seeds, resume, 2 gloo ranks, bad input)."""
-import io
 import json
 import os
 import subprocess
@@ -14,11 +13,18 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-import evar.eval.sharded as sharded
 from evar.errors import EvarError
-from evar.eval.inception import (WEIGHTS_FILE, WEIGHTS_URL, FIDInception, _avg_pool_3x3, _tf1_bilinear_matrix,
-                                 load_inception, random_state_dict, write_random_weights)
-from evar.eval.manifold import precision_recall
+from evar.eval import sharded
+from evar.eval.inception import (
+    WEIGHTS_FILE,
+    WEIGHTS_URL,
+    FIDInception,
+    _avg_pool_3x3,
+    _tf1_bilinear_matrix,
+    load_inception,
+    random_state_dict,
+    write_random_weights,
+)
 from evar.eval.scores import IS_SPLITS, NpyMember, inception_score, read_reference, score, write_reference
 from evar.eval.sharded import EvalPlan, evaluate
 from evar.eval.sources import VARSource, class_of
@@ -261,13 +267,13 @@ def _nothing_written(tmp_path, p):
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, weights):
     np.savez(tmp_path / "other_dim.npz", mu=np.zeros(64), sigma=np.eye(64))
     cases = [
-        (dict(ref_stats=tmp_path / "other_dim.npz"), "statistics of dimension 64.*128-d"),
-        (dict(num_samples=25), "--num-samples 25 is not a positive multiple of the model's 10 classes"),
-        (dict(num_samples=5), "--num-samples must be at least 10"),
-        (dict(inception_weights=tmp_path / "nope.pth"), f"not found at .*nope.pth: download {WEIGHTS_FILE}"),
-        (dict(inception_weights=None), "--inception-weights is required"),
-        (dict(images=tmp_path), "exactly one image source"),
-        (dict(precision="fp16"), "fp16 needs a GPU"),
+        ({"ref_stats": tmp_path / "other_dim.npz"}, "statistics of dimension 64.*128-d"),
+        ({"num_samples": 25}, "--num-samples 25 is not a positive multiple of the model's 10 classes"),
+        ({"num_samples": 5}, "--num-samples must be at least 10"),
+        ({"inception_weights": tmp_path / "nope.pth"}, f"not found at .*nope.pth: download {WEIGHTS_FILE}"),
+        ({"inception_weights": None}, "--inception-weights is required"),
+        ({"images": tmp_path}, "exactly one image source"),
+        ({"precision": "fp16"}, "fp16 needs a GPU"),
     ]
     for overrides, message in cases:
         p = plan(tmp_path, weights, **overrides)
@@ -280,7 +286,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, weights):
     torch.save(state, wrong)
     result = subprocess.run([sys.executable, "-m", "evar.eval.imagenet", "--model", "builtin:digits",
                              "--inception-weights", str(wrong), "--num-samples", "10", "--out", str(tmp_path / "cli.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing key 'Mixed_5b.branch_pool.conv.weight'" in lines[0]

@@ -57,7 +57,7 @@ class VARSource:
     settings: SamplingSettings
     num_samples: int
     precision: str = "fp32"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
         self.per_class = per_class_count(self.num_samples, self.model.config.var.num_classes)
