@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from evar.errors import EvarError
-from evar.eval import sharded
+from evar.eval import imagenet, sharded
 from evar.eval.inception import (
     WEIGHTS_FILE,
     WEIGHTS_URL,
@@ -29,6 +29,7 @@ from evar.eval.scores import IS_SPLITS, NpyMember, inception_score, read_referen
 from evar.eval.sharded import EvalPlan, evaluate
 from evar.eval.sources import VARSource, class_of
 from evar.samples import SamplingSettings
+from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = 16  # channel reduction of the test-size Inception (128-d pool features)
@@ -193,9 +194,7 @@ def plan(tmp_path, weights, name="report", **kw):
 
 
 def test_per_sample_seeds_do_not_depend_on_sharding():
-    from evar import zoo
-
-    source = VARSource(zoo.load("builtin:digits"), "builtin:digits", SamplingSettings(), 20)
+    source = VARSource(tiny_model(), "tiny", SamplingSettings(top_k=40, top_p=0.9), 20)
     assert class_of(0, 20, source.per_class).tolist() == [i // 2 for i in range(20)]
     whole = source.images(0, 12)
     pieces = np.concatenate([source.images(a, b) for a, b in ((0, 1), (1, 6), (6, 7), (7, 12))])
@@ -264,9 +263,14 @@ def _nothing_written(tmp_path, p):
     assert not p.out.exists() and not p.parts.exists()
 
 
-def test_bad_input_is_refused_before_anything_is_written(tmp_path, weights):
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, weights, monkeypatch, capsys):
     np.savez(tmp_path / "other_dim.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "five.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "three.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     cases = [
+        ({"model": None, "images": tmp_path / "five.npz", "num_samples": None}, "holds 5 images; the Inception Score"),
+        ({"ref_stats": tmp_path / "three.npz"}, "holds 3 reference images; precision and recall need more"),
+        ({"model": None, "images": tmp_path / "five.npz", "num_samples": 12}, "holds only 5 images"),
         ({"ref_stats": tmp_path / "other_dim.npz"}, "statistics of dimension 64.*128-d"),
         ({"num_samples": 25}, "--num-samples 25 is not a positive multiple of the model's 10 classes"),
         ({"num_samples": 5}, "--num-samples must be at least 10"),
@@ -284,11 +288,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, weights):
     state = random_state_dict(SMALL)
     state["Mixed_5b.branch_pool.conv.kernel"] = state.pop("Mixed_5b.branch_pool.conv.weight")
     torch.save(state, wrong)
-    result = subprocess.run([sys.executable, "-m", "evar.eval.imagenet", "--model", "builtin:digits",
-                             "--inception-weights", str(wrong), "--num-samples", "10", "--out", str(tmp_path / "cli.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    monkeypatch.setattr(sys, "argv", ["python -m evar.eval.imagenet", "--model", "builtin:digits", "--inception-weights",
+                                      str(wrong), "--num-samples", "10", "--out", str(tmp_path / "cli.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        imagenet.main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "missing key 'Mixed_5b.branch_pool.conv.weight'" in lines[0]
     assert not (tmp_path / "cli.json").exists() and not (tmp_path / "cli.parts").exists()
 
@@ -323,7 +328,6 @@ def test_an_exported_artifact_is_evaluated_through_the_runtime(tmp_path, weights
     from evar.checkpoints import save_model_dir
     from export.artifact import build_onnx
     from export.onnx import OnnxOptions
-    from tests.conftest import tiny_model
 
     model = tiny_model()
     save_model_dir(model, tmp_path / "model", {"source": "tests"})

@@ -139,6 +139,9 @@ def read_reference(path: str | Path, pool_dim: int, preprocess: str, inception_s
     images = image_member(path) if any(k in keys for k in IMAGE_KEYS) else None
     if stats is None and features is None and images is None:
         raise EvarError(f"{path} holds neither mu/sigma nor features nor images (found {', '.join(keys) or 'nothing'})")
+    n = len(features) if features is not None else len(images) if images is not None else None
+    if n is not None and n <= DEFAULT_K:
+        raise EvarError(f"{path} holds {n} reference images; precision and recall need more than k = {DEFAULT_K}")
     _check_made_with(path, made_with, preprocess, inception_sha256)
     kind = ("features" if features is not None else "adm" if images is not None and stats is not None
             else "images" if images is not None else "mu-sigma")

@@ -283,6 +283,9 @@ def _evaluate(plan: EvalPlan, ranks: Ranks) -> dict[str, Any] | None:
     reference = (read_reference(plan.ref_stats, net.pool_dim, plan.preprocess, info.sha256)
                  if plan.ref_stats is not None else None)
     source = _open_source(plan, ranks.device)
+    if source.num_samples < IS_SPLITS:
+        raise EvarError(f"{plan.images} holds {source.num_samples} images; the Inception Score needs at least "
+                        f"{IS_SPLITS} (one per split)")
     described = decided_by_rank0(ranks, source.describe)
     record = {"format": FORMAT, "source": _source_record(described), "num_samples": source.num_samples,
               "batch_size": plan.batch_size, "shard_size": plan.shard_size, "inception_sha256": info.sha256,

@@ -155,8 +155,8 @@ class ImageSetSource:
             available = len(self.member)
         else:
             raise EvarError(f"--images {self.path}: no such folder or npz file")
-        if self.limit is not None and not 2 <= self.limit <= available:
-            raise EvarError(f"--num-samples {self.limit}: {self.path} holds {available} images (need 2..{available})")
+        if self.limit is not None and self.limit > available:
+            raise EvarError(f"--num-samples {self.limit}: {self.path} holds only {available} images")
         self.num_samples = self.limit or available
 
     def labels(self, start: int, stop: int) -> None:
