@@ -234,8 +234,8 @@ def test_run_self_reference_and_resume(tmp_path, weights, monkeypatch):
     for key in ("metrics", "images_sha256", "source", "inception"):
         assert resumed[key] == again[key]
 
-    with pytest.raises(EvarError, match=r"other settings \(source\.sampling\.cfg changed\)"):
-        evaluate(replace(resumed_plan, sampling=SamplingSettings(cfg=2.0)))
+    with pytest.raises(EvarError, match=r"other settings \(source\.sampling\.top_k changed\)"):
+        evaluate(replace(resumed_plan, sampling=SamplingSettings(top_k=50)))
 
 
 def test_two_gloo_ranks_give_the_same_images_and_statistics(tmp_path, weights):
@@ -332,7 +332,7 @@ def test_an_exported_artifact_is_evaluated_through_the_runtime(tmp_path, weights
     model = tiny_model()
     save_model_dir(model, tmp_path / "model", {"source": "tests"})
     build_onnx(model, str(tmp_path / "model"), tmp_path / "art", OnnxOptions(top_k=40, top_p=0.9))
-    settings = SamplingSettings(cfg=1.5, top_k=40, top_p=0.9)
+    settings = SamplingSettings(top_k=40, top_p=0.9)  # guidance 1.5
     base = plan(tmp_path, weights, model=str(tmp_path / "model"), sampling=settings)
     from_model = evaluate(replace(base, out=tmp_path / "model.json", save_ref_stats=tmp_path / "model_ref.npz"))
     from_art = evaluate(replace(base, out=tmp_path / "art.json", model=None, artifact=tmp_path / "art",
