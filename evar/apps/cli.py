@@ -249,6 +249,9 @@ def demo(
 from evar.distill.command import distill as _distill  # noqa: E402  (flags shared with `python -m evar.distill`)
 
 app.command("distill")(_distill)
+from evar.eval.imagenet import eval_imagenet as _eval_imagenet  # noqa: E402  (also `python -m evar.eval.imagenet`)
+
+app.command("eval-imagenet")(_eval_imagenet)
 
 
 @app.command()
