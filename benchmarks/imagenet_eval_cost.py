@@ -21,7 +21,7 @@ from evar.config import official_config
 from evar.eval.inception import FIDInception
 from evar.files import atomic_write_json
 from evar.models.vqvae import VQVAE
-from runtime.cost import generation_macs
+from evar.runtime.cost import generation_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = 50_000

@@ -326,8 +326,9 @@ def test_an_image_set_is_evaluated_and_becomes_a_reference(tmp_path, weights):
 def test_an_exported_artifact_is_evaluated_through_the_runtime(tmp_path, weights):
     pytest.importorskip("onnxruntime")
     from evar.checkpoints import save_model_dir
-    from export.artifact import build_onnx
-    from export.onnx import OnnxOptions
+    from evar.eval.imagenet import open_artifact
+    from evar.export.artifact import build_onnx
+    from evar.export.onnx import OnnxOptions
 
     model = tiny_model()
     save_model_dir(model, tmp_path / "model", {"source": "tests"})
@@ -336,7 +337,7 @@ def test_an_exported_artifact_is_evaluated_through_the_runtime(tmp_path, weights
     base = plan(tmp_path, weights, model=str(tmp_path / "model"), sampling=settings)
     from_model = evaluate(replace(base, out=tmp_path / "model.json", save_ref_stats=tmp_path / "model_ref.npz"))
     from_art = evaluate(replace(base, out=tmp_path / "art.json", model=None, artifact=tmp_path / "art",
-                                ref_stats=tmp_path / "model_ref.npz"))
+                                ref_stats=tmp_path / "model_ref.npz"), open_artifact)
     assert from_art["source"]["kind"] == "artifact" and from_art["source"]["backend"] == "cpu"
     # the same tokens, decoded by onnxruntime instead of PyTorch: pixels within 1, so the same set to the metrics
     assert from_art["metrics"]["fid"] == pytest.approx(0, abs=1e-3)

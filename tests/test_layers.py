@@ -44,7 +44,8 @@ def sources() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> str:
-    for name, prefixes in (("apps", ("evar.apps",)), ("export", ("evar.export",)), ("runtime", ("evar.runtime",)),
+    # evar.eval.imagenet is a command (`torchrun -m evar.eval.imagenet`) that evaluates artifacts with the runtime
+    for name, prefixes in (("apps", ("evar.apps", "evar.eval.imagenet")), ("export", ("evar.export",)), ("runtime", ("evar.runtime",)),
                            ("base", BASE)):
         if any(module == p or (p != "evar" and module.startswith(p + ".")) for p in prefixes):
             return name
@@ -84,3 +85,10 @@ def test_pyproject_installs_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {module_name(p) for folder in FOLDERS for p in (ROOT / folder).rglob("__init__.py")}
     assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"
+
+
+def test_tests_and_benchmarks_use_the_installed_names():
+    """From the repository root the folders also import as bare `export` / `runtime`: a second, different copy."""
+    bare = [f"{p.relative_to(ROOT)} imports {m}" for folder in ("tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")
+            for m in evar_imports(p) if m.split(".")[0] in ("export", "runtime")]
+    assert not bare, "\n".join(bare)

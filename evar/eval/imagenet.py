@@ -5,15 +5,19 @@ an exported artifact or a set of images, with the FID Inception, sharded over to
         --vae-ckpt vae_ch160v4096z32.pth --ref-stats VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --out runs/d16_fid.json
 
-The flags and their help live here once; the run is `evar.eval.sharded`.
+The flags and their help live here once; the run is `evar.eval.sharded`. This module is a command (it sits
+with the apps: it may reach the runtime, to evaluate exported artifacts); the evaluation itself does not.
 """
 from __future__ import annotations
 
-import sys
+import contextlib
+import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from evar.cli_options import Overwrite
 
 
 def eval_imagenet(
@@ -59,6 +63,7 @@ def eval_imagenet(
     work_dir: Annotated[Optional[Path], typer.Option(help="where finished shards are kept (default: next to "
                                                           "--out); rerun the same command to resume")] = None,
     shard_size: Annotated[int, typer.Option(help="samples per shard file (the unit of resuming)")] = 512,
+    overwrite: Overwrite = False,
 ) -> None:
     """ImageNet-style FID / IS / precision / recall with the FID Inception; under torchrun the ranks split
     the samples (same images on any rank count); rerun to resume."""
@@ -70,14 +75,50 @@ def eval_imagenet(
                     preprocess=preprocess, num_samples=num_samples, batch_size=batch_size,
                     sampling=SamplingSettings(cfg, top_k, top_p, seed), precision=precision, save_png=save_png,
                     save_ref_stats=save_ref_stats, work_dir=work_dir, shard_size=shard_size)
-    evaluate(plan)
+    with _claims(plan, overwrite, [model, artifact, images, ref_stats]):
+        evaluate(plan, open_artifact)
+
+
+@contextlib.contextmanager
+def _claims(plan: Any, overwrite: bool, inputs: list[Any]):
+    """Every place this run writes, checked and held before any work (by rank 0 alone under torchrun)."""
+    from evar.eval.sharded import WORK_DIR_KIND
+    from evar.outputs import claim_output, mark_output
+
+    with contextlib.ExitStack() as stack:
+        if os.environ.get("RANK", "0") == "0":
+            stack.enter_context(claim_output(plan.out, "file", overwrite=overwrite, inputs=inputs))
+            if plan.save_ref_stats is not None:
+                stack.enter_context(claim_output(plan.save_ref_stats, "file", overwrite=overwrite, inputs=inputs,
+                                                 flag="--save-ref-stats"))
+            stack.enter_context(claim_output(plan.parts, "dir", resumes=(WORK_DIR_KIND,), inputs=inputs,
+                                             flag="--work-dir", progress_note=f"finished shards wait in {plan.parts}"))
+            if plan.save_png is not None:
+                stack.enter_context(claim_output(plan.save_png, "dir", resumes=("evaluation images",), inputs=inputs,
+                                                 flag="--save-png"))
+                plan.save_png.mkdir(parents=True, exist_ok=True)
+                mark_output(plan.save_png, "evaluation images")
+        yield
+
+
+def open_artifact(root: Path, backend: str, settings: Any, num_samples: int, batch_size: int):
+    """The source of `--artifact` runs: the exported graphs through the torch-free runtime."""
+    from evar.contract import load_artifact
+    from evar.eval.sources import ArtifactSource
+    from evar.runtime import Generator
+
+    settings.validate()
+    art = load_artifact(root)
+    gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
+    return ArtifactSource(root, gen, settings, num_samples, backend)
 
 
 def main() -> None:
-    from evar.cli import main as evar_main
+    from evar.errors import run_cli
 
-    sys.argv[1:1] = ["eval-imagenet"]
-    evar_main()
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(eval_imagenet)
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,15 @@ from tqdm import tqdm
 
 from evar.distill.trainer import Ranks, init_ranks
 from evar.errors import EvarError
+from evar.outputs import OUTPUT_MARKER, mark_output
 from evar.eval.inception import PREPROCESS, FIDInception, InceptionInfo, load_inception, missing_weights_message
 from evar.eval.scores import IS_SPLITS, Reference, read_reference, score, write_reference
-from evar.eval.sources import PRECISIONS, ImageSetSource, Source, VARSource, open_artifact
+from evar.eval.sources import PRECISIONS, ImageSetSource, Source, VARSource
 from evar.files import atomic_write_bytes, atomic_write_json
 from evar.samples import SamplingSettings, save_png
 
 FORMAT = "evar-imagenet-eval-v1"
+WORK_DIR_KIND = "evaluation shards"  # what evar.outputs calls the work directory (resumed, never overwritten)
 DEFAULT_NUM_SAMPLES = 50_000  # VAR's protocol: 50 per ImageNet class
 DEFAULT_SHARD_SIZE = 512
 RUN_FILE = "run.json"
@@ -229,9 +231,10 @@ def _check_record(parts: Path, record: dict[str, Any]) -> None:
             raise EvarError(f"{parts} holds a run with other settings ({', '.join(changed)} changed): use the same "
                             "flags to continue it, or another --work-dir / --out")
         return
-    if parts.exists() and any(parts.iterdir()):
+    if parts.exists() and any(p.name != OUTPUT_MARKER for p in parts.iterdir()):
         raise EvarError(f"{parts} exists and is not an evaluation's work directory; choose another --work-dir")
     atomic_write_json(path, record)
+    mark_output(parts, WORK_DIR_KIND)
 
 
 def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -247,11 +250,13 @@ def _source_record(described: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the evaluation
-def evaluate(plan: EvalPlan) -> dict[str, Any] | None:
-    """Run the plan on this process (one of a torchrun job, or alone); rank 0 returns the report."""
+def evaluate(plan: EvalPlan, open_artifact: Callable[..., Source] | None = None) -> dict[str, Any] | None:
+    """Run the plan on this process (one of a torchrun job, or alone); rank 0 returns the report.
+    `open_artifact(root, backend, settings, num_samples, batch_size)` makes the source of `--artifact` runs: the
+    command passes it in, so this module (PyTorch side) never imports the runtime."""
     ranks = init_ranks()
     try:
-        return _evaluate(plan, ranks)
+        return _evaluate(plan, ranks, open_artifact)
     except EvarError:
         if not ranks.main:  # every rank meets the same bad input; rank 0 alone says so
             raise SystemExit(2) from None
@@ -261,11 +266,13 @@ def evaluate(plan: EvalPlan) -> dict[str, Any] | None:
             dist.destroy_process_group()
 
 
-def _open_source(plan: EvalPlan, device: torch.device) -> Source:
+def _open_source(plan: EvalPlan, device: torch.device, open_artifact: Callable[..., Source] | None) -> Source:
     if plan.images is not None:
         return ImageSetSource(plan.images, plan.image_size, plan.num_samples)
     n = plan.num_samples or DEFAULT_NUM_SAMPLES
     if plan.artifact is not None:
+        if open_artifact is None:
+            raise EvarError("evaluating an exported artifact needs the runtime: run `python -m evar.eval.imagenet`")
         return open_artifact(plan.artifact, plan.backend, plan.sampling, n, plan.batch_size)
     from evar import zoo
 
@@ -273,7 +280,7 @@ def _open_source(plan: EvalPlan, device: torch.device) -> Source:
     return VARSource(model, plan.model, plan.sampling, n, plan.precision, device)
 
 
-def _evaluate(plan: EvalPlan, ranks: Ranks) -> dict[str, Any] | None:
+def _evaluate(plan: EvalPlan, ranks: Ranks, open_artifact: Callable[..., Source] | None) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     if ranks.device.type == "cuda":  # fp32 means fp32: TF32 convolutions would move the Inception features
         torch.backends.cudnn.allow_tf32 = False
@@ -282,7 +289,7 @@ def _evaluate(plan: EvalPlan, ranks: Ranks) -> dict[str, Any] | None:
     net, info = load_inception(plan.inception_weights, plan.preprocess, ranks.device)
     reference = (read_reference(plan.ref_stats, net.pool_dim, plan.preprocess, info.sha256)
                  if plan.ref_stats is not None else None)
-    source = _open_source(plan, ranks.device)
+    source = _open_source(plan, ranks.device, open_artifact)
     if source.num_samples < IS_SPLITS:
         raise EvarError(f"{plan.images} holds {source.num_samples} images; the Inception Score needs at least "
                         f"{IS_SPLITS} (one per split)")

@@ -21,7 +21,7 @@ from evar.data import ImageFolder, to_uint8_nhwc
 from evar.errors import EvarError
 from evar.eval.scores import NpyMember, image_member
 from evar.files import sha256_file
-from evar.models.var import generate
+from evar.models.decoding import generate
 from evar.samples import SamplingSettings
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,7 +72,7 @@ class VARSource:
         labels = torch.from_numpy(self.labels(start, stop)).to(self.device)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            gen = generate(self.model.var, self.model.vqvae, labels, cfg=self.settings.cfg, top_k=self.settings.top_k,
+            gen = generate(self.model.var, self.model.vqvae, labels, guidance=self.settings.guidance, top_k=self.settings.top_k,
                            top_p=self.settings.top_p, seed=self.settings.seed, first_sample=start)
         return to_uint8_nhwc(gen.images)
 
@@ -111,7 +111,7 @@ class ArtifactSource:
 
     def images(self, start: int, stop: int) -> np.ndarray:
         s = self.settings
-        return self.generator.generate(self.labels(start, stop), seed=s.seed, cfg=s.cfg, top_k=s.top_k,
+        return self.generator.generate(self.labels(start, stop), seed=s.seed, cfg=s.guidance, top_k=s.top_k,
                                        top_p=s.top_p, first_sample=start).images
 
     def describe(self) -> dict[str, Any]:
@@ -119,17 +119,6 @@ class ArtifactSource:
                 "fingerprint": sha256_file(self.root / "manifest.json"),  # it lists every graph file's hash
                 "num_classes": self.generator.artifact.num_classes, "per_class": self.per_class,
                 "sampling": dataclasses.asdict(self.settings)}
-
-
-def open_artifact(root: Path, backend: str, settings: SamplingSettings, num_samples: int,
-                  batch_size: int) -> ArtifactSource:
-    from runtime import Generator  # the one place this evaluation imports the runtime (it becomes evar.runtime)
-    from runtime.manifest import load_artifact
-
-    settings.validate()
-    art = load_artifact(root)
-    gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
-    return ArtifactSource(root, gen, settings, num_samples, backend)
 
 
 @dataclass
