@@ -15,12 +15,20 @@ class ModelRefError(EvarError):
 
 def run_cli(app) -> None:  # app: a typer.Typer (not imported here: this module stays dependency-free)
     """Run a command-line app the EVAR way: an EvarError is one line on stderr and exit code 2."""
+    import errno
     import sys
 
     try:
         app()
     except EvarError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # outputs are written to temp names and renamed into place, so the half-written part is already gone
+        print(f"error: the disk is full (writing {err.filename or 'an output'}); nothing half-written was kept: "
+              "free some space and run the same command again", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -238,3 +238,23 @@ def test_a_refused_run_leaves_no_empty_folders(tmp_path):
     out = tmp_path / "new" / "deeper" / "m"
     assert_one_line(run(EVAR + ["convert", "--model", "builtin:nothing", "--out", str(out)], tmp_path), "nothing")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import typer
+
+    from evar.errors import run_cli
+
+    app = typer.Typer()
+
+    @app.command()
+    def write() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/var.safetensors")
+
+    monkeypatch.setattr(sys, "argv", ["evar"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(app)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "disk is full" in err and "var.safetensors" in err
