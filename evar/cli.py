@@ -223,25 +223,25 @@ def prune(
 ) -> None:
     """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude). Rerun an
     interrupted prune to continue it: the calibration set and OBS progress wait in OUT.partial/."""
-    from evar.prune import PruneConfig, prune_model, save_pruned
-    from evar.prune.pipeline import checkpoint_for
+    from evar.prune import PruneRecipe, prune_model, save_pruned
     from evar.prune.report import summary
+    from evar.prune.resume import checkpoint_for
 
     if heads_only and ffn_only:
         raise EvarError("--heads-only and --ffn-only exclude each other")
-    cfg = PruneConfig(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
-                      compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
-                      calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
-                      calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
-                      max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
-                      ffn=not heads_only, seed=seed)
-    cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
+    recipe = PruneRecipe(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
+                         compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
+                         calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
+                         calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
+                         max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
+                         ffn=not heads_only, seed=seed)
+    recipe.validate()  # before loading: a bad flag costs nothing and writes nothing
     t0 = time.perf_counter()
     loaded = _load(model, var_ckpt, vae_ckpt)
-    checkpoint = checkpoint_for(out, loaded, cfg, model)
+    checkpoint = checkpoint_for(out, loaded, recipe, model)
     if checkpoint.dir.exists():
         print(f"continuing from {checkpoint.dir} (rerun of an interrupted prune)")
-    result = prune_model(loaded, cfg, parent=model, checkpoint=checkpoint)
+    result = prune_model(loaded, recipe, parent=model, checkpoint=checkpoint)
     save_pruned(result, out)
     checkpoint.remove()
     print(summary(result.report))
