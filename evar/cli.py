@@ -249,6 +249,13 @@ def prune(
           f"{time.perf_counter() - t0:.0f}s with loading and saving")
 
 
+from evar.prune import commands as _pruning  # noqa: E402  (bodies of the decoder pruning commands)
+
+app.command("prune-decoder")(_pruning.prune_decoder)
+app.command("distill-decoder")(_pruning.distill_decoder)
+app.command("prunable")(_pruning.prunable)
+
+
 def main() -> None:
     run_cli(app)
 

@@ -105,7 +105,7 @@ def group_errors(W: torch.Tensor, Hinv: torch.Tensor, size: int) -> torch.Tensor
     if size == 1:
         return (W ** 2).sum(0) / torch.diagonal(Hinv)
     G = W.shape[1] // size
-    blocks = torch.stack([Hinv[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(G)])
+    blocks = Hinv.reshape(G, size, G, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # (G, size, size)
     L = torch.linalg.cholesky(blocks)  # (G, size, size)
     Wg = W.T.reshape(G, size, -1)  # (G, size, out)
     return (torch.linalg.solve_triangular(L, Wg, upper=False) ** 2).sum(dim=(1, 2))
@@ -137,11 +137,12 @@ def obs_remove(parts: list[ObsPart], n_remove: int, partitions: int = 1, percdam
     """Greedy OBS removal of `n_remove` groups read by every part (each its own columns per group).
 
     A group's cost is the sum of its OBS errors in every part (each part compensates on its own inputs).
-    Groups of size > 1 (heads, conv channels) go one per round; single columns of a lone part (FFN units)
-    in `ffn_chunks`. W and H⁻¹ shrink to the surviving columns as they go. With `partitions` > 1 the groups
-    form that many equal consecutive runs and each run loses n_remove / partitions (GroupNorm groups).
-    Without `compensate` the selection is the same (it is made on the compensated copy) and the weights are
-    returned unchanged, so the two differ only by the update: that is the ablation `--no-compensate` measures.
+    Groups of size > 1 (heads) go one per round; single columns of a lone part (FFN units) in `ffn_chunks`.
+    With `partitions` > 1 the groups form that many equal consecutive runs that must each lose
+    n_remove / partitions (GroupNorm groups): every round takes the cheapest group of every run.
+    W and H⁻¹ shrink to the surviving columns as they go. Without `compensate` the selection is the same
+    (it is made on the compensated copy) and the weights are returned unchanged, so the two differ only by
+    the update: that is the ablation `--no-compensate` measures.
     """
     Ws, Hinvs = [], []
     for part in parts:
@@ -151,21 +152,27 @@ def obs_remove(parts: list[ObsPart], n_remove: int, partitions: int = 1, percdam
         Ws.append(W)
         Hinvs.append(Hinv)
     n_groups = parts[0].weight.shape[1] // parts[0].size
+    if n_groups % partitions or n_remove % partitions:
+        raise EvarError(f"{n_remove} of {n_groups} groups cannot be spread evenly over {partitions} partitions")
     alive = list(range(n_groups))  # original group ids of the current column groups
-    quota = Quota(n_groups, partitions, n_remove)
-    chunked = len(parts) == 1 and parts[0].size == 1 and partitions == 1
+    if partitions > 1:
+        rounds = [partitions] * (n_remove // partitions)
+    else:
+        rounds = ffn_chunks(n_remove) if len(parts) == 1 and parts[0].size == 1 else [1] * n_remove
     removed, total = [], 0.0
-    for k in (ffn_chunks(n_remove) if chunked else [1] * n_remove):
+    for k in rounds:
         errors = group_errors(Ws[0], Hinvs[0], parts[0].size)
         for W, Hinv, part in zip(Ws[1:], Hinvs[1:], parts[1:]):
             errors = errors + group_errors(W, Hinv, part.size)
-        pick = sorted(torch.argsort(quota.mask(errors, alive), stable=True)[:k].tolist())
+        if partitions > 1:
+            pick = cheapest_per_partition(errors, alive, n_groups // partitions)
+        else:
+            pick = sorted(torch.argsort(errors, stable=True)[:k].tolist())
         for i, part in enumerate(parts):
             cols = torch.tensor([p * part.size + j for p in pick for j in range(part.size)])
             Ws[i], Hinvs[i], error = remove_columns(Ws[i], Hinvs[i], cols)
             total += error
         removed += [alive[p] for p in pick]
-        quota.take([alive[p] for p in pick])
         picked = set(pick)
         alive = [g for j, g in enumerate(alive) if j not in picked]
     if not compensate:
@@ -178,21 +185,8 @@ def obs_remove(parts: list[ObsPart], n_remove: int, partitions: int = 1, percdam
     return ObsResult(removed, out, total)
 
 
-class Quota:
-    """How many groups each partition may still lose; a partition that has lost its share is masked out."""
-
-    def __init__(self, n_groups: int, partitions: int, n_remove: int):
-        if n_groups % partitions or n_remove % partitions:
-            raise EvarError(f"{n_remove} of {n_groups} groups cannot be spread evenly over {partitions} partitions")
-        self.width, self.partitions = n_groups // partitions, partitions
-        self.left = [n_remove // partitions] * partitions
-
-    def mask(self, errors: torch.Tensor, alive: list[int]) -> torch.Tensor:
-        if self.partitions == 1:
-            return errors
-        full = torch.tensor([self.left[g // self.width] == 0 for g in alive])
-        return errors.masked_fill(full, float("inf"))
-
-    def take(self, groups: list[int]) -> None:
-        for g in groups:
-            self.left[g // self.width] -= 1
+def cheapest_per_partition(errors: torch.Tensor, alive: list[int], width: int) -> list[int]:
+    """Positions (among `alive`) of the lowest-error group of every partition of `width` original groups."""
+    partition = torch.tensor(alive) // width
+    masked = errors.unsqueeze(0).masked_fill(partition.unsqueeze(0) != partition.unique().unsqueeze(1), float("inf"))
+    return sorted(masked.argmin(dim=1).tolist())

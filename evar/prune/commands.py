@@ -1,0 +1,103 @@
+"""The bodies of `evar prune-decoder`, `evar distill-decoder` and `evar prunable` (registered in evar/cli.py)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN | model dir")]
+VarCkpt = Annotated[Optional[Path], typer.Option(help="official VAR .pth (with --model official:dNN)")]
+VaeCkpt = Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (with --model official:dNN)")]
+
+
+def prune_decoder(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="model directory to write (+ prune_report.json)")],
+    sparsity: Annotated[float, typer.Option(help="share of each channel set to remove, per GroupNorm group, in [0, 1)")],
+    method: Annotated[str, typer.Option(help="obs | taylor | magnitude")] = "magnitude",
+    taylor_type: Annotated[str, typer.Option(help="param_first | param_second | param_mix")] = "param_first",
+    percdamp: Annotated[float, typer.Option(help="OBS damping, a fraction of mean(diag H)")] = 0.01,
+    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate",
+                                             help="OBS: update the surviving weights")] = True,
+    calib_samples: Annotated[int, typer.Option(help="calibration f_hat (images)")] = 64,
+    calib_data: Annotated[str, typer.Option(help="'teacher' (f_hat of the model's own generations), 'digits' or an "
+                                                 "image folder (through the encoder; taylor needs images)")] = "teacher",
+    calib_batch: Annotated[int, typer.Option(help="calibration images per mini-batch")] = 8,
+    schedule: Annotated[str, typer.Option(help="uniform | log_increase | log_decrease over the decoder's levels, "
+                                               "lowest resolution first (mean = --sparsity)")] = "uniform",
+    min_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the light end")] = 0.1,
+    max_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the heavy end")] = 0.5,
+    iterative_steps: Annotated[int, typer.Option(help="reach the target in K rounds, re-scoring after each")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the calibration samples")] = 0,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """Remove conv channels of the VQVAE decoder (residual streams, block widths and the upsampling path,
+    coupled as torch-pruning's dependency graph finds them). The VAR is unchanged."""
+    from evar import zoo
+    from evar.prune.decoder import DecoderRecipe, summary
+    from evar.prune.decoder import prune_decoder as run
+    from evar.prune.pipeline import save_pruned
+    from evar.prune.resume import PruneCheckpoint
+
+    recipe = DecoderRecipe(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
+                           compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
+                           calib_batch=calib_batch, schedule=schedule, min_sparsity=min_sparsity,
+                           max_sparsity=max_sparsity, iterative_steps=iterative_steps, seed=seed)
+    recipe.validate()  # before loading: a bad flag costs nothing and writes nothing
+    t0 = time.perf_counter()
+    loaded = zoo.load(model, var_ckpt, vae_ckpt)
+    checkpoint = PruneCheckpoint(PruneCheckpoint.beside(out), {"parent": model, "recipe": dataclasses.asdict(recipe),
+                                                               "vqvae": loaded.config.to_dict()["vqvae"]})
+    result = run(loaded, recipe, parent=model, checkpoint=checkpoint)
+    save_pruned(result, out)
+    checkpoint.remove()
+    print(summary(result.report))
+    print(f"model directory → {out} (report: {out / 'prune_report.json'}); "
+          f"{time.perf_counter() - t0:.0f}s with loading and saving")
+
+
+def distill_decoder(
+    teacher: Annotated[str, typer.Option(help="the dense model whose decoder is imitated")],
+    student: Annotated[str, typer.Option(help="`evar prune-decoder` output (the teacher with a smaller decoder)")],
+    out: Annotated[Path, typer.Option(help="model directory to write (+ train_log.jsonl, loss.png)")],
+    data: Annotated[str, typer.Option(help="'teacher' (f_hat of the teacher's generations), 'digits' or an image "
+                                           "folder (through the encoder)")] = "teacher",
+    samples: Annotated[int, typer.Option(help="f_hat in the training set")] = 2048,
+    feature_weight: Annotated[float, typer.Option(help="weight of the digit-classifier feature loss "
+                                                       "(16-pixel digits models; 0 = pixels only)")] = 1.0,
+    steps: int = 1500, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+    ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 250,
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """Train a pruned VQVAE decoder to reproduce the teacher decoder's images from f_hat (pixel loss + digit
+    classifier features); rerun the same command to resume."""
+    from evar.prune.decoder_distill import DecoderDistillRecipe
+    from evar.prune.decoder_distill import distill_decoder as run
+    from evar.train import Schedule
+
+    sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup=min(50, steps),
+                     ckpt_every=ckpt_every, seed=seed)
+    recipe = DecoderDistillRecipe(data=data, samples=samples, feature_weight=feature_weight, schedule=sched)
+    t0 = time.perf_counter()
+    path = run(teacher, student, out, recipe, var_ckpt, vae_ckpt)
+    print(f"model directory → {path} ({time.perf_counter() - t0:.0f}s; log {path / 'train_log.jsonl'}, "
+          f"plot {path / 'loss.png'})")
+
+
+def prunable(
+    model: ModelOpt = "builtin:digits",
+    component: Annotated[str, typer.Option(help="var | decoder")] = "var",
+    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
+) -> None:
+    """List what pruning can remove from a model component: each set of units, its consumers and coupled layers."""
+    from evar import zoo
+    from evar.prune.components import adapter_for, check_component
+
+    check_component(component)
+    for p in adapter_for(zoo.load(model, var_ckpt, vae_ckpt), component).prunables():
+        groups = f" in {p.partitions} equal groups" if p.partitions > 1 else ""
+        print(f"{p.name}: {p.count} {p.kind}{groups}; read by {', '.join(p.consumers)}; "
+              f"also cut from {', '.join(p.coupled) or '-'}")
