@@ -235,7 +235,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 def test_prune_then_distill_decoder_from_the_cli(tmp_path):
     model = three_level_model()
     save_model_dir(model, tmp_path / "dense")
-    assert _cli("prune-decoder", "--model", tmp_path / "dense", "--sparsity", "0.5", "--out", tmp_path / "p").exit_code == 0
+    assert _cli("prune-decoder", "--model", tmp_path / "dense", "--sparsity", "0.5", "--method", "magnitude",
+                "--out", tmp_path / "p").exit_code == 0
     pruned = load_model_dir(tmp_path / "p")
     assert torch.equal(pruned.var.state_dict()["head.weight"], model.var.state_dict()["head.weight"])  # VAR unchanged
     result = _cli("distill-decoder", "--teacher", tmp_path / "dense", "--student", tmp_path / "p", "--out",
@@ -300,3 +301,22 @@ def test_decoder_macs_agree_with_torch_pruning_on_the_convolutions():
     ops, _ = tp.utils.count_ops_and_params(net, torch.zeros(1, 8, 4, 4))
     attention = 2 * 128 * 16 * 16 * 3  # 3 attention blocks at 4×4 on the 128-wide level
     assert decoder_macs(vqvae.cfg) - attention == pytest.approx(ops, rel=0.03)
+
+
+def test_a_pruned_decoder_exports_and_runs_without_torch(tmp_path):
+    """The ONNX artifact of a pruned model passes the export's parity checks (the decoder graph against
+    PyTorch), records the decoder widths in its manifest, and the runtime decodes with it."""
+    import numpy as np
+
+    from export.artifact import build_onnx
+    from export.onnx import OnnxOptions
+    from runtime import Generator
+    from runtime.manifest import load_artifact
+
+    pruned = prune_decoder(three_level_model(), DecoderRecipe(0.5, method="magnitude"), progress=False).model
+    result = build_onnx(pruned, "tests:pruned-decoder", tmp_path / "art", OnnxOptions())
+    assert result["parity"].passed
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["model"]["vqvae"]["decoder_widths"]["levels"][2]["width"] == 64
+    images = Generator(load_artifact(tmp_path / "art"), "cpu").generate(np.array([1, 2]), seed=0).images
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8

@@ -28,7 +28,7 @@ from evar.config import ModelConfig
 from evar.errors import EvarError
 from evar.files import atomic_dir, atomic_write_bytes, atomic_write_json
 from evar.models.vqvae import VQVAE
-from evar.prune.decoder import DecoderData, decode, decoder_data
+from evar.prune.decoder import decode, decoder_data
 from evar.prune.resume import PruneCheckpoint
 from evar.train import LOG_FILE, Schedule, draw_batch
 
@@ -43,9 +43,9 @@ RUN_FILE, PLOT_FILE = "run.json", "loss.png"
 @dataclass(frozen=True)
 class DecoderDistillRecipe:
     data: str = "teacher"  # f_hat of the teacher's own generations, or of 'digits' / an image folder
-    samples: int = 2048
+    samples: int = 1024
     feature_weight: float = 1.0  # classifier-feature loss (16-pixel digits models only)
-    schedule: Schedule = Schedule(steps=1500, batch_size=32, lr=5e-4, weight_decay=0.0, warmup=50,
+    schedule: Schedule = Schedule(steps=800, batch_size=32, lr=1e-3, weight_decay=0.0, warmup=50,
                                   ckpt_every=250, seed=0)
 
     def validate(self) -> None:
@@ -76,18 +76,24 @@ def digit_features(vqvae: VQVAE) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return lambda images: classifier.features(images.clamp(-1, 1))
 
 
-class DecoderLoss:
-    """One step's loss: the teacher's image of a batch of f_hat against the student's."""
+@torch.no_grad()
+def teacher_images(teacher: VQVAE, f_hat: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """The teacher decoder's raw images of every f_hat, made once (each is a target many times over; 0.8 MB
+    per image at 256 px)."""
+    return torch.cat([decode(teacher, f_hat[s:s + batch]) for s in range(0, len(f_hat), batch)])
 
-    def __init__(self, teacher: VQVAE, student: VQVAE, data: DecoderData, recipe: DecoderDistillRecipe,
+
+class DecoderLoss:
+    """One step's loss: the teacher's images of a batch of f_hat against the student's."""
+
+    def __init__(self, student: VQVAE, f_hat: torch.Tensor, targets: torch.Tensor, recipe: DecoderDistillRecipe,
                  features: Callable[[torch.Tensor], torch.Tensor] | None):
-        self.teacher, self.student, self.data, self.recipe, self.features = teacher, student, data, recipe, features
+        self.student, self.f_hat, self.targets, self.recipe, self.features = student, f_hat, targets, recipe, features
 
     def __call__(self, gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        f_hat = self.data.f_hat[draw_batch(len(self.data), self.recipe.schedule.batch_size, gen)]
-        with torch.no_grad():
-            target = decode(self.teacher, f_hat)
-        image = decode(self.student, f_hat)
+        pick = draw_batch(len(self.f_hat), self.recipe.schedule.batch_size, gen)
+        target = self.targets[pick]
+        image = decode(self.student, self.f_hat[pick])
         pixel = F.mse_loss(image, target) + F.l1_loss(image, target)
         out = {"loss": pixel, "pixel": pixel.detach()}
         if self.features is not None and self.recipe.feature_weight > 0:
@@ -113,8 +119,8 @@ def distill_decoder(teacher_ref: str, student_ref: str, out: str | Path, recipe:
     teacher.vqvae.eval().requires_grad_(False)
     student.vqvae.eval().requires_grad_(False)
     decoder = student.vqvae.decoder.train().requires_grad_(True)
-    run_training(partial.dir, recipe.schedule, list(decoder.parameters()), {"decoder": decoder},
-                 DecoderLoss(teacher.vqvae, student.vqvae, data, recipe, features), "distill-decoder")
+    loss = DecoderLoss(student.vqvae, data.f_hat, teacher_images(teacher.vqvae, data.f_hat), recipe, features)
+    run_training(partial.dir, recipe.schedule, list(decoder.parameters()), {"decoder": decoder}, loss, "distill-decoder")
     rows = [json.loads(r) for r in (partial.dir / LOG_FILE).read_text().splitlines() if r]
     provenance = {"source": "evar distill-decoder", "teacher": teacher_ref, "parent": student_ref,
                   "recipe": record["recipe"], "data": {"source": data.source, "samples": len(data)},

@@ -51,12 +51,17 @@ def layer_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class InputHessians:
-    """Forward pre-hooks that accumulate each layer's input Hessian while the model runs; use as a context."""
+    """Forward pre-hooks that accumulate each layer's input Hessian while the model runs; use as a context.
 
-    def __init__(self, layers: dict[str, nn.Module]):
-        self.layers = layers
+    A conv at a high resolution sees far more positions than a Hessian needs (a 256² map: 65536 per image,
+    each a row of in·kh·kw): each image contributes at most `max_rows` of them, chosen at random with a
+    fixed seed, so the estimate costs the same at any resolution and is the same on every run."""
+
+    def __init__(self, layers: dict[str, nn.Module], max_rows: int = 4096, seed: int = 0):
+        self.layers, self.max_rows = layers, max_rows
         self.acc: dict[str, HessianAccumulator] = {}
         self.handles: list = []
+        self.gen = torch.Generator().manual_seed(seed)
 
     def __enter__(self) -> Self:
         for name, layer in self.layers.items():
@@ -69,10 +74,13 @@ class InputHessians:
 
     def _hook(self, name: str, layer: nn.Module):
         def hook(module: nn.Module, args: tuple) -> None:
-            rows = layer_inputs(layer, args[0].detach())
-            if name not in self.acc:
-                self.acc[name] = HessianAccumulator(rows.shape[1])
-            self.acc[name].add(rows)
+            for x in args[0].detach().split(1):  # one image at a time bounds the unfolded copy
+                rows = layer_inputs(layer, x)
+                if len(rows) > self.max_rows:
+                    rows = rows[torch.randperm(len(rows), generator=self.gen)[:self.max_rows]]
+                if name not in self.acc:
+                    self.acc[name] = HessianAccumulator(rows.shape[1])
+                self.acc[name].add(rows)
         return hook
 
     def matrix(self, name: str) -> torch.Tensor:
