@@ -112,9 +112,11 @@ def set_targets(prunables: list[Prunable], recipe: DecoderRecipe, n_levels: int)
 
 
 # ---------------------------------------------------------------- statistics
-def statistics(vqvae: VQVAE, prunables: list[Prunable], criterion: Criterion, data: DecoderData,
-               batch: int) -> list[list[dict[str, Any]]]:
+def gather_statistics(vqvae: VQVAE, prunables: list[Prunable], criterion: Criterion, data: DecoderData | None,
+                      batch: int) -> list[list[dict[str, Any]]]:
     """Per set, per consumer: what the criterion needs, gathered on the current decoder in one pass."""
+    if criterion.needs == "weights" or data is None:
+        return [[{} for _ in p.consumers] for p in prunables]
     layers = {name: layer for p in prunables for name, layer in p.consumers.items()}
     batches = [slice(s, s + batch) for s in range(0, len(data), batch)]
     if criterion.needs == "hessian":
@@ -127,7 +129,7 @@ def statistics(vqvae: VQVAE, prunables: list[Prunable], criterion: Criterion, da
         moments = dict(zip(layers, gradient_moments(vqvae, [layer.weight for layer in layers.values()], losses)))
         return [[{"grad": moments[name][0].flatten(1), "grad_sq": moments[name][1].flatten(1)} for name in p.consumers]
                 for p in prunables]
-    return [[{} for _ in p.consumers] for p in prunables]
+    raise EvarError(f"no decoder statistics for a criterion that needs '{criterion.needs}'")
 
 
 # ---------------------------------------------------------------- the run
@@ -149,8 +151,7 @@ def prune_decoder(model: Model, recipe: DecoderRecipe, parent: str = "", progres
     K = recipe.iterative_steps
     for step in tqdm(range(1, K + 1 if work else 1), desc="pruning the decoder", disable=not (progress and work),
                      dynamic_ncols=True):
-        stats = statistics(model.vqvae, prunables, criterion, data, recipe.calib_batch) if data is not None \
-            else [[{} for _ in p.consumers] for p in prunables]
+        stats = gather_statistics(model.vqvae, prunables, criterion, data, recipe.calib_batch)
         amounts = [step_amount(r, step, K) * p.partitions for p, (_, r) in zip(prunables, targets)]
         cut_together(prunables, criterion, amounts, stats)
     report = decoder_report(model, recipe, parent, prunables, (before, targets), adapter,
@@ -193,11 +194,11 @@ def rebuild_vqvae(model: Model, vqvae_config: VQVAEConfig, provenance: dict[str,
 
 
 # ---------------------------------------------------------------- records
-def decoder_macs(cfg: VQVAEConfig) -> int:
+def decoder_macs(vqvae_config: VQVAEConfig) -> int:
     """Multiply-accumulates of decoding one image (post_quant_conv + decoder), counted on the meta device
     from the config: convolutions and the attention products."""
     with torch.device("meta"):
-        vqvae = VQVAE(cfg)
+        vqvae = VQVAE(vqvae_config)
     total = 0
 
     def conv(m: nn.Conv2d, args, out: torch.Tensor) -> None:
@@ -212,9 +213,9 @@ def decoder_macs(cfg: VQVAEConfig) -> int:
     modules = [vqvae.post_quant_conv, *vqvae.decoder.modules()]
     handles = [m.register_forward_hook(conv) for m in modules if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(attention) for m in modules if isinstance(m, AttnBlock)]
-    size = cfg.v_patch_nums[-1]
+    size = vqvae_config.v_patch_nums[-1]
     try:
-        decode(vqvae, torch.zeros(1, cfg.z_channels, size, size, device="meta"))
+        decode(vqvae, torch.zeros(1, vqvae_config.z_channels, size, size, device="meta"))
     finally:
         for h in handles:
             h.remove()
@@ -225,7 +226,7 @@ def decoder_report(model: Model, recipe: DecoderRecipe, parent: str, prunables: 
                    amounts: tuple[list[int], list[tuple[float, int]]], adapter: DecoderAdapter,
                    params: tuple[int, int], seconds: tuple[float, float], data: DecoderData | None) -> dict[str, Any]:
     before, targets = amounts
-    after_cfg = dataclasses.replace(model.config.vqvae, decoder_widths=adapter.widths())
+    after_config = dataclasses.replace(model.config.vqvae, decoder_widths=adapter.widths())
     sets = [{"name": p.name, "level": len(model.vqvae.decoder.up) - 1 - p.position, "sparsity": round(s, 4),
              "channels": [b, p.count], "groupnorm_groups": p.partitions, "consumers": list(p.consumers),
              "coupled": p.coupled} for p, b, (s, _) in zip(prunables, before, targets)]
@@ -237,10 +238,10 @@ def decoder_report(model: Model, recipe: DecoderRecipe, parent: str, prunables: 
         "calibration": None if data is None else {"source": data.source, "samples": len(data),
                                                   "statistics": statistic[recipe.criterion().needs]},
         "decoder_params": before_after(*params),
-        "decoder_macs_per_image": {**before_after(decoder_macs(model.config.vqvae), decoder_macs(after_cfg)),
+        "decoder_macs_per_image": {**before_after(decoder_macs(model.config.vqvae), decoder_macs(after_config)),
                                    "counted": "post_quant_conv + decoder convolutions and attention, batch 1"},
         "sets": sets,
-        "decoder_widths": json.loads(json.dumps(dataclasses.asdict(after_cfg.decoder_plan()))),  # as written
+        "decoder_widths": json.loads(json.dumps(dataclasses.asdict(after_config.decoder_plan()))),  # as written
         "seconds": {"calibration": round(seconds[0], 2), "pruning": round(seconds[1], 2),
                     "total": round(sum(seconds), 2)},
         "versions": versions(),
