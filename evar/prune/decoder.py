@@ -123,7 +123,7 @@ def gather_statistics(vqvae: VQVAE, prunables: list[Prunable], criterion: Criter
         with InputHessians(layers) as hessians, torch.no_grad():
             for sl in batches:
                 decode(vqvae, data.f_hat[sl])
-        return [[{"hessian": hessians.matrix(name)} for name in p.consumers] for p in prunables]
+        return [[{"hessian": hessians.take(name)} for name in p.consumers] for p in prunables]
     if criterion.needs == "gradients":
         losses = (F.mse_loss(decode(vqvae, data.f_hat[sl]), data.images[sl]) for sl in batches)
         moments = dict(zip(layers, gradient_moments(vqvae, [layer.weight for layer in layers.values()], losses)))

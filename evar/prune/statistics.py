@@ -83,5 +83,6 @@ class InputHessians:
                 self.acc[name].add(rows)
         return hook
 
-    def matrix(self, name: str) -> torch.Tensor:
-        return self.acc[name].matrix()
+    def take(self, name: str) -> torch.Tensor:
+        """The layer's Hessian; its running sum is dropped (at d16 the sums of every consumer add up to GBs)."""
+        return self.acc.pop(name).matrix()
