@@ -38,7 +38,7 @@ from evar.eval.classifier import DEFAULT_PATH as CLASSIFIER_PATH
 from evar.eval.classifier import load_classifier, run_classifier
 from evar.eval.metrics import frechet_distance
 from evar.files import atomic_write_bytes, atomic_write_json, figure_png
-from evar.prune import PruneConfig, prune_model, save_pruned
+from evar.prune import PruneRecipe, prune_model, save_pruned
 from evar.quality import evaluate_model
 from evar.samples import SamplingSettings, class_labels, sample_images
 
@@ -54,7 +54,7 @@ TEACHER_FD_PER_CLASS, TEACHER_FD_SEED = 100, 100
 def prune(work: Path) -> Path:
     out = work / "pruned"
     if not is_model_dir(out):
-        result = prune_model(zoo.load(TEACHER), PruneConfig(sparsity=SPARSITY, method=METHOD), parent=TEACHER)
+        result = prune_model(zoo.load(TEACHER), PruneRecipe(sparsity=SPARSITY, method=METHOD), parent=TEACHER)
         save_pruned(result, out)
     return out
 

@@ -21,8 +21,9 @@ import torch
 
 from evar import zoo
 from evar.files import atomic_write_json
-from evar.prune import PruneConfig, prune_model, save_pruned
-from evar.prune.pipeline import checkpoint_for, versions
+from evar.prune import PruneRecipe, prune_model, save_pruned
+from evar.prune.report import versions
+from evar.prune.resume import checkpoint_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,11 +39,11 @@ def main() -> None:
     t0 = time.perf_counter()
     model = zoo.load(args.model)
     t_load = time.perf_counter() - t0
-    cfg = PruneConfig(sparsity=args.sparsity, method="obs", calib_samples=args.calib_samples, calib_precision="auto")
+    recipe = PruneRecipe(sparsity=args.sparsity, method="obs", calib_samples=args.calib_samples, calib_precision="auto")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned"
-        checkpoint = checkpoint_for(out, model, cfg, args.model)  # as `evar prune` does: progress saved on the way
-        result = prune_model(model, cfg, parent=args.model, checkpoint=checkpoint)
+        checkpoint = checkpoint_for(out, model, recipe, args.model)  # as `evar prune` does: progress saved on the way
+        result = prune_model(model, recipe, parent=args.model, checkpoint=checkpoint)
         t1 = time.perf_counter()
         save_pruned(result, out)
         checkpoint.remove()

@@ -30,15 +30,16 @@ import torch.nn.functional as F
 from evar import zoo
 from evar.calibration import generation_dtype
 from evar.files import atomic_write_bytes, atomic_write_json, figure_png
-from evar.prune import PruneConfig, prune_model
-from evar.prune.pipeline import Calibration, calibration, versions
+from evar.prune import Calibration, PruneRecipe, prune_model
+from evar.prune.calibrate import calibration
+from evar.prune.report import versions
 from evar.quality import evaluate_model
 from evar.samples import SamplingSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT_SEED = 1234  # held-out sequences for kl_to_dense; calibration sets use seeds 0..N-1
 SPARSITIES = (0.2, 0.4)
-VARIANTS: dict[str, dict[str, Any]] = {  # label → PruneConfig fields
+VARIANTS: dict[str, dict[str, Any]] = {  # label → PruneRecipe fields
     "magnitude": {"method": "magnitude"},
     "taylor": {"method": "taylor"},
     "obs": {"method": "obs"},
@@ -75,16 +76,16 @@ def run_variant(ref: str, label: str, sparsity: float, args: argparse.Namespace,
     calib_seeds = [0] if VARIANTS[label]["method"] == "magnitude" else list(range(args.calib_seeds))
     per_calibration, runs = [], []
     for calib_seed in calib_seeds:
-        cfg = PruneConfig(sparsity=sparsity, calib_samples=args.calib_samples, calib_data=args.calib_data,
-                          seed=calib_seed, **VARIANTS[label])
-        result = prune_model(zoo.load(ref), cfg, parent=ref, progress=False)
+        recipe = PruneRecipe(sparsity=sparsity, calib_samples=args.calib_samples, calib_data=args.calib_data,
+                             seed=calib_seed, **VARIANTS[label])
+        result = prune_model(zoo.load(ref), recipe, parent=ref, progress=False)
         sampled = score(result.model, seeds, args.per_class, f"{ref} pruned {label} {sparsity}")
         runs += sampled
         per_calibration.append({"calibration_seed": calib_seed, "per_seed": sampled,
                                 "kl_to_dense": kl_to_dense(result.model, held, dense_logp),
                                 "prune_seconds": result.report["seconds"], "params": result.report["params"]["after"]})
     kls = [c["kl_to_dense"] for c in per_calibration]
-    row = {"variant": label, "sparsity": sparsity, "recipe": {**dataclasses.asdict(cfg), "seed": calib_seeds},
+    row = {"variant": label, "sparsity": sparsity, "recipe": {**dataclasses.asdict(recipe), "seed": calib_seeds},
            **summarise(runs), "kl_to_dense": sum(kls) / len(kls), "kl_to_dense_range": [min(kls), max(kls)],
            "params": per_calibration[0]["params"], "macs_per_image": result.report["macs_per_image"]["after"],
            "per_calibration": per_calibration}
@@ -184,7 +185,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     parent = zoo.load(args.model)
-    held = calibration(parent, PruneConfig(0.0, calib_samples=200, seed=HELD_OUT_SEED))
+    held = calibration(parent, PruneRecipe(0.0, calib_samples=200, seed=HELD_OUT_SEED))
     with torch.no_grad():
         dense_logp = parent.var(held.labels, held.x_in).log_softmax(-1)
     dense = {**summarise(score(parent, seeds, args.per_class, args.model)),

@@ -23,6 +23,61 @@ class ConfigError(EvarError, ValueError):
 
 
 @dataclass(frozen=True)
+class DecoderLevel:
+    """One resolution of the VQVAE decoder, `decoder.up.{i}`."""
+
+    width: int  # its residual stream: every block's output, its attention's input/output, its upsample's input
+    blocks: tuple[int, ...]  # each ResnetBlock's inner width (conv1's output = conv2's input)
+    upsample: int | None  # the upsample conv's output width; None at level 0 (full resolution: no upsample)
+
+
+@dataclass(frozen=True)
+class DecoderWidths:
+    """The channel widths of a pruned VQVAE decoder, so that it is built from config.json alone.
+
+    The attention blocks keep their inner (q, k, v) width, the architecture's; the mid blocks' residual
+    stream is the top level's (`conv_in` writes it, `up.{n-1}` continues it)."""
+
+    mid: tuple[int, ...]  # inner widths of mid.block_1 and mid.block_2
+    levels: tuple[DecoderLevel, ...]  # up.0 (full resolution) … up.{n-1} (lowest)
+
+    @classmethod
+    def dense(cls, cfg: VQVAEConfig) -> DecoderWidths:
+        """The architecture's own widths: ch·ch_mult[i] everywhere at level i."""
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        levels = tuple(DecoderLevel(w, (w,) * (cfg.num_res_blocks + 1), w if i else None) for i, w in enumerate(widths))
+        return cls((widths[-1], widths[-1]), levels)
+
+    @classmethod
+    def from_json(cls, data: Any) -> DecoderWidths:
+        try:
+            levels = tuple(DecoderLevel(int(lv["width"]), tuple(int(b) for b in lv["blocks"]),
+                                        None if lv["upsample"] is None else int(lv["upsample"]))
+                           for lv in data["levels"])
+            return cls(tuple(int(m) for m in data["mid"]), levels)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"decoder_widths must be {{'mid': [..], 'levels': [{{'width', 'blocks', 'upsample'}}]}}: "
+                              f"{type(err).__name__} {err}") from None
+
+    def check(self, cfg: VQVAEConfig) -> None:
+        n, blocks = len(cfg.ch_mult), cfg.num_res_blocks + 1
+        if len(self.levels) != n or len(self.mid) != 2:
+            raise ConfigError(f"decoder_widths needs 2 mid widths and {n} levels, got {len(self.mid)} and {len(self.levels)}")
+        for i, lv in enumerate(self.levels):
+            if len(lv.blocks) != blocks:
+                raise ConfigError(f"decoder_widths level {i} needs {blocks} block widths, got {len(lv.blocks)}")
+            if (lv.upsample is None) != (i == 0):
+                raise ConfigError(f"decoder_widths: level {i} {'has no' if i else 'has an'} upsample width")
+            # Level i-1 adds its input to its output unchanged when the architecture's widths agree.
+            if i and cfg.ch_mult[i] == cfg.ch_mult[i - 1] and lv.upsample != self.levels[i - 1].width:
+                raise ConfigError(f"decoder_widths: level {i}'s upsample width {lv.upsample} must equal level "
+                                  f"{i - 1}'s width {self.levels[i - 1].width} (added without a shortcut conv)")
+        widths = [*self.mid, *(w for lv in self.levels for w in (lv.width, *lv.blocks, lv.upsample) if w is not None)]
+        if any(w < 32 or w % 32 for w in widths):
+            raise ConfigError(f"decoder widths must be positive multiples of 32 (GroupNorm with 32 groups), got {widths}")
+
+
+@dataclass(frozen=True)
 class VQVAEConfig:
     """Multi-scale residual VQVAE (VAR's tokenizer). Defaults are the official `vae_ch160v4096z32`."""
 
@@ -39,6 +94,14 @@ class VQVAEConfig:
     quant_resi: float = 0.5  # Phi(h) = h*(1-r) + conv(h)*r
     share_quant_resi: int = 4  # number of Phi convs shared across scales
     v_patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+    decoder_widths: DecoderWidths | None = None  # a pruned decoder's widths; None: the architecture's own
+
+    def __post_init__(self) -> None:
+        if self.decoder_widths is not None and not isinstance(self.decoder_widths, DecoderWidths):
+            object.__setattr__(self, "decoder_widths", DecoderWidths.from_json(self.decoder_widths))
+
+    def decoder_plan(self) -> DecoderWidths:
+        return self.decoder_widths or DecoderWidths.dense(self)
 
     @property
     def downsample(self) -> int:
@@ -55,6 +118,8 @@ class VQVAEConfig:
             raise ConfigError(f"v_patch_nums must be strictly increasing, got {self.v_patch_nums}")
         if self.share_quant_resi < 1:
             raise ConfigError("share_quant_resi must be >= 1")
+        if self.decoder_widths is not None:
+            self.decoder_widths.check(self)
 
 
 @dataclass(frozen=True)
@@ -148,8 +213,10 @@ class ModelConfig:
             raise ConfigError(f"VAR patch_nums {self.var.patch_nums} != VQVAE {self.vqvae.v_patch_nums}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"var": dataclasses.asdict(self.var), "vqvae": dataclasses.asdict(self.vqvae),
-                "provenance": self.provenance}
+        vqvae = dataclasses.asdict(self.vqvae)
+        if vqvae["decoder_widths"] is None:  # an unpruned decoder's config reads as it always did
+            del vqvae["decoder_widths"]
+        return {"var": dataclasses.asdict(self.var), "vqvae": vqvae, "provenance": self.provenance}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

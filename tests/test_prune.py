@@ -8,10 +8,11 @@ from evar.checkpoints import load_model_dir
 from evar.config import VARConfig
 from evar.errors import EvarError
 from evar.models.decoding import generate
-from evar.prune import PruneConfig, prune_model, save_pruned
+from evar.prune import PruneRecipe, prune_model, save_pruned
+from evar.prune.blockwise import BlockPruner, Kept, sequential_block
+from evar.prune.calibrate import calibration, null_share
 from evar.prune.criteria import Group, Magnitude, Taylor, make_criterion
 from evar.prune.obs import HessianAccumulator, ffn_chunks, obs_prune
-from evar.prune.pipeline import BlockPruner, Kept, calibration, null_share, sequential_block
 from evar.prune.report import var_macs, var_params
 from evar.prune.schedule import Schedule, block_targets, step_amount
 from evar.prune.sequential import ActivationStream, Capture, swapped
@@ -32,7 +33,7 @@ def _logits(model, seed=0):
 @pytest.mark.parametrize("method", ["magnitude", "taylor", "obs"])
 def test_shapes_really_shrink_and_generation_runs(method):
     model = tiny_model()
-    result = prune_model(model, PruneConfig(sparsity=0.4, method=method, **FAST), progress=False)
+    result = prune_model(model, PruneRecipe(sparsity=0.4, method=method, **FAST), progress=False)
     c, var = result.model.config.var, result.model.var
     assert c.num_heads == (1, 1, 2) and c.ffn_dims == (77, 58, 38)  # round(H·0.4), round(F·0.4) removed
     for i, block in enumerate(var.blocks):
@@ -52,17 +53,17 @@ def test_shapes_really_shrink_and_generation_runs(method):
 def test_sparsity_zero_is_the_identity(method):
     model = tiny_model()
     dense = _logits(model)
-    result = prune_model(model, PruneConfig(sparsity=0.0, method=method, **FAST), progress=False)
+    result = prune_model(model, PruneRecipe(sparsity=0.0, method=method, **FAST), progress=False)
     assert result.model.config.var.num_heads == (2, 1, 3)
     assert torch.equal(_logits(result.model), dense)
 
 
 def test_heads_only_ffn_only_and_iterative_steps():
-    heads = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="magnitude", ffn=False), progress=False)
+    heads = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="magnitude", ffn=False), progress=False)
     assert heads.model.config.var.num_heads == (1, 1, 2) and heads.model.config.var.ffn_dims == (128, 96, 64)
-    ffn = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="magnitude", heads=False), progress=False)
+    ffn = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="magnitude", heads=False), progress=False)
     assert ffn.model.config.var.num_heads == (2, 1, 3) and ffn.model.config.var.ffn_dims == (77, 58, 38)
-    steps = prune_model(tiny_model(), PruneConfig(sparsity=0.4, method="obs", iterative_steps=3, **FAST),
+    steps = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="obs", iterative_steps=3, **FAST),
                         progress=False)
     assert steps.model.config.var.ffn_dims == (77, 58, 38)  # the steps add up to the one-shot amounts
 
@@ -70,8 +71,8 @@ def test_heads_only_ffn_only_and_iterative_steps():
 def test_sequential_stream_equals_the_pruned_block():
     """Replay/Skip shortcuts give exactly what the pruned block computes on the same inputs."""
     model = tiny_model()
-    cfg = PruneConfig(sparsity=0.4, **FAST)
-    stream = ActivationStream(model.var, calibration(model, cfg), cfg.calib_batch)
+    recipe = PruneRecipe(sparsity=0.4, **FAST)
+    stream = ActivationStream(model.var, calibration(model, recipe), recipe.calib_batch)
     x0 = stream.x.clone()
     block = model.var.blocks[0]
     pruner = BlockPruner(make_criterion("obs"), Kept([[0, 1], [0], [0, 1, 2]], [128, 96, 64]))
@@ -83,7 +84,7 @@ def test_sequential_stream_equals_the_pruned_block():
 
 
 def test_pruned_directory_round_trip(tmp_path):
-    result = prune_model(tiny_model(), PruneConfig(sparsity=0.4, **FAST), parent="tiny", progress=False)
+    result = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, **FAST), parent="tiny", progress=False)
     save_pruned(result, tmp_path / "p")
     loaded = load_model_dir(tmp_path / "p")
     assert loaded.config.var.num_heads == (1, 1, 2) and loaded.config.var.ffn_dims == (77, 58, 38)
@@ -114,7 +115,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kw, message):
     from evar.apps.cli import app
 
     with pytest.raises(EvarError, match=message):
-        save_pruned(prune_model(tiny_model(), PruneConfig(**kw), progress=False), tmp_path / "out")
+        save_pruned(prune_model(tiny_model(), PruneRecipe(**kw), progress=False), tmp_path / "out")
     save_model_dir(tiny_model(), tmp_path / "model")
     args = ["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "cli")] + [
         a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
@@ -139,16 +140,16 @@ def test_taylor_scores_index_input_columns(kind):
     """The upstream bug summed per output row and used rows as column indices: it would remove column 0."""
     w, g = _row_col_disagree()
     crit = Taylor(kind)
-    removal = crit(Group("fc2", w, size=1, n_remove=1, grad=g * 0.1, grad_sq=g))
-    assert removal.groups == [3]
-    scores = crit.scores(Group("proj", w, size=2, n_remove=1, grad=g * 0.1, grad_sq=g))
+    removal = crit(Group.single("fc2", w, size=1, n_remove=1, grad=g * 0.1, grad_sq=g))
+    assert removal.units == [3]
+    scores = crit.scores(Group.single("proj", w, size=2, n_remove=1, grad=g * 0.1, grad_sq=g))
     assert scores.shape == (2,) and int(scores.argmin()) == 1  # head 1 = columns 2, 3
 
 
 def test_magnitude_scores_input_columns_per_head():
     w, _ = _row_col_disagree()
-    assert Magnitude()(Group("fc2", w, 1, 1)).groups == [3]
-    assert torch.allclose(Magnitude().scores(Group("proj", w, 2, 1)), torch.tensor([27.2, 10.2]))
+    assert Magnitude()(Group.single("fc2", w, 1, 1)).units == [3]
+    assert torch.allclose(Magnitude().scores(Group.single("proj", w, 2, 1)), torch.tensor([27.2, 10.2]))
 
 
 # ---------------------------------------------------------------- OBS algebra
@@ -195,8 +196,8 @@ def test_obs_picks_the_cheapest_head():
 def test_obs_compensation_lowers_every_pruned_layers_error():
     """On the tiny model's real calibration inputs, layer by layer: OBS-compensated vs plain removal."""
     model = tiny_model()
-    cfg = PruneConfig(sparsity=0.4, **FAST)
-    stream = ActivationStream(model.var, calibration(model, cfg), cfg.calib_batch)
+    recipe = PruneRecipe(sparsity=0.4, **FAST)
+    stream = ActivationStream(model.var, calibration(model, recipe), recipe.calib_batch)
     for block in model.var.blocks:
         for parent, name, size in ((block.attn, "proj", block.attn.head_dim), (block.ffn, "fc2", 1)):
             layer, stash = getattr(parent, name), []
@@ -225,15 +226,15 @@ def test_ffn_chunks():
 
 # ---------------------------------------------------------------- schedules and counts
 def test_schedules_give_the_intended_per_block_amounts():
-    cfg = VARConfig.uniform(depth=16, embed_dim=1024, heads=16)
-    uniform = block_targets(cfg, Schedule("uniform", 0.4))
+    arch = VARConfig.uniform(depth=16, embed_dim=1024, heads=16)
+    uniform = block_targets(arch, Schedule("uniform", 0.4))
     assert {(t.heads, t.units) for t in uniform} == {(6, 1638)}
     inc = Schedule("log_increase", 0.35, 0.1, 0.5).per_block(16)
     assert inc[0] == pytest.approx(0.1) and inc[-1] == pytest.approx(0.5)
     assert all(a <= b for a, b in zip(inc, inc[1:])) and sum(inc) / 16 == pytest.approx(0.35)
     dec = Schedule("log_decrease", 0.35, 0.1, 0.5).per_block(16)
     assert dec == pytest.approx(inc[::-1])
-    targets = block_targets(cfg, Schedule("log_increase", 0.35, 0.1, 0.5))
+    targets = block_targets(arch, Schedule("log_increase", 0.35, 0.1, 0.5))
     assert targets[0].heads == 2 and targets[-1].heads == 8 and targets[-1].units == 2048
     with pytest.raises(EvarError, match="cannot be the mean"):
         Schedule("log_increase", 0.49, 0.1, 0.5).per_block(16)
@@ -243,10 +244,10 @@ def test_schedules_give_the_intended_per_block_amounts():
 
 @pytest.mark.parametrize("sparsity, millions", [(0.4, 231.0), (0.2, 271.0)])
 def test_d16_param_counts_match_the_evar_table(sparsity, millions):
-    cfg = VARConfig.official(16)
-    targets = block_targets(cfg, Schedule("uniform", sparsity))
-    pruned = cfg.with_blocks(tuple(h - t.heads for h, t in zip(cfg.num_heads, targets)),
-                             tuple(f - t.units for f, t in zip(cfg.ffn_dims, targets)))
+    arch = VARConfig.official(16)
+    targets = block_targets(arch, Schedule("uniform", sparsity))
+    pruned = arch.with_blocks(tuple(h - t.heads for h, t in zip(arch.num_heads, targets)),
+                             tuple(f - t.units for f, t in zip(arch.ffn_dims, targets)))
     assert abs(var_params(pruned) / 1e6 - millions) / millions < 0.01
 
 
@@ -276,29 +277,29 @@ def test_calibration_samples_in_the_requested_precision(precision, sampled_in):
     """bf16 sampling (the 'auto' choice on CPUs with native bf16) gives valid, class-balanced sequences and
     is recorded; fp32 gives exactly the tokens `generate` samples."""
     model = tiny_model()
-    cfg = PruneConfig(sparsity=0.4, calib_precision=precision, calib_samples=6, calib_batch=4)
-    calib = calibration(model, cfg)
+    recipe = PruneRecipe(sparsity=0.4, calib_precision=precision, calib_samples=6, calib_batch=4)
+    calib = calibration(model, recipe)
     c = model.config.var
     assert calib.tokens.shape == (6, c.seq_len)
     assert 0 <= int(calib.tokens.min()) and int(calib.tokens.max()) < c.vocab_size
     if precision == "fp32":
         ref = generate(model.var, model.vqvae, torch.arange(6) % c.num_classes, guidance=1.5, top_k=900, top_p=0.96)
         assert torch.equal(calib.tokens, torch.cat(ref.tokens, dim=1))
-    report = prune_model(model, cfg, progress=False).report
+    report = prune_model(model, recipe, progress=False).report
     assert report["calibration"]["sampled_in"] == sampled_in
 
 
 def test_calib_scale_selects_one_scale():
     c = tiny_model().config.var  # patch_nums (1, 2, 3, 4): L = 30, the last scale is tokens 14..30
-    assert PruneConfig(0.3, calib_scale="last").token_range(c) == slice(14, 30)
-    assert PruneConfig(0.3, calib_scale="1").token_range(c) == slice(1, 5)
-    assert PruneConfig(0.3).token_range(c) == slice(0, 30)
+    assert PruneRecipe(0.3, calib_scale="last").token_range(c) == slice(14, 30)
+    assert PruneRecipe(0.3, calib_scale="1").token_range(c) == slice(1, 5)
+    assert PruneRecipe(0.3).token_range(c) == slice(0, 30)
 
 
 def test_shared_adaln_and_no_l2_norm_variants_prune():
     """d36-style shared AdaLN (block condition (B, 1, 6, C)) and attention without the per-head temperature."""
     model = tiny_model(shared_aln=True, attn_l2_norm=False)
-    result = prune_model(model, PruneConfig(sparsity=0.4, **FAST), progress=False)
+    result = prune_model(model, PruneRecipe(sparsity=0.4, **FAST), progress=False)
     assert result.model.config.var.num_heads == (1, 1, 2)
     assert not hasattr(result.model.var.blocks[0].attn, "scale_mul_1H11")
     assert torch.isfinite(_logits(result.model)).all()
@@ -307,15 +308,15 @@ def test_shared_adaln_and_no_l2_norm_variants_prune():
 # ---------------------------------------------------------------- resuming
 @pytest.mark.parametrize("blocks_done, resumed_at", [(1, {"step": 1, "block": 1}), (4, {"step": 2, "block": 1})])
 def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch, blocks_done, resumed_at):
-    from evar.prune import pipeline
-    from evar.prune.resume import PROGRESS_FILE, PruneCheckpoint
+    from evar.prune import blockwise
+    from evar.prune.resume import PROGRESS_FILE, PruneCheckpoint, checkpoint_for
 
-    cfg = PruneConfig(sparsity=0.4, iterative_steps=2, **FAST)
-    uninterrupted = prune_model(tiny_model(), cfg, progress=False).model.var.state_dict()
-    checkpoint = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), cfg, "tests:tiny")
+    recipe = PruneRecipe(sparsity=0.4, iterative_steps=2, **FAST)
+    uninterrupted = prune_model(tiny_model(), recipe, progress=False).model.var.state_dict()
+    checkpoint = checkpoint_for(tmp_path / "out", tiny_model(), recipe, "tests:tiny")
     assert checkpoint.dir == PruneCheckpoint.beside(tmp_path / "out") == tmp_path / "out.partial"
 
-    real, calls = pipeline.sequential_block, []
+    real, calls = blockwise.sequential_block, []
 
     def interrupted(*args, **kwargs):  # 3 blocks per step
         if len(calls) == blocks_done:
@@ -323,19 +324,19 @@ def test_interrupted_obs_prune_resumes_to_the_same_weights(tmp_path, monkeypatch
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "sequential_block", interrupted)
+    monkeypatch.setattr(blockwise, "sequential_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
+        prune_model(tiny_model(), recipe, progress=False, checkpoint=checkpoint, save_every=0)
     assert (checkpoint.dir / PROGRESS_FILE).exists()
-    monkeypatch.setattr(pipeline, "sequential_block", real)
-    resumed = prune_model(tiny_model(), cfg, progress=False, checkpoint=checkpoint, save_every=0)
+    monkeypatch.setattr(blockwise, "sequential_block", real)
+    resumed = prune_model(tiny_model(), recipe, progress=False, checkpoint=checkpoint, save_every=0)
     assert resumed.report["resumed_at"] == resumed_at
     state = resumed.model.var.state_dict()
     assert state.keys() == uninterrupted.keys() and all(torch.equal(state[k], uninterrupted[k]) for k in state)
 
-    other = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), PruneConfig(sparsity=0.2, **FAST), "tests:tiny")
+    other = checkpoint_for(tmp_path / "out", tiny_model(), PruneRecipe(sparsity=0.2, **FAST), "tests:tiny")
     with pytest.raises(EvarError, match="progress of a different prune"):
-        prune_model(tiny_model(), PruneConfig(sparsity=0.2, **FAST), progress=False, checkpoint=other)
+        prune_model(tiny_model(), PruneRecipe(sparsity=0.2, **FAST), progress=False, checkpoint=other)
 
 
 def test_cli_prune_leaves_no_partial_directory(tmp_path):
@@ -353,11 +354,12 @@ def test_cli_prune_leaves_no_partial_directory(tmp_path):
 
 def test_interrupted_calibration_sampling_resumes(tmp_path, monkeypatch):
     import evar.calibration as cal
-    from evar.prune import pipeline
+    from evar.prune import calibrate
+    from evar.prune.resume import checkpoint_for
 
-    cfg = PruneConfig(sparsity=0.4, calib_samples=12, calib_batch=4)
-    uninterrupted = pipeline.calibration(tiny_model(), cfg)
-    checkpoint = pipeline.checkpoint_for(tmp_path / "out", tiny_model(), cfg, "tests:tiny")
+    recipe = PruneRecipe(sparsity=0.4, calib_samples=12, calib_batch=4)
+    uninterrupted = calibrate.calibration(tiny_model(), recipe)
+    checkpoint = checkpoint_for(tmp_path / "out", tiny_model(), recipe, "tests:tiny")
     real, parts = cal.from_generations, []
 
     def interrupted_after_two_batches(*args, **kwargs):
@@ -368,10 +370,58 @@ def test_interrupted_calibration_sampling_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cal, "from_generations", interrupted_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.cached_calibration(tiny_model(), cfg, checkpoint, save_every=0)
+        calibrate.cached_calibration(tiny_model(), recipe, checkpoint, save_every=0)
     parts.clear()
     monkeypatch.setattr(cal, "from_generations", lambda *a, **k: parts.append(k["part"]) or real(*a, **k))
-    resumed = pipeline.cached_calibration(tiny_model(), cfg, checkpoint, save_every=0)
+    resumed = calibrate.cached_calibration(tiny_model(), recipe, checkpoint, save_every=0)
     assert parts == [(8, 12)]  # only the last batch was sampled again
     assert torch.equal(resumed.tokens, uninterrupted.tokens) and torch.equal(resumed.labels, uninterrupted.labels)
     assert sorted(p.name for p in checkpoint.dir.iterdir()) == ["calibration.pt"]
+
+
+# ---------------------------------------------------------------- the same weights as before the refactor
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kw, digest", [
+    (dict(sparsity=0.4, method="magnitude"), "723956f22847cc3f11a4e048502c56421deecb1d999478d69a3c30a7991091b2"),
+    (dict(sparsity=0.3, method="magnitude", schedule="log_increase", iterative_steps=2),
+     "d9ea828a3ca2a44816e4d2e7c756d5d8e66b2fd1be897b551bd7be86de7082a5"),
+])
+def test_pinned_pruned_weights(kw, digest):
+    """builtin:digits pruned by magnitude gives the weights it gave before the pipeline was split into modules.
+    Magnitude needs no data and only sums |W| to choose, so these digests hold on every CPU (OBS and Taylor
+    recipes were compared bit for bit in the same change, on one machine: their linear algebra may round
+    differently on another CPU)."""
+    from evar import zoo
+
+    pruned = prune_model(zoo.load("builtin:digits"), PruneRecipe(**kw), progress=False).model
+    assert _digest(pruned.var.state_dict()) == digest
+
+
+def test_criteria_are_one_table_of_names():
+    from evar.prune.criteria import CRITERIA, Removal, register_criterion
+
+    assert list(CRITERIA) == ["obs", "taylor", "magnitude"]
+
+    class Last:
+        name, needs = "last", "weights"
+
+        def __call__(self, group: Group) -> Removal:
+            return Removal(list(range(group.n_units - group.n_remove, group.n_units)), [c.weight for c in group.consumers])
+
+    register_criterion("last-units", lambda options: Last())
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_criterion("obs", lambda options: Last())
+        result = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="last-units"), progress=False)
+        assert [b["kept_heads"] for b in result.report["blocks"]] == [[0], [0], [0, 1]]
+    finally:
+        del CRITERIA["last-units"]

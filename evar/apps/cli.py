@@ -254,61 +254,12 @@ from evar.eval.imagenet import eval_imagenet as _eval_imagenet  # noqa: E402  (a
 app.command("eval-imagenet")(_eval_imagenet)
 
 
-@app.command()
-def prune(
-    model: ModelOpt,
-    out: Annotated[Path, typer.Option(help="pruned model directory to write (+ prune_report.json)")],
-    sparsity: Annotated[float, typer.Option(help="share of each block's heads and FFN units to remove, in [0, 1)")],
-    method: Annotated[str, typer.Option(help="obs | taylor | magnitude")] = "obs",
-    taylor_type: Annotated[str, typer.Option(help="param_first | param_second | param_mix")] = "param_first",
-    percdamp: Annotated[float, typer.Option(help="OBS damping, a fraction of mean(diag H)")] = 0.01,
-    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate",
-                                             help="OBS: update the surviving weights (off = same selection, no update)")] = True,
-    calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 256,
-    calib_data: Annotated[str, typer.Option(help="'teacher' (the model's own generations), 'digits' or an image folder")] = "teacher",
-    calib_scale: Annotated[str, typer.Option(help="statistics over 'all' tokens, 'last' scale or scale index N")] = "all",
-    calib_uncond: Annotated[float, typer.Option(help="share of calibration sequences run unconditionally (CFG's other half)")] = 0.5,
-    calib_batch: Annotated[int, typer.Option(help="calibration sequences per mini-batch")] = 8,
-    calib_precision: Annotated[str, typer.Option(help="sampling the model's own calibration sequences: fp32 (the same "
-                                                      "weights on every CPU) | auto (bf16 where the CPU has it "
-                                                      "natively: about 2x faster) | bf16")] = "fp32",
-    schedule: Annotated[str, typer.Option(help="uniform | log_increase | log_decrease (mean = --sparsity)")] = "uniform",
-    min_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the light end")] = 0.1,
-    max_sparsity: Annotated[float, typer.Option(help="log schedules: sparsity at the heavy end")] = 0.5,
-    iterative_steps: Annotated[int, typer.Option(help="reach the target in K rounds, re-scoring after each")] = 1,
-    heads_only: Annotated[bool, typer.Option("--heads-only", help="prune attention heads only")] = False,
-    ffn_only: Annotated[bool, typer.Option("--ffn-only", help="prune FFN units only")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the calibration samples")] = 0,
-    var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
-) -> None:
-    """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude). Rerun an
-    interrupted prune to continue it: the calibration set and OBS progress wait in OUT.partial/."""
-    from evar.prune import PruneConfig, prune_model, save_pruned
-    from evar.prune.pipeline import checkpoint_for
-    from evar.prune.report import summary
+from evar.prune import commands as _pruning  # noqa: E402  (bodies of the pruning commands)
 
-    if heads_only and ffn_only:
-        raise EvarError("--heads-only and --ffn-only exclude each other")
-    cfg = PruneConfig(sparsity=sparsity, method=method, taylor_type=taylor_type, percdamp=percdamp,
-                      compensate=compensate, calib_samples=calib_samples, calib_data=calib_data,
-                      calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
-                      calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
-                      max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
-                      ffn=not heads_only, seed=seed)
-    cfg.validate()  # before loading: a bad flag costs nothing and writes nothing
-    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt, calib_data],
-                      progress_note=f"the calibration set and pruning progress wait in {out}.partial/"):
-        t0 = time.perf_counter()
-        loaded = _load(model, var_ckpt, vae_ckpt)
-        checkpoint = checkpoint_for(out, loaded, cfg, model)
-        if checkpoint.dir.exists():
-            print(f"continuing from {checkpoint.dir} (rerun of an interrupted prune)")
-        result = prune_model(loaded, cfg, parent=model, checkpoint=checkpoint)
-        save_pruned(result, out)
-        checkpoint.remove()
-    print(summary(result.report))
-    print(f"model directory → {out} (report: {out / 'prune_report.json'}); "
-          f"{time.perf_counter() - t0:.0f}s with loading and saving")
+app.command("prune")(_pruning.prune)
+app.command("prune-decoder")(_pruning.prune_decoder)
+app.command("distill-decoder")(_pruning.distill_decoder)
+app.command("prunable")(_pruning.prunable)
 
 
 def main() -> None:

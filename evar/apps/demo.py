@@ -73,11 +73,11 @@ def _quality(ref: str, out: Path, per_class: int, seed: int) -> Callable[[], Non
 def _prune(plan: DemoPlan, out: Path) -> Callable[[], None]:
     def run() -> None:
         from evar import zoo
-        from evar.prune import PruneConfig, prune_model, save_pruned
+        from evar.prune import PruneRecipe, prune_model, save_pruned
 
-        cfg = PruneConfig(sparsity=plan.sparsity, method=plan.method, seed=plan.seed)
-        cfg.validate()
-        save_pruned(prune_model(zoo.load(plan.model), cfg, parent=plan.model), out)
+        recipe = PruneRecipe(sparsity=plan.sparsity, method=plan.method, seed=plan.seed)
+        recipe.validate()
+        save_pruned(prune_model(zoo.load(plan.model), recipe, parent=plan.model), out)
     return run
 
 

@@ -80,15 +80,19 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, inner: int | None = None,
+                 shortcut: bool | None = None):
         super().__init__()
+        inner = out_ch if inner is None else inner  # a pruned decoder's blocks are narrower inside
         self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
+        self.conv1 = nn.Conv2d(in_ch, inner, 3, padding=1)
+        self.norm2 = group_norm(inner)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # Identity has no parameters, so equal widths add no `nin_shortcut` key (as in the checkpoint).
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = nn.Conv2d(inner, out_ch, 3, padding=1)
+        # Identity has no parameters, so equal widths add no `nin_shortcut` key (as in the checkpoint). A pruned
+        # decoder says where its parent had one (`shortcut`): its widths may have become equal there.
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if (in_ch != out_ch if shortcut is None else shortcut) \
+            else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -97,20 +101,22 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions of a feature map."""
+    """Single-head self-attention over the h*w positions of a feature map. `inner` is the q/k/v width, which
+    stays the architecture's when pruning narrows the feature map around it."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, inner: int | None = None):
         super().__init__()
+        self.inner = channels if inner is None else inner
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.scale = channels ** -0.5
+        self.qkv = nn.Conv2d(channels, 3 * self.inner, 1)
+        self.proj_out = nn.Conv2d(self.inner, channels, 1)
+        self.scale = self.inner ** -0.5
 
     def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, HW)
+        B, _, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.inner, H * W).unbind(1)  # each (B, inner, HW)
         attn = (q.transpose(1, 2) @ k * self.scale).softmax(dim=-1)  # (B, HW_q, HW_k)
-        h = (v @ attn.transpose(1, 2)).reshape(B, C, H, W)
+        h = (v @ attn.transpose(1, 2)).reshape(B, self.inner, H, W)
         return x + self.proj_out(h)
 
 
@@ -124,9 +130,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_ch: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels if out_ch is None else out_ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -135,10 +141,14 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of the encoder or decoder: `block.*`, `attn.*`, optional `downsample`/`upsample`."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool, dropout: float,
+                 inner: tuple[int, ...] | None = None, first_shortcut: bool | None = None,
+                 attn_inner: int | None = None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, dropout) for j in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_blocks if attn else 0))
+        inner = inner or (out_ch,) * n_blocks
+        self.block = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, dropout, inner[j],
+                                               first_shortcut if j == 0 else None) for j in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_ch, attn_inner) for _ in range(n_blocks if attn else 0))
 
     def run_blocks(self, h: Tensor) -> Tensor:
         for j, block in enumerate(self.block):
@@ -149,11 +159,13 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, channels: int, using_mid_sa: bool, dropout: float):
+    def __init__(self, channels: int, using_mid_sa: bool, dropout: float, inner: tuple[int, ...] | None = None,
+                 attn_inner: int | None = None):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if using_mid_sa else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        inner = inner or (channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, dropout, inner[0])
+        self.attn_1 = AttnBlock(channels, attn_inner) if using_mid_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, inner[1])
 
     def forward(self, h: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -190,20 +202,23 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = [cfg.ch * m for m in cfg.ch_mult]  # the architecture's; a pruned decoder's are in `plan`
+        plan = cfg.decoder_plan()
         last = len(widths) - 1
-        in_ch = widths[-1]
+        in_ch, arch_in = plan.levels[last].width, widths[last]
         self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
-        self.mid = Mid(in_ch, cfg.using_mid_sa, cfg.dropout)
+        self.mid = Mid(in_ch, cfg.using_mid_sa, cfg.dropout, plan.mid, widths[last])
         # Built lowest resolution first (that is the data flow) but stored so that up.i has width
         # ch*ch_mult[i], matching the checkpoint's `decoder.up.{i}` numbering.
         levels = []
         for i in reversed(range(len(widths))):
-            level = Level(in_ch, widths[i], cfg.num_res_blocks + 1, cfg.using_sa and i == last, cfg.dropout)
+            lv = plan.levels[i]
+            level = Level(in_ch, lv.width, cfg.num_res_blocks + 1, cfg.using_sa and i == last, cfg.dropout,
+                          lv.blocks, arch_in != widths[i], widths[i])
             if i != 0:
-                level.upsample = Upsample(widths[i])
+                level.upsample = Upsample(lv.width, lv.upsample)
             levels.insert(0, level)
-            in_ch = widths[i]
+            in_ch, arch_in = (lv.upsample if i != 0 else lv.width), widths[i]
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(in_ch)
         self.conv_out = nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1)

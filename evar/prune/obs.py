@@ -56,8 +56,21 @@ class HessianAccumulator:
 @dataclass
 class ObsResult:
     removed: list[int]  # removed group indices, in removal order
-    weight: torch.Tensor  # (out, in): compensated (or original) weight; removed columns are zero if compensated
-    error: float  # Σ E(S) over the rounds = predicted (2/n)·Σ||Δy||² (the layer's output error, damped H)
+    weights: list[torch.Tensor]  # per part (out, in): compensated (or original) weight; removed columns zero if compensated
+    error: float  # Σ E(S) over the rounds = predicted (2/n)·Σ||Δy||² (the layers' output error, damped H)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weights[0]
+
+
+@dataclass
+class ObsPart:
+    """One consumer layer of the groups being removed: its weight, its input Hessian, columns per group."""
+
+    weight: torch.Tensor  # (out, in)
+    hessian: torch.Tensor  # (in, in)
+    size: int
 
 
 def ffn_chunks(n_remove: int) -> list[int]:
@@ -92,7 +105,7 @@ def group_errors(W: torch.Tensor, Hinv: torch.Tensor, size: int) -> torch.Tensor
     if size == 1:
         return (W ** 2).sum(0) / torch.diagonal(Hinv)
     G = W.shape[1] // size
-    blocks = torch.stack([Hinv[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(G)])
+    blocks = Hinv.reshape(G, size, G, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # (G, size, size)
     L = torch.linalg.cholesky(blocks)  # (G, size, size)
     Wg = W.T.reshape(G, size, -1)  # (G, size, out)
     return (torch.linalg.solve_triangular(L, Wg, upper=False) ** 2).sum(dim=(1, 2))
@@ -115,28 +128,65 @@ def remove_columns(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> t
 
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, size: int, n_remove: int, percdamp: float = 0.01,
               compensate: bool = True, dtype: torch.dtype = SOLVE_DTYPE) -> ObsResult:
-    """Greedy OBS removal of `n_remove` groups of `size` input columns of `weight` (out, in).
+    """Greedy OBS removal of `n_remove` groups of `size` input columns of one layer's `weight` (out, in)."""
+    return obs_remove([ObsPart(weight, hessian, size)], n_remove, 1, percdamp, compensate, dtype)
 
-    Groups of size > 1 (heads) go one per round; single columns (FFN units) in `ffn_chunks`. W and H⁻¹
-    shrink to the surviving columns as they go. Without `compensate` the selection is the same (it is
-    made on the compensated copy) and the weight is returned unchanged, so the two differ only by the
-    update: that is the ablation `--no-compensate` measures.
+
+def obs_remove(parts: list[ObsPart], n_remove: int, partitions: int = 1, percdamp: float = 0.01,
+               compensate: bool = True, dtype: torch.dtype = SOLVE_DTYPE) -> ObsResult:
+    """Greedy OBS removal of `n_remove` groups read by every part (each its own columns per group).
+
+    A group's cost is the sum of its OBS errors in every part (each part compensates on its own inputs).
+    Groups of size > 1 (heads) go one per round; single columns of a lone part (FFN units) in `ffn_chunks`.
+    With `partitions` > 1 the groups form that many equal consecutive runs that must each lose
+    n_remove / partitions (GroupNorm groups): every round takes the cheapest group of every run.
+    W and H⁻¹ shrink to the surviving columns as they go. Without `compensate` the selection is the same
+    (it is made on the compensated copy) and the weights are returned unchanged, so the two differ only by
+    the update: that is the ablation `--no-compensate` measures.
     """
-    W = weight.detach().to(dtype).clone()
-    Hinv, dead = damped_inverse(hessian, percdamp, dtype)
-    W[:, dead] = 0.0  # inputs that are always zero carry nothing the layer can lose
-    alive = list(range(weight.shape[1] // size))  # original group ids of W's current column groups
+    Ws, Hinvs = [], []
+    for part in parts:
+        W = part.weight.detach().to(dtype).clone()
+        Hinv, dead = damped_inverse(part.hessian, percdamp, dtype)
+        W[:, dead] = 0.0  # inputs that are always zero carry nothing the layer can lose
+        Ws.append(W)
+        Hinvs.append(Hinv)
+    n_groups = parts[0].weight.shape[1] // parts[0].size
+    if n_groups % partitions or n_remove % partitions:
+        raise EvarError(f"{n_remove} of {n_groups} groups cannot be spread evenly over {partitions} partitions")
+    alive = list(range(n_groups))  # original group ids of the current column groups
+    if partitions > 1:
+        rounds = [partitions] * (n_remove // partitions)
+    else:
+        rounds = ffn_chunks(n_remove) if len(parts) == 1 and parts[0].size == 1 else [1] * n_remove
     removed, total = [], 0.0
-    for k in ([1] * n_remove if size > 1 else ffn_chunks(n_remove)):
-        pick = sorted(torch.argsort(group_errors(W, Hinv, size), stable=True)[:k].tolist())
-        cols = torch.tensor([p * size + j for p in pick for j in range(size)])
-        W, Hinv, error = remove_columns(W, Hinv, cols)
-        total += error
+    for k in rounds:
+        errors = group_errors(Ws[0], Hinvs[0], parts[0].size)
+        for W, Hinv, part in zip(Ws[1:], Hinvs[1:], parts[1:]):
+            errors = errors + group_errors(W, Hinv, part.size)
+        if partitions > 1:
+            pick = cheapest_per_partition(errors, alive, n_groups // partitions)
+        else:
+            pick = sorted(torch.argsort(errors, stable=True)[:k].tolist())
+        for i, part in enumerate(parts):
+            cols = torch.tensor([p * part.size + j for p in pick for j in range(part.size)])
+            Ws[i], Hinvs[i], error = remove_columns(Ws[i], Hinvs[i], cols)
+            total += error
         removed += [alive[p] for p in pick]
         picked = set(pick)
         alive = [g for j, g in enumerate(alive) if j not in picked]
     if not compensate:
-        return ObsResult(removed, weight.detach().clone(), total)
-    out = torch.zeros(weight.shape, dtype=W.dtype)
-    out[:, [g * size + j for g in alive for j in range(size)]] = W
-    return ObsResult(removed, out.to(weight.dtype), total)
+        return ObsResult(removed, [part.weight.detach().clone() for part in parts], total)
+    out = []
+    for W, part in zip(Ws, parts):
+        full = torch.zeros(part.weight.shape, dtype=W.dtype)
+        full[:, [g * part.size + j for g in alive for j in range(part.size)]] = W
+        out.append(full.to(part.weight.dtype))
+    return ObsResult(removed, out, total)
+
+
+def cheapest_per_partition(errors: torch.Tensor, alive: list[int], width: int) -> list[int]:
+    """Positions (among `alive`) of the lowest-error group of every partition of `width` original groups."""
+    partition = torch.tensor(alive) // width
+    masked = errors.unsqueeze(0).masked_fill(partition.unsqueeze(0) != partition.unique().unsqueeze(1), float("inf"))
+    return sorted(masked.argmin(dim=1).tolist())

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,11 @@ from evar.checkpoints import Model, build_model, load_saved_state, load_strict
 from evar.config import ModelConfig
 from evar.errors import EvarError
 from evar.files import atomic_write_bytes
+from evar.prune.recipe import PruneRecipe
+
+if TYPE_CHECKING:
+    from evar.prune.blockwise import Kept
+    from evar.prune.sequential import ActivationStream
 
 CALIBRATION_FILE, SAMPLES_FILE, PROGRESS_FILE = "calibration.pt", "samples.pt", "progress.pt"
 
@@ -129,3 +134,37 @@ def restore_var(model: Model, progress: Progress, saved: dict[str, torch.Tensor]
     fresh.var.to_empty(device="cpu")
     load_strict(fresh.var, state, "saved pruning progress")
     model.var = fresh.var.eval()
+
+
+def checkpoint_for(out, model: Model, recipe: PruneRecipe, parent: str) -> PruneCheckpoint:
+    """OUT.partial/ for this model and recipe (another model or recipe there is refused, not mixed)."""
+    arch = model.config.var
+    identity = {"parent": parent, "recipe": dataclasses.asdict(recipe), "num_heads": list(arch.num_heads),
+                "ffn_dims": list(arch.ffn_dims), "params": sum(p.numel() for p in model.var.parameters())}
+    return PruneCheckpoint(PruneCheckpoint.beside(out), identity)
+
+
+def resume(model: Model, kept: Kept, checkpoint: PruneCheckpoint | None) -> Progress | None:
+    """Load saved progress into `model` and `kept`; a finished step resumes at the next step's first block."""
+    saved = checkpoint.load_progress() if checkpoint is not None else None
+    if saved is None:
+        return None
+    start, state = saved
+    restore_var(model, start, state)
+    kept.heads, kept.units = [list(h) for h in start.heads], list(start.units)
+    if start.block == model.config.var.depth:
+        start = Progress(start.step + 1, 0, start.heads, start.units, None)  # a new step, a new stream
+    return start
+
+
+class ProgressSaver:
+    """Saves progress after a block when `every` seconds have passed since the last save (0: every block)."""
+
+    def __init__(self, checkpoint: PruneCheckpoint, model: Model, kept: Kept, every: float):
+        self.checkpoint, self.model, self.kept, self.every = checkpoint, model, kept, Every(every)
+        self.step = 1
+
+    def __call__(self, next_block: int, stream: ActivationStream) -> None:
+        if self.every.due():
+            self.checkpoint.save_progress(Progress(self.step, next_block, self.kept.heads, self.kept.units,
+                                                   stream.x), self.model)

@@ -77,17 +77,17 @@ class BlockTarget:
     units: int
 
 
-def block_targets(cfg: VARConfig, schedule: Schedule, heads: bool = True, ffn: bool = True) -> list[BlockTarget]:
+def block_targets(arch: VARConfig, schedule: Schedule, heads: bool = True, ffn: bool = True) -> list[BlockTarget]:
     """round(H·s) heads and round(F·s) units per block; refuses to empty a block (clear error, nothing done)."""
     targets = []
-    for i, s in enumerate(schedule.per_block(cfg.depth)):
-        h = round_half_up(cfg.num_heads[i] * s) if heads else 0
-        u = round_half_up(cfg.ffn_dims[i] * s) if ffn else 0
-        if h >= cfg.num_heads[i]:
-            raise EvarError(f"sparsity {s:.3f} would remove all {cfg.num_heads[i]} attention head(s) of block {i}; "
+    for i, s in enumerate(schedule.per_block(arch.depth)):
+        h = round_half_up(arch.num_heads[i] * s) if heads else 0
+        u = round_half_up(arch.ffn_dims[i] * s) if ffn else 0
+        if h >= arch.num_heads[i]:
+            raise EvarError(f"sparsity {s:.3f} would remove all {arch.num_heads[i]} attention head(s) of block {i}; "
                             f"lower --sparsity (or use --ffn-only)")
-        if u >= cfg.ffn_dims[i]:
-            raise EvarError(f"sparsity {s:.3f} would remove all {cfg.ffn_dims[i]} FFN units of block {i}")
+        if u >= arch.ffn_dims[i]:
+            raise EvarError(f"sparsity {s:.3f} would remove all {arch.ffn_dims[i]} FFN units of block {i}")
         targets.append(BlockTarget(i, s, h, u))
     return targets
 
