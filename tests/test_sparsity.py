@@ -198,21 +198,27 @@ def test_onnx_export_keeps_every_group_of_4_with_2_zeros(tmp_path):
 
 
 # ---------------------------------------------------------------- the command
-def _evar(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "evar.apps.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+def _evar(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """The `evar` CLI in this process (as a user runs it, minus the interpreter start-up)."""
+    from evar.apps import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["evar", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
 
 
-def test_sparsify_command_writes_a_sparse_directory_that_info_reads(tmp_path):
+def test_sparsify_command_writes_a_sparse_directory_that_info_reads(tmp_path, monkeypatch, capsys):
     save_model_dir(tiny_model(), tmp_path / "dense")
-    proc = _evar("sparsify", "--model", "dense", "--method", "wanda", "--calib-samples", "8", "--out", "sparse",
-                 cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "2:4 wanda: 15 layers, 50.0%" in proc.stdout
-    info = _evar("info", "--model", "sparse", cwd=tmp_path)
-    assert "sparsity: 2:4 (wanda), 15 masked layers" in info.stdout
-    assert "blocks.2.ffn.fc2" in info.stdout and "50.0% zero" in info.stdout
+    code, out, err = _evar(monkeypatch, capsys, tmp_path, "sparsify", "--model", "dense", "--method", "wanda",
+                           "--calib-samples", "8", "--out", "sparse")
+    assert code in (0, None), err
+    assert "2:4 wanda: 15 layers, 50.0%" in out
+    code, out, _ = _evar(monkeypatch, capsys, tmp_path, "info", "--model", "sparse")
+    assert "sparsity: 2:4 (wanda), 15 masked layers" in out
+    assert "blocks.2.ffn.fc2" in out and "50.0% zero" in out
 
 
 @pytest.mark.parametrize("args,words", [
@@ -223,12 +229,23 @@ def test_sparsify_command_writes_a_sparse_directory_that_info_reads(tmp_path):
     (["--method", "learnable"], ["--method learnable", "--teacher"]),
     (["--method", "obs"], ["unknown --method 'obs'"]),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, words):
     save_model_dir(tiny_model(), tmp_path / "dense")
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = _evar("sparsify", "--model", "dense", "--out", "sparse", *args, cwd=tmp_path)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    code, _, err = _evar(monkeypatch, capsys, tmp_path, "sparsify", "--model", "dense", "--out", "sparse", *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     for w in words:
         assert w in err, (w, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bad_input_as_a_subprocess(tmp_path):
+    """One case end to end as a user runs it: one line, exit 2, no traceback, nothing written."""
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "evar.apps.cli", "sparsify", "--model", "builtin:digits",
+                           "--pattern", "3:4", "--sparsity", "0.5", "--out", "x"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --pattern 3:4 zeroes 0.75 of the weights; --sparsity 0.5 contradicts it (leave --sparsity out, "
+        "or use --pattern unstructured)"]
+    assert not (tmp_path / "x").exists()
