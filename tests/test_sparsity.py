@@ -249,3 +249,46 @@ def test_bad_input_as_a_subprocess(tmp_path):
         "error: --pattern 3:4 zeroes 0.75 of the weights; --sparsity 0.5 contradicts it (leave --sparsity out, "
         "or use --pattern unstructured)"]
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- learnable masks
+def test_candidates_are_the_six_2_of_4_masks_and_the_prior_starts_ahead():
+    from evar.sparsity.learnable import CANDIDATES, hard_mask, prior_gates
+
+    assert CANDIDATES.shape == (6, 4) and (CANDIDATES.sum(1) == 2).all() and len({tuple(c.tolist()) for c in CANDIDATES}) == 6
+    prior = nm_mask(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), 2, 4)
+    gates = prior_gates(prior, 3.0, torch.Generator().manual_seed(0))
+    agree = (hard_mask(gates) == prior).reshape(-1, 4).all(-1).float().mean()
+    assert agree > 0.4, agree  # a soft start: chance is 1/6 per group; the Gumbel samples then explore
+
+
+def _held_out_kl(teacher, student, n: int = 16) -> float:
+    from evar.calibration import token_set
+    from evar.distill.trainer import teacher_forcing_inputs
+    from evar.samples import SamplingSettings
+
+    data = token_set(teacher, "teacher", n, SamplingSettings(seed=99), seed=99)
+    x = teacher_forcing_inputs(teacher, data.tokens)
+    with torch.no_grad():
+        t = teacher.var(data.labels, x).log_softmax(-1)
+        s = student.var(data.labels, x).log_softmax(-1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_learnable_masks_lower_the_kl_of_their_prior(tmp_path):
+    from evar.sparsity.pipeline import learnable
+
+    recipe = SparsifyRecipe(method="learnable", prior="magnitude", steps=40, batch_size=8, data_samples=32, lr=0.05,
+                            ckpt_every=20, **FAST)
+    teacher = tiny_model()
+    prior_model = tiny_model()
+    sparsify(prior_model, recipe, method="magnitude", progress=False)
+    student = tiny_model()
+    sp = learnable(student, teacher, recipe, tmp_path / "work", "tests:tiny", "tests:tiny")
+    for name, mask in sp.masks.items():
+        assert follows(mask, Pattern.parse("2:4")) and torch.equal(linear(student.var, name).weight != 0, mask)
+    assert not any(k.startswith("parametrizations") for k in student.var.state_dict())  # plain weights again
+    assert 0.5 < sp.details["agreement_with_prior"] < 1.0  # it moved, from where the prior put it
+    kl_prior, kl_learnt = _held_out_kl(teacher, prior_model), _held_out_kl(teacher, student)
+    print(f"KL to the teacher: magnitude prior {kl_prior:.4f}, learnt {kl_learnt:.4f}")
+    assert kl_learnt < 0.9 * kl_prior, (kl_learnt, kl_prior)
