@@ -2,6 +2,7 @@
 the block-by-block pass on a tiny VAR, masks in model directories, and the command's bad inputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -328,3 +329,17 @@ def test_coreml_stores_2_4_sparse_and_inspect_says_so(request, tmp_path):
     assert m["precision"]["weights"] == "sparse-palettized" and m["compression"]["details"]["pattern"] == "2:4"
     text = report(tmp_path / "art")
     assert "sparse storage: 2:4 masks of 10 layers (magnitude)" in text and "constexpr_lut_to_sparse" in text
+
+
+def test_learnable_run_resumes_and_refuses_other_settings(tmp_path):
+    from evar.sparsity.pipeline import learnable
+
+    recipe = SparsifyRecipe(method="learnable", prior="magnitude", steps=6, batch_size=4, data_samples=8,
+                            ckpt_every=3, **FAST)
+    first = learnable(tiny_model(), tiny_model(), recipe, tmp_path / "work", "tests:tiny", "tests:tiny")
+    assert (tmp_path / "work" / "train_state.pt").exists()
+    again = learnable(tiny_model(), tiny_model(), recipe, tmp_path / "work", "tests:tiny", "tests:tiny")
+    assert all(torch.equal(first.masks[n], again.masks[n]) for n in first.masks)  # continued at step 6: done
+    with pytest.raises(EvarError, match="other settings.*recipe"):
+        learnable(tiny_model(), tiny_model(), dataclasses.replace(recipe, lr=0.01), tmp_path / "work", "tests:tiny",
+                  "tests:tiny")
