@@ -224,6 +224,11 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
     t0 = time.perf_counter()
     meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
             "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
+    if options.target == "ane":
+        from evar.export.ane_export import build_ane
+
+        base = _base(model, "coreml", model_ref, command, StepInterface(model.config, "coreml", "state", options.batch))
+        return build_ane(model, model_ref, out, options, base, CFG_DEFAULT, meta)
     with atomic_dir(out) as tmp:
         notes: list[str] = []
         iface, wrappers = cm.export_step(model, tmp, options, meta, notes)

@@ -67,7 +67,7 @@ def onnx(
 def coreml(
     model: ModelOpt, out: OutOpt,
     precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
-    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs)")] = "iOS18",
+    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs) | ane (Neural Engine layout, fp16, KV state padded to 32, sampling on the host; iOS18)")] = "iOS18",
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 (coremltools.optimize.coreml)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,

@@ -33,7 +33,7 @@ from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, FunctionSpec, StepInterface
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
-TARGETS = ("iOS18", "iOS17")
+TARGETS = ("iOS18", "iOS17", "ane")  # ane: the Neural Engine layout, host sampling (export/ane_export.py), iOS18
 COMPRESSIONS = ("none", "palettize6", "palettize4", "int8")
 WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms, Phi) stay fp16
 NP_OF = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -64,10 +64,12 @@ class CoremlOptions:
             raise EvarError(f"--compress must be one of {', '.join(COMPRESSIONS)}, got '{self.compress}'")
         if self.batch < 1:
             raise EvarError(f"batch must be >= 1, got {self.batch}")
+        if self.target == "ane" and self.precision != "fp16":
+            raise EvarError("--target ane computes in fp16 (the Neural Engine has no fp32); drop --precision fp32")
 
     @property
     def kv_mode(self) -> str:
-        return "state" if self.target == "iOS18" else "io"
+        return "io" if self.target == "iOS17" else "state"
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ cumsum does the same), thresholds are float32. torch-free: the runtime imports t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 
@@ -83,3 +87,61 @@ def class_onehot(labels: np.ndarray, num_classes: int, dtype=np.float16) -> np.n
     out = np.zeros((len(rows), num_classes + 1), dtype)
     out[np.arange(len(rows)), rows] = 1
     return out
+
+
+# ---------------------------------------------------------------- the loop of a host-sampled artifact
+StepCall = Callable[[int, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class HostScale:
+    idx: np.ndarray  # (B, n) int64
+    logits: np.ndarray  # (B, n, V) float32 after guidance: what the tokens were drawn from
+
+
+class HostSampledLoop:
+    """Scale by scale for an artifact whose manifest says `sampling.where == "host"`: the step function of
+    scale si turns (class_onehot, f_hat) into raw logits (its KV cache is state the caller owns), the host
+    draws the tokens, and the fhat_update function of scale si adds them to f_hat. `step(si, feeds)` and
+    `update(si, feeds)` run the named functions (Core ML on macOS, or the PyTorch wrappers in parity) and
+    return their outputs by name; feeds are built from the manifest's roles and dtypes (`step_feeds`)."""
+
+    def __init__(self, manifest: dict[str, Any], step: StepCall, update: StepCall):
+        from evar.contract import FHAT_GRAPH, STEP_GRAPH
+
+        self.manifest, self.step, self.update = manifest, step, update
+        self.steps = {f["scale_index"]: f for f in manifest["graphs"][STEP_GRAPH]["functions"]}
+        self.updates = {f["scale_index"]: f for f in manifest["graphs"][FHAT_GRAPH]["functions"]}
+        self.var = manifest["model"]["var"]
+        self.num_scales = len(manifest["patch_nums"])
+
+    def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
+        from evar.contract import NP_DTYPES
+
+        H = self.var["patch_nums"][-1]
+        onehot_spec = next(t for t in self.steps[0]["inputs"] if t["role"] == "class_onehot")
+        self.labels, self.cfg, self.top_k, self.top_p = np.asarray(labels), float(cfg), top_k, top_p
+        self.onehot = class_onehot(self.labels, int(self.var["num_classes"]), NP_DTYPES[onehot_spec["dtype"]])
+        self.f_hat = np.zeros((len(labels), self.var["cvae"], H, H), np.float32)
+
+    def scale(self, si: int, uniforms: np.ndarray) -> HostScale:
+        from evar.contract import step_feeds
+
+        fn = self.steps[si]
+        outs = self.step(si, step_feeds(fn["inputs"], {"class_onehot": self.onehot, "f_hat": self.f_hat}, {}, _no_past))
+        raw = np.asarray(outs[_named(fn["outputs"], "raw_logits")], np.float32)
+        B = len(self.labels)
+        logits = guided_logits(raw, B, self.cfg, si, self.num_scales)
+        idx = sample_from_uniforms(filter_logits(logits, self.top_k, self.top_p), uniforms)
+        up = self.updates[si]
+        outs = self.update(si, step_feeds(up["inputs"], {"f_hat": self.f_hat, "idx": idx}, {}, _no_past))
+        self.f_hat = np.asarray(outs[_named(up["outputs"], "f_hat")], np.float32)
+        return HostScale(idx, logits)
+
+
+def _named(tensors: list[dict[str, Any]], role: str) -> str:
+    return next(t["name"] for t in tensors if t["role"] == role)
+
+
+def _no_past(tensor: dict[str, Any]) -> Any:
+    raise ValueError(f"a host-sampled step has no cache inputs, got {tensor['name']}")
