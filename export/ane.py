@@ -13,8 +13,8 @@ ml-ane-transformers lays a transformer out:
 - AdaLN scales/shifts are (N, 6C, 1, 1) from a 1x1 convolution of the class condition; the condition is a
   one-hot row per CFG row (host-built), so there is no embedding gather and no int input;
 - the q/k l2-norm is the same division-first normalisation over each head's channels;
-- the KV cache is model state padded to a multiple of 32 positions: keys as (2B, Lpad, 1, C), values as
-  (2B, C, 1, Lpad); scale si writes [begin, end) and reads [0, ceil32(end)) (constant bounds), and the
+- the KV cache is model state padded to a multiple of 32 positions (and channels, for pruned head counts):
+  keys as (2B, Lpad, 1, Cpad), values as (2B, Cpad, 1, Lpad); scale si writes [begin, end) and reads [0, ceil32(end)) (constant bounds), and the
   positions at or after `end` get an additive -1e4 (exp underflows to exactly 0, in fp16 and in fp32).
 
 What is left (CFG, top-k/top-p, the inverse-CDF draw) runs on the host from the fp16 raw logits
@@ -171,8 +171,13 @@ class AneBlock(nn.Module):
             ks = [l2_normalize_channels(kh) for kh in ks]
         else:
             qs = [qh * t for qh, t in zip(qs, self.temps)]
-        kc[:, begin:end] = torch.cat(ks, dim=1).permute(0, 3, 2, 1)  # (N, n, 1, inner)
-        vc[:, :, :, begin:end] = v
+        k = torch.cat(ks, dim=1).permute(0, 3, 2, 1)  # (N, n, 1, inner)
+        if kc.shape[3] == self.inner:
+            kc[:, begin:end] = k
+            vc[:, :, :, begin:end] = v
+        else:  # channels padded to a multiple of 32 as well: the pad stays zero and is never read
+            kc[:, begin:end, :, :self.inner] = k
+            vc[:, :self.inner, :, begin:end] = v
         keys, values = narrow(kc, 1, 0, read), narrow(vc, 3, 0, read)
         outs = []
         for h, qh in enumerate(qs):
@@ -206,8 +211,8 @@ class AneVAR(nn.Module):
         self.blocks = nn.ModuleList(AneBlock(b, c.norm_eps) for b in var.blocks)
         self.head_ada = conv_of(var.head_nm.ada_lin[1])
         self.head = conv_of(var.head)
-        self.caches = [(torch.zeros(2 * batch, self.length, 1, h * c.head_dim),
-                        torch.zeros(2 * batch, h * c.head_dim, 1, self.length)) for h in c.num_heads]
+        self.caches = [(torch.zeros(2 * batch, self.length, 1, aligned(h * c.head_dim, pad_to)),
+                        torch.zeros(2 * batch, aligned(h * c.head_dim, pad_to), 1, self.length)) for h in c.num_heads]
 
 
 class AneStep(nn.Module):

@@ -65,7 +65,7 @@ class AneInterface:
         c, B2, L = self.var, 2 * self.batch, self.padded_length
         out = []
         for i, heads in enumerate(c.num_heads):
-            inner = heads * c.head_dim
+            inner = aligned(heads * c.head_dim, self.pad_to)
             out.append(TensorSpec(f"key_cache_{i}", (B2, L, 1, inner), "float16", "key_cache", layer=i))
             out.append(TensorSpec(f"value_cache_{i}", (B2, inner, 1, L), "float16", "value_cache", layer=i))
         return out
@@ -97,11 +97,12 @@ class AneInterface:
 
     def kv_json(self) -> dict[str, Any]:
         c = self.var
-        return {"mode": "state", "layout": "per_layer", "dims": [CFG_BATCH, "sequence", "1", "heads*head_dim"],
-                "value_dims": [CFG_BATCH, "heads*head_dim", "1", "sequence"], "dtype": "float16",
+        return {"mode": "state", "layout": "per_layer", "dims": [CFG_BATCH, "sequence", "1", "channels"],
+                "value_dims": [CFG_BATCH, "channels", "1", "sequence"], "dtype": "float16",
                 "batch": "2*batch (rows [0, B) conditional, [B, 2B) unconditional)", "max_length": c.seq_len,
                 "padded_length": self.padded_length, "head_dim": c.head_dim,
-                "initial": "make a fresh state per image batch; scale si writes [begin, end) and masks every position >= end",
+                "initial": "make a fresh state per image batch; scale si writes [begin, end) and masks every position >= end; "
+                           "channels = heads*head_dim of the layer rounded up to a multiple of 32 (the pad stays zero)",
                 "layers": [{"index": i, "heads": h, "state_key": f"key_cache_{i}", "state_value": f"value_cache_{i}"}
                            for i, h in enumerate(c.num_heads)]}
 
@@ -191,11 +192,21 @@ class HostRun:
     f_hat: np.ndarray  # after the last scale
 
 
+def loop_manifest(iface: AneInterface) -> dict[str, Any]:
+    """The manifest fields `HostSampledLoop` reads (a complete manifest has them too)."""
+    c = iface.config
+    return {"model": c.to_dict(), "patch_nums": list(c.var.patch_nums),
+            "graphs": {STEP_GRAPH: {"functions": [iface.step(si).to_json() for si in range(c.var.num_scales)]},
+                       FHAT_GRAPH: {"functions": [iface.update(si).to_json() for si in range(c.var.num_scales)]}}}
+
+
 def host_run(manifest: dict[str, Any], steps, updates, labels: np.ndarray, seed: int, cfg: float, top_k: int,
-             top_p: float, step_specs, update_specs, teacher: HostRun | None = None, dtype=torch.float32) -> HostRun:
+             top_p: float, step_specs, update_specs, teacher: HostRun | None = None, dtype=torch.float32,
+             reset: bool = True) -> HostRun:
     """The runtime's loop (`HostSampledLoop`) over PyTorch wrappers; with `teacher`, every scale is fed the
-    teacher's f_hat (scale by scale on the same inputs)."""
-    _reset(steps)
+    teacher's f_hat (scale by scale on the same inputs). `reset=False` keeps whatever the caches hold."""
+    if reset:
+        _reset(steps)
     loop = host_sampling.HostSampledLoop(manifest, _torch_call(steps, step_specs, dtype),
                                          _torch_call(updates, update_specs, torch.float32))
     loop.begin(labels, cfg, top_k, top_p)

@@ -92,11 +92,17 @@ def coreml(
 def inspect_cmd(
     artifact: Annotated[Path, typer.Argument(help="an artifact directory (manifest.json + graphs)")],
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256")] = True,
+    strict_ane: Annotated[bool, typer.Option("--strict-ane", help="fail (exit 2) when a function meant for the Neural "
+                                             "Engine has any finding (fp32 or int ops, sort/cumsum/scatter/gather, "
+                                             "unaligned state, dynamic slices, fp16 squares)")] = False,
 ) -> None:
-    """Graphs, I/O per scale, sizes, op histogram and the ANE-risk report."""
-    from evar.export.inspect import report
+    """Graphs, I/O per scale, sizes, op histogram, the ANE-risk report and ops expected on the ANE per function."""
+    from evar.export.inspect import report, strict_ane as check
 
     print(report(artifact, verify_files=verify))
+    if strict_ane:
+        check(artifact)
+        print("--strict-ane: every function meant for the Neural Engine passes")
 
 
 def main() -> None:

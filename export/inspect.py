@@ -65,6 +65,8 @@ def coreml_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
 def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
     risks: list[str] = []
     kv = manifest["kv_cache"]
+    if "padded_length" in kv:  # ANE layout: the states' own dims are judged per function (ane_lint)
+        kv = {**kv, "max_length": kv["padded_length"], "head_dim": ANE_MULTIPLE}
     bad_dims = {}
     if kv["max_length"] % ANE_MULTIPLE:
         bad_dims["sequence (max_length)"] = kv["max_length"]
@@ -175,7 +177,24 @@ def report(root: str | Path, verify_files: bool = True) -> str:
     lines.append("")
     lines.append(f"ANE-risk report ({len(risks)} findings; heuristics: confirm with MLComputePlan on a Mac):")
     lines += [f"  - {r}" for r in risks] or ["  none"]
+    if all(g["format"] == "coreml" for g in m["graphs"].values()):
+        from evar.export.ane_lint import lint_artifact
+
+        lines.append("")
+        lines.append("per function (the rules: evar.export.ane_lint):")
+        lines += [f"  {f.line()}" for f in lint_artifact(m, root)]
     return "\n".join(lines)
+
+
+def strict_ane(root: str | Path) -> None:
+    """Raise AneLintError unless every function meant for the Neural Engine has no finding."""
+    from evar.export.ane_lint import check_strict, lint_artifact
+
+    root = Path(root)
+    m = load_artifact(root).data
+    if any(g["format"] != "coreml" for g in m["graphs"].values()):
+        check_strict(m, [])
+    check_strict(m, lint_artifact(m, root))
 
 
 def _histogram(root: Path, graph: dict[str, Any]) -> str:

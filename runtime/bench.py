@@ -205,6 +205,8 @@ def summarize(target: Target, settings: BenchSettings, process_peak_mb: float | 
         "command": command,
         "baseline": None, "speedup": None,
     }
+    if getattr(b, "stage_units", None):  # host-sampled Core ML: which units ran each stage
+        report["stage_units"] = dict(b.stage_units)
     return report
 
 
