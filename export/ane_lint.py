@@ -65,6 +65,15 @@ class FunctionLint:
         return head + ("" if not self.findings else "; " + "; ".join(self.findings))
 
 
+def graph_ops(root: Path, graph: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{manifest function: ops}, from the graph's package or each function's own (iOS17)."""
+    from evar.export.coreml import function_packages
+
+    if not any(f.get("file") for f in graph["functions"]):
+        return read_ops(root / graph["file"])
+    return {name: next(iter(read_ops(path).values())) for name, (path, _) in function_packages(root, graph).items()}
+
+
 def read_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
     """{function: [{type, outputs: [(dtype, dims)], const_inputs: {name: bool}}]} of a saved mlprogram."""
     from evar.export.coreml import _ct, _quiet
@@ -131,7 +140,7 @@ def lint_artifact(manifest: dict[str, Any], root: Path) -> list[FunctionLint]:
             continue
         judged = graph.get("compute_units") != "cpu_only"
         declared = {f["name"]: f for f in graph["functions"]}
-        for fn_name, ops in sorted(read_ops(root / graph["file"]).items()):
+        for fn_name, ops in sorted(graph_ops(root, graph).items()):
             states = declared.get(fn_name, {}).get("states", [])
             out.append(lint_function(role, fn_name, ops, states, judged))
     return out

@@ -56,10 +56,13 @@ def onnx_ops(path: Path) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-def coreml_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
-    from evar.export.coreml import package_ops
+def coreml_ops(root: Path, graph: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{function: ops} of a graph's package, or of its per-function packages (iOS17)."""
+    from evar.export.coreml import function_packages, package_ops
 
-    return package_ops(path)
+    if not any(f.get("file") for f in graph["functions"]):
+        return package_ops(root / graph["file"])
+    return {name: next(iter(package_ops(path).values())) for name, (path, _) in function_packages(root, graph).items()}
 
 
 def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
@@ -97,7 +100,7 @@ def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
             continue
         # the same finding in every function is reported once, naming the functions
         by_finding: dict[str, list[str]] = {}
-        for fn_name, ops in sorted(coreml_ops(root / graph["file"]).items()):
+        for fn_name, ops in sorted(coreml_ops(root, graph).items()):
             for finding in _coreml_findings(ops):
                 by_finding.setdefault(finding, []).append(fn_name)
         for finding, fns in by_finding.items():
@@ -202,7 +205,7 @@ def _histogram(root: Path, graph: dict[str, Any]) -> str:
         ops = onnx_ops(root / graph["file"])
         label = f"{sum(ops.values())} nodes"
     else:
-        per_fn = coreml_ops(root / graph["file"])
+        per_fn = coreml_ops(root, graph)
         name = graph.get("default_function") or next(iter(per_fn))
         ops = Counter(o["type"] for o in per_fn.get(name, next(iter(per_fn.values()))) if o["type"] != "const")
         label = f"{sum(ops.values())} non-const ops in {name}"

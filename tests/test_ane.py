@@ -180,3 +180,75 @@ def test_host_sampled_manifests_are_version_2_and_older_ones_still_load(tmp_path
         else:
             with pytest.raises(ManifestError, match="newer EVAR"):
                 load_artifact(tmp_path)
+
+
+# ---------------------------------------------------------------- artifacts (coremltools conversions: slow)
+def _opt_in(request):
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr or "not slow" in expr:  # the project's config does not deselect slow tests by itself
+        pytest.skip("opt-in: pytest -m slow (Core ML conversions take minutes on a shared machine)")
+
+
+def _two_scale_model():
+    from evar.checkpoints import build_model
+    from evar.config import ModelConfig, VARConfig, VQVAEConfig
+
+    vqvae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1,), num_res_blocks=1, using_sa=False,
+                        using_mid_sa=False, v_patch_nums=(1, 2))
+    var = VARConfig(depth=2, embed_dim=32, num_heads=(2, 1), ffn_dims=(64, 48), head_dim=16, vocab_size=32, cvae=8,
+                    num_classes=4, patch_nums=(1, 2))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(var, vqvae, {"source": "tests"}))
+    with torch.no_grad():
+        for block in model.var.blocks:
+            block.ada_lin[-1].weight.normal_(0, 0.05)
+            block.ada_lin[-1].bias.normal_(0, 0.5)
+        model.var.head.weight.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_ane_artifact_passes_strict_lint_and_default_fails(request, tmp_path):
+    _opt_in(request)
+    pytest.importorskip("coremltools")
+    from evar.contract import load_artifact
+    from evar.errors import EvarError
+    from evar.export.artifact import build_coreml
+    from evar.export.coreml import CoremlOptions
+    from evar.export.inspect import report, strict_ane
+
+    model = _two_scale_model()
+    ane, default = tmp_path / "ane", tmp_path / "default"
+    result = build_coreml(model, "tests:tiny2", ane, CoremlOptions(target="ane", batch=2, top_k=TOP_K, top_p=TOP_P))
+    m = load_artifact(ane, verify_hashes=True).data
+    assert result["parity"].passed and m["format_version"] == 2 and m["sampling"]["where"] == "host"
+    assert set(m["graphs"]) == {"decoder_step", "fhat_update", "vqvae_decoder"}
+    assert m["graphs"]["fhat_update"]["compute_units"] == "cpu_only"
+    assert m["kv_cache"]["padded_length"] == 32 and all(
+        d % 32 == 0 for t in m["graphs"]["decoder_step"]["functions"][0]["states"] for d in t["shape"][1:] if d != 1)
+    strict_ane(ane)  # zero findings in the transformer and decoder functions
+    assert "decoder_step/scale_1: " in report(ane) and "(CPU by design: not judged)" in report(ane)
+    build_coreml(model, "tests:tiny2", default, CoremlOptions(batch=2, top_k=TOP_K, top_p=TOP_P))
+    assert load_artifact(default).data["format_version"] == 1  # what older readers read
+    with pytest.raises(EvarError, match="strict-ane.*decoder_step/scale_0.*fp32"):
+        strict_ane(default)
+
+
+@pytest.mark.slow
+def test_ios17_artifact_has_no_multifunction_package(request, tmp_path):
+    _opt_in(request)
+    ct = pytest.importorskip("coremltools")
+    from evar.contract import load_artifact
+    from evar.export.artifact import build_coreml
+    from evar.export.coreml import CoremlOptions
+    from evar.export.inspect import report
+
+    out = tmp_path / "ios17"
+    assert build_coreml(_two_scale_model(), "tests:tiny2", out, CoremlOptions(target="iOS17", batch=1))["parity"].passed
+    m = load_artifact(out, verify_hashes=True).data
+    packages = sorted({f["path"].split(".mlpackage")[0] + ".mlpackage" for f in m["files"]})
+    assert packages == ["decoder_step/scale_0.mlpackage", "decoder_step/scale_1.mlpackage", "vqvae_decoder.mlpackage"]
+    for p in packages:
+        assert not list(ct.utils.load_spec(str(out / p)).description.functions)  # a plain, single-function model
+    assert [f["file"] for f in m["graphs"]["decoder_step"]["functions"]] == packages[:2]
+    assert "scale_1" in report(out)
