@@ -64,6 +64,9 @@ public final class EVARPipeline {
     var allFunctions: [Manifest.GraphFunction] {
         get throws {
             var functions = try manifest.patchNums.indices.map { try manifest.stepFunction(scaleIndex: $0) }
+            if manifest.samplesOnHost {
+                functions += try manifest.patchNums.indices.map { try manifest.fhatUpdate(scaleIndex: $0) }
+            }
             functions.append(try manifest.vqvaeDecoder())
             return functions
         }
