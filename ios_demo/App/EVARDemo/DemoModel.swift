@@ -113,7 +113,7 @@ final class DemoModel: ObservableObject {
     /// Loads the artifact's models if needed, recording how long that took.
     private func ensureLoaded(_ artifact: Artifact) async throws -> EVARPipeline {
         let pipeline = try pipeline(for: artifact)
-        pipeline.setComputeUnits(computeUnits)
+        await pipeline.setComputeUnits(computeUnits)
         let loadMs = try await pipeline.loadResources()
         if latency[artifact.id] == nil || loadMs > 1 {
             latency[artifact.id] = LatencySummary(loadMs: loadMs)
