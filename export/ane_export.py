@@ -265,14 +265,43 @@ def sampling_json(iface: AneInterface, top_k: int, top_p: float, cfg_default: fl
                                    "sample b takes u[(first_sample + b) * pn*pn + j] of stream si"}}
 
 
+def ane_manifest(iface: AneInterface, options: cm.CoremlOptions, base: dict[str, Any], cfg_default: float) -> dict[str, Any]:
+    """The manifest of an ANE artifact (without parity and files): three graphs, host sampling."""
+    n = iface.var.num_scales
+    step_specs, update_specs = [iface.step(si) for si in range(n)], [iface.update(si) for si in range(n)]
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": "iOS18", "simplified": None,
+              "signature": None, "scale_selection": "function"}
+    graphs = {
+        STEP_GRAPH: {**common, "file": f"{STEP_GRAPH}.mlpackage", "compute_units": ANE_UNITS,
+                     "functions": [f.to_json() for f in step_specs], "default_function": step_specs[0].name,
+                     "notes": [f"ANE layout (N, C, 1, S), fp16 throughout; KV state padded to {iface.padded_length} "
+                               f"(a multiple of {iface.pad_to}) and masked past each scale's end",
+                               "outputs raw logits: sampling runs on the host (sampling.where)"]},
+        FHAT_GRAPH: {**common, "file": f"{FHAT_GRAPH}.mlpackage", "compute_units": CPU_UNITS,
+                     "functions": [f.to_json() for f in update_specs], "default_function": update_specs[0].name,
+                     "notes": ["fp32 on the CPU: an embedding gather, the bicubic upsample and Phi"]},
+        DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "compute_units": ANE_UNITS,
+                        "functions": [iface.decoder().to_json()], "default_function": "main", "scale_selection": None,
+                        "notes": ["fp16; GroupNorm divides by each group's largest magnitude before squaring"]},
+    }
+    compression = {"method": options.compress,
+                   "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
+                   "details": {"weight_threshold": cm.WEIGHT_THRESHOLD, "graphs": [STEP_GRAPH, DECODER_GRAPH]}
+                   if options.compress != "none" else {}}
+    weights = {"none": "fp16", "palettize6": "palettized", "palettize4": "palettized", "int8": "int8"}[options.compress]
+    return {**base, "kv_cache": iface.kv_json(), "graphs": graphs,
+            "sampling": sampling_json(iface, options.top_k, options.top_p, cfg_default),
+            "precision": {"weights": weights, "compute": "fp16",
+                          "fp32_ops": ["fhat_update (CPU); sampling on the host in float32"]},
+            "compression": compression}
+
+
 def build_ane(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions, base: dict[str, Any],
               cfg_default: float, command_meta: dict[str, str]) -> dict:
     """Export, check and write an ANE artifact into OUT (atomically). `base` = the artifact's common manifest fields."""
     t0 = time.perf_counter()
     c = model.config.var
     iface = AneInterface(model.config, options.batch)
-    common = {"format": "coreml", "external_data": None, "opset": None, "target": "iOS18", "simplified": None,
-              "signature": None}
     with atomic_dir(out) as tmp:
         steps = ane_steps(model, options.batch)
         step_specs = [iface.step(si) for si in range(c.num_scales)]
@@ -283,31 +312,8 @@ def build_ane(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions
         _save_one(AneDecoder(model).eval(), iface.decoder(), tmp / f"{DECODER_GRAPH}.mlpackage", "fp16", ANE_UNITS,
                   options.compress, command_meta)
         export_s = time.perf_counter() - t0
-        graphs = {
-            STEP_GRAPH: {**common, "file": f"{STEP_GRAPH}.mlpackage", "compute_units": ANE_UNITS,
-                         "functions": [f.to_json() for f in step_specs], "default_function": step_specs[0].name,
-                         "scale_selection": "function",
-                         "notes": [f"ANE layout (N, C, 1, S), fp16 throughout; KV state padded to {iface.padded_length} "
-                                   f"(a multiple of {iface.pad_to}) and masked past each scale's end",
-                                   "outputs raw logits: sampling runs on the host (sampling.where)"]},
-            FHAT_GRAPH: {**common, "file": f"{FHAT_GRAPH}.mlpackage", "compute_units": CPU_UNITS,
-                         "functions": [f.to_json() for f in update_specs], "default_function": update_specs[0].name,
-                         "scale_selection": "function",
-                         "notes": ["fp32 on the CPU: an embedding gather, the bicubic upsample and Phi"]},
-            DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "compute_units": ANE_UNITS,
-                            "functions": [iface.decoder().to_json()], "default_function": "main", "scale_selection": None,
-                            "notes": ["fp16; GroupNorm divides by each group's largest magnitude before squaring"]},
-        }
-        compression = {"method": options.compress,
-                       "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
-                       "details": {"weight_threshold": cm.WEIGHT_THRESHOLD, "graphs": [STEP_GRAPH, DECODER_GRAPH]}
-                       if options.compress != "none" else {}}
-        weights = {"none": "fp16", "palettize6": "palettized", "palettize4": "palettized", "int8": "int8"}[options.compress]
-        manifest = {**base, "kv_cache": iface.kv_json(), "graphs": graphs,
-                    "sampling": sampling_json(iface, options.top_k, options.top_p, cfg_default),
-                    "precision": {"weights": weights, "compute": "fp16",
-                                  "fp32_ops": ["fhat_update (CPU); sampling on the host in float32"]},
-                    "compression": compression}
+        manifest = ane_manifest(iface, options, base, cfg_default)
+        graphs = manifest["graphs"]
         report = pt.ParityReport()
         for role, graph in graphs.items():
             check_structure(report, tmp / graph["file"], graph["functions"], role)

@@ -98,6 +98,8 @@ def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
             risks.append(f"{role}: ONNX graph with symbolic shapes: the onnxruntime CoreML EP runs dynamic-shape "
                          "subgraphs on the CPU; use the Core ML artifact for the ANE")
             continue
+        if graph.get("compute_units") == "cpu_only":  # on the CPU by design (fhat_update): listed per function below
+            continue
         # the same finding in every function is reported once, naming the functions
         by_finding: dict[str, list[str]] = {}
         for fn_name, ops in sorted(coreml_ops(root, graph).items()):

@@ -252,3 +252,68 @@ def test_ios17_artifact_has_no_multifunction_package(request, tmp_path):
         assert not list(ct.utils.load_spec(str(out / p)).description.functions)  # a plain, single-function model
     assert [f["file"] for f in m["graphs"]["decoder_step"]["functions"]] == packages[:2]
     assert "scale_1" in report(out)
+
+
+def test_runtime_follows_a_host_sampled_manifest(monkeypatch, tmp_path, ready):
+    """`evar-bench --device ane` on a host-sampled artifact: the Core ML backend is chosen by the manifest's
+    sampling.where, loads fhat_update on the CPU whatever the device, and its loop (steps → host draws →
+    fhat_update → decoder) gives `generate`'s tokens. Core ML prediction needs macOS, so coremltools' MLModel
+    is replaced by the PyTorch wrappers it was converted from (fp32): what is checked is the runtime's wiring."""
+    ct = pytest.importorskip("coremltools")
+    import platform
+
+    from evar import contract
+    from evar.export.artifact import _base
+    from evar.export.ane_export import ane_manifest
+    from evar.export.coreml import CoremlOptions
+    from evar.export.interface import StepInterface
+    from evar.runtime import Generator
+
+    c = ready.config.var
+    batch = 2
+    steps = ane_steps(ready, batch)
+    modules = {"decoder_step": steps, "fhat_update": [FhatUpdate(ready, si) for si in range(c.num_scales)],
+               "vqvae_decoder": [AneDecoder(ready)]}
+    iface = AneInterface(ready.config, batch)
+    manifest = ane_manifest(iface, CoremlOptions(target="ane", batch=batch, top_k=TOP_K, top_p=TOP_P),
+                            _base(ready, "coreml", "tests:tiny", None, StepInterface(ready.config, "coreml", "state", batch)), 1.5)
+    for graph in manifest["graphs"].values():
+        (tmp_path / graph["file"]).mkdir()
+        (tmp_path / graph["file"] / "Manifest.json").write_text("{}")
+    contract.write(tmp_path, {**manifest, "parity": {"passed": True, "checks": [], "skipped": []}})
+    loaded_units = {}
+
+    class FakeModel:
+        def __init__(self, path, compute_units, function_name=None):
+            self.role = next(r for r in modules if path.endswith(f"{r}.mlpackage"))
+            self.index = int(function_name.removeprefix("scale_")) if function_name else 0
+            fn = contract.load_artifact(tmp_path).function(self.role, None if self.role == "vqvae_decoder" else self.index)
+            self.fn = fn
+            loaded_units[(self.role, self.index)] = compute_units
+
+        def make_state(self):
+            pt_reset = [b for n, b in steps[0].named_buffers() if n.startswith(("key_cache", "value_cache"))]
+            for b in pt_reset:
+                b.zero_()
+            return "state"
+
+        def predict(self, feeds, state=None):
+            assert (state is not None) == (self.role == "decoder_step")
+            args = [torch.from_numpy(np.asarray(feeds[t["name"]]).astype(np.float32 if "float" in t["dtype"] else np.int32))
+                    for t in self.fn["inputs"]]
+            with torch.no_grad():
+                out = modules[self.role][self.index](*args)
+            return {self.fn["outputs"][0]["name"]: out.numpy()}
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(ct.models, "MLModel", FakeModel)
+    gen = Generator(tmp_path, backend="ane")
+    assert gen.backend.stage_units == {"decoder_step": "cpuAndNeuralEngine", "fhat_update": "cpuOnly",
+                                       "vqvae_decoder": "cpuAndNeuralEngine", "sampling": "host"}
+    assert loaded_units[("fhat_update", 1)] == ct.ComputeUnit.CPU_ONLY
+    assert loaded_units[("decoder_step", 1)] == ct.ComputeUnit.CPU_AND_NE
+    labels = np.array([3, 8])
+    out = gen.generate(labels, seed=5, cfg=CFG)
+    ref = generate(ready.var, ready.vqvae, torch.from_numpy(labels), guidance=CFG, top_k=TOP_K, top_p=TOP_P, seed=5)
+    for a, b in zip(out.tokens, ref.tokens):
+        np.testing.assert_array_equal(a, b.numpy())
