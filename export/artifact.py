@@ -158,7 +158,11 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
     report = pt.ParityReport()
     # 1. the packages declare exactly the manifest's functions, inputs, outputs and states
     for role, graph in manifest_graphs.items():
-        check_package_structure(report, out / graph["file"], graph["functions"], role)
+        if any(f.get("file") for f in graph["functions"]):  # one package per function (iOS17)
+            for f in graph["functions"]:
+                check_package_structure(report, out / f["file"], [{**f, "name": "main"}], f"{role}/{f['name']}")
+        else:
+            check_package_structure(report, out / graph["file"], graph["functions"], role)
     # 2. the export-ready wrappers (what was converted) against the original model
     labels = pt.parity_labels(iface.batch, iface.var.num_classes)
     ref = pt.reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, options.top_k, options.top_p)
@@ -179,7 +183,11 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
 def coreml_predict_parity(report: pt.ParityReport, package: Path, iface: StepInterface, expected: pt.Run,
                           options: cm.CoremlOptions) -> None:
     """macOS: every function on the wrapper's inputs, scale by scale, at the fp16 tolerance."""
-    models = [cm.predict_runner(package, iface.function_name(si)) for si in range(iface.var.num_scales)]
+    if package.is_dir() and not (package / "Manifest.json").exists():  # iOS17: a package per scale
+        models = [cm.predict_runner(package / f"{iface.function_name(si)}.mlpackage", None)
+                  for si in range(iface.var.num_scales)]
+    else:
+        models = [cm.predict_runner(package, iface.function_name(si)) for si in range(iface.var.num_scales)]
     state = models[0].make_state() if iface.kv_mode == "state" else None
 
     def step(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -224,6 +232,11 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
     t0 = time.perf_counter()
     meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
             "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
+    if options.target == "ane":
+        from evar.export.ane_export import build_ane
+
+        base = _base(model, "coreml", model_ref, command, StepInterface(model.config, "coreml", "state", options.batch))
+        return build_ane(model, model_ref, out, options, base, CFG_DEFAULT, meta)
     with atomic_dir(out) as tmp:
         notes: list[str] = []
         iface, wrappers = cm.export_step(model, tmp, options, meta, notes)
@@ -231,8 +244,14 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         export_s = time.perf_counter() - t0
         common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
                   "compute_units": options.compute_units, "simplified": None, "signature": None}
+        step_functions = [f.to_json() for f in iface.functions()]
+        step_file = f"{STEP_GRAPH}.mlpackage"
+        if options.target == "iOS17":  # a package per scale (export_step): each function names its own
+            step_file = STEP_GRAPH
+            for f in step_functions:
+                f["file"] = f"{STEP_GRAPH}/{f['name']}.mlpackage"
         graphs = {
-            STEP_GRAPH: {**common, "file": f"{STEP_GRAPH}.mlpackage", "functions": [f.to_json() for f in iface.functions()],
+            STEP_GRAPH: {**common, "file": step_file, "functions": step_functions,
                          "default_function": iface.function_name(0), "scale_selection": "function", "notes": notes},
             DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "functions": [diface.function().to_json()],
                             "default_function": "main", "scale_selection": None, "notes": []},

@@ -67,7 +67,7 @@ def onnx(
 def coreml(
     model: ModelOpt, out: OutOpt,
     precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
-    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs)")] = "iOS18",
+    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs) | ane (Neural Engine layout, fp16, KV state padded to 32, sampling on the host; iOS18)")] = "iOS18",
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 (coremltools.optimize.coreml)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
@@ -92,11 +92,17 @@ def coreml(
 def inspect_cmd(
     artifact: Annotated[Path, typer.Argument(help="an artifact directory (manifest.json + graphs)")],
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256")] = True,
+    strict_ane: Annotated[bool, typer.Option("--strict-ane", help="fail (exit 2) when a function meant for the Neural "
+                                             "Engine has any finding (fp32 or int ops, sort/cumsum/scatter/gather, "
+                                             "unaligned state, dynamic slices, fp16 squares)")] = False,
 ) -> None:
-    """Graphs, I/O per scale, sizes, op histogram and the ANE-risk report."""
-    from evar.export.inspect import report
+    """Graphs, I/O per scale, sizes, op histogram, the ANE-risk report and ops expected on the ANE per function."""
+    from evar.export.inspect import report, strict_ane as check
 
     print(report(artifact, verify_files=verify))
+    if strict_ane:
+        check(artifact)
+        print("--strict-ane: every function meant for the Neural Engine passes")
 
 
 def main() -> None:
