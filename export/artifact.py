@@ -24,6 +24,7 @@ from evar.contract import DECODER_GRAPH, FORMAT, STEP_GRAPH
 from evar.export import coreml as cm
 from evar.export import onnx as ox
 from evar.export import parity as pt
+from evar.export import quantize as qz
 from evar.export.graphs import DynamicStep
 from evar.export.interface import StepInterface
 
@@ -131,6 +132,10 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
         export_s = time.perf_counter() - t0
         report = onnx_parity(model, tmp, step.file, dec.file, options)
         report.raise_if_failed(f"ONNX export of {model_ref}")
+        compression = {"method": "none", "tool": None, "details": {}}
+        if options.quantize == "int8":
+            step, compression = quantize_onnx_step(model, tmp, step, iface, options, report, step_notes)
+            report.raise_if_failed(f"int8 ONNX export of {model_ref}")
         ins, outs = iface.signature()
         step_notes.append("one graph for every scale: scale-dependent constants (resize operators, Phi, positions, "
                           "CFG ramp) are gathered by scale_index; lengths are symbolic")
@@ -145,11 +150,50 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
         graphs[STEP_GRAPH]["scale_selection"] = "scale_index_input"
         manifest = {**_base(model, "onnx", model_ref, command, iface), "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
-                    "precision": {"weights": options.precision, "compute": "fp32", "fp32_ops": []},
-                    "compression": {"method": "none", "tool": None, "details": {}},
+                    "precision": precision_entry(options),
+                    "compression": compression,
                     "parity": report.to_json()}
         contract.write(tmp, manifest)
     return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}
+
+
+def precision_entry(options: ox.OnnxOptions) -> dict[str, Any]:
+    if options.quantize == "int8":
+        return {"weights": "int8", "compute": "int8", "fp32_ops": ["every op but the quantized transformer matmuls"]}
+    return {"weights": options.precision, "compute": "fp32", "fp32_ops": []}
+
+
+def quantize_onnx_step(model: Model, tmp: Path, step: ox.OnnxGraph, iface: StepInterface, options: ox.OnnxOptions,
+                       report: pt.ParityReport, notes: list[str]) -> tuple[ox.OnnxGraph, dict[str, Any]]:
+    """The parity-checked fp32 step graph → int8 (`evar.export.quantize`), gated against the fp32 graph; the int8
+    graph then takes the fp32 graph's place and file names. → (its graph entry, the manifest's compression)."""
+    import onnx
+
+    staging = tmp / ".int8"
+    staging.mkdir()
+    fp32_path, int8_path = tmp / step.file, staging / step.file
+    details = qz.quantize_step(model, fp32_path, int8_path, options.int8, external=step.external_data is not None)
+    sessions = [ox.session(p) for p in (fp32_path, int8_path)]
+    names = [o.name for o in sessions[0].get_outputs()]
+
+    def runner(sess):
+        return lambda si, feeds: dict(zip(names, sess.run(None, feeds)))
+
+    qz.int8_gate(report, iface, runner(sessions[0]), runner(sessions[1]), options.int8, model.config.var.num_classes)
+    del sessions
+    for leftover in tmp.glob(step.file + "*"):
+        leftover.unlink()
+    for path in staging.iterdir():
+        path.rename(tmp / path.name)
+    staging.rmdir()
+    nodes = onnx.load(str(tmp / step.file), load_external_data=False).graph.node
+    integer = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)
+    notes.append(f"int8: {details['quantized_layers']} linear layers quantized ({integer} integer matmul nodes); "
+                 f"gated against the fp32 graph (mean token KL <= {options.int8.max_kl}, token agreement >= "
+                 f"{options.int8.min_token_agreement} per scale)")
+    external = step.file + ".data" if (tmp / (step.file + ".data")).exists() else None
+    graph = ox.OnnxGraph(step.file, external, step.simplified, len(nodes))
+    return graph, {"method": "int8", "tool": "onnxruntime.quantization.quantize_dynamic", "details": details}
 
 
 # ---------------------------------------------------------------- Core ML

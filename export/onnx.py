@@ -12,7 +12,7 @@ kernels for most of these ops, and sampling must run in fp32 to keep the tokens 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from evar.errors import EvarError
 from evar.export.graphs import DynamicStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, StepInterface
+from evar.export.quantize import QUANTIZE_CHOICES, Int8Options
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
 PROTOBUF_LIMIT = 2 ** 31 - 1
@@ -41,10 +42,18 @@ class OnnxOptions:
     external_data: str = "auto"  # auto | always | never
     top_k: int = 0
     top_p: float = 0.0
+    quantize: str = "none"  # none | int8 (the step graph's transformer linears, see evar.export.quantize)
+    int8: Int8Options = field(default_factory=Int8Options)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise EvarError(f"ONNX precision must be fp32 or fp16, got '{self.precision}'")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise EvarError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} for ONNX, got '{self.quantize}'")
+        if self.quantize == "int8":
+            if self.precision != "fp32":
+                raise EvarError("--quantize int8 quantizes the fp32 graph: it cannot be combined with --precision fp16")
+            self.int8.validate()
         if self.opset < 17:
             raise EvarError(f"opset {self.opset} is too old: the step graph needs opset >= 17 (LayerNormalization)")
         if self.external_data not in ("auto", "always", "never"):

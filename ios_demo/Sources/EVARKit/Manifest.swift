@@ -101,6 +101,7 @@ extension Manifest {
     public enum ComputePrecision: String, Codable, Hashable, Sendable {
         case fp32
         case fp16
+        case int8
     }
 
     /// Weight compression applied after conversion.
