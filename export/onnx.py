@@ -44,6 +44,7 @@ class OnnxOptions:
     top_p: float = 0.0
     quantize: str = "none"  # none | int8 (the step graph's transformer linears, see evar.export.quantize)
     int8: Int8Options = field(default_factory=Int8Options)
+    cfg_until_scale: int | None = None  # CFG trimming (evar.export.cfg_trim): scales >= N run unguided, batch B
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -169,15 +170,17 @@ def _postprocess(raw: Path, final: Path, options: OnnxOptions, notes: list[str])
     return OnnxGraph(final.name, location, simplified, len(model.graph.node))
 
 
-def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, StepInterface]:
-    iface = StepInterface(model.config, "onnx")
-    step = DynamicStep(model, top_k=options.top_k, top_p=options.top_p).eval()
+def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str], guided: bool = True,
+                role: str = STEP_GRAPH) -> tuple[OnnxGraph, StepInterface]:
+    """The step graph (`guided=False`: the unguided step of CFG trimming) → `out/<role>.onnx`."""
+    iface = StepInterface(model.config, "onnx", guided=guided)
+    step = DynamicStep(model, top_k=options.top_k, top_p=options.top_p, guided=guided).eval()
     ins, outs = iface.signature()
     example = iface.example_inputs(si=1, batch=2, seed=0)
     args = tuple(torch.from_numpy(example[t.name]) for t in ins)
-    raw = out / f".{STEP_GRAPH}.raw.onnx"
+    raw = out / f".{role}.raw.onnx"
     _torch_export(step, args, raw, [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
-    return _postprocess(raw, out / f"{STEP_GRAPH}.onnx", options, notes), iface
+    return _postprocess(raw, out / f"{role}.onnx", options, notes), iface
 
 
 def export_decoder(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, DecoderInterface]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -178,19 +178,20 @@ def token_kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
-def int8_gate(report: pt.ParityReport, iface: StepInterface, fp32_step: pt.StepFn, int8_step: pt.StepFn,
-              options: Int8Options, num_classes: int) -> None:
-    """Per scale over GATE_SEEDS: mean token KL and token agreement of int8 on the fp32 graph's inputs."""
-    kls = np.zeros((len(GATE_SEEDS), iface.var.num_scales))
+def int8_gate(report: pt.ParityReport, num_scales: int, run_fp32: Callable[..., pt.Run],
+              run_int8: Callable[..., pt.Run], options: Int8Options, num_classes: int) -> None:
+    """Per scale over GATE_SEEDS: mean token KL and token agreement of the int8 graphs run on the fp32 graphs'
+    inputs. run_fp32(labels, seed) drives the fp32 graphs freely; run_int8(labels, seed, teacher) scale by scale."""
+    kls = np.zeros((len(GATE_SEEDS), num_scales))
     agree = np.zeros_like(kls)
     for i, seed in enumerate(GATE_SEEDS):
         labels = (np.arange(GATE_BATCH) * 3 + seed) % num_classes
-        ref = pt.drive(fp32_step, iface, labels, seed, pt.PARITY_CFG)
-        got = pt.drive(int8_step, iface, labels, seed, pt.PARITY_CFG, teacher=ref)
+        ref = run_fp32(labels, seed)
+        got = run_int8(labels, seed, ref)
         for si, (r, g) in enumerate(zip(ref.outputs, got.outputs)):
             kls[i, si] = token_kl(r["logits"], g["logits"])
             agree[i, si] = float((r["idx"].astype(np.int64) == g["idx"].astype(np.int64)).mean())
-    for si in range(iface.var.num_scales):
+    for si in range(num_scales):
         kl, ag = float(kls[:, si].mean()), float(agree[:, si].mean())
         report.checks.append(pt.Check(f"int8 vs fp32 export: mean token KL scale {si}", kl <= options.max_kl,
                                       "mean_token_kl", kl, options.max_kl))
