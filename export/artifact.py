@@ -305,9 +305,24 @@ def check_package_structure(report: pt.ParityReport, package: Path, functions: l
     report.checks.append(pt.Check(f"{role}: package structure matches manifest", True))
 
 
+def _sparse_details(model: Model, compress: str) -> dict:
+    """`--compress 2:4…` stores a 2:4 model's zeros: the model must be one (evar sparsify --pattern 2:4)."""
+    if compress not in cm.SPARSE_COMPRESSIONS:
+        return {}
+    sp = getattr(model, "sparsity", None)
+    if sp is None or sp.pattern.name != "2:4":
+        what = "dense" if sp is None else f"{sp.pattern.name} sparse"
+        raise EvarError(f"--compress {compress} stores the zeros of a 2:4-sparse model, and this model is {what}: "
+                        "make one with `evar sparsify --pattern 2:4` first")
+    return {"pattern": "2:4", "masked_layers": len(sp.masks), "sparsity_method": sp.method,
+            "storage": "bitmask + kept values (constexpr_sparse_to_dense" + (", values palettized: "
+                                                                             "constexpr_lut_to_sparse)" if "+" in compress else ")")}
+
+
 def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions, command: str | None = None) -> dict:
     options.validate()
     _check_options(options.top_k, options.top_p)
+    sparse = _sparse_details(model, options.compress)
     model = export_ready(model)
     t0 = time.perf_counter()
     meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
@@ -341,9 +356,10 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         fp32_ops = ["sampling tail: CFG, top-k/top-p, softmax, cumsum, inverse-CDF compare"] \
             if options.precision == "fp16" else []
         weights = {"none": options.precision, "palettize6": "palettized", "palettize4": "palettized",
-                   "int8": "int8"}[options.compress]
+                   "int8": "int8", "2:4": "sparse", "2:4+palettize6": "sparse-palettized",
+                   "2:4+palettize4": "sparse-palettized"}[options.compress]
         compression = {"method": options.compress, "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
-                       "details": {"weight_threshold": 2048} if options.compress != "none" else {}}
+                       "details": {"weight_threshold": 2048, **sparse} if options.compress != "none" else {}}
         manifest = {**_base(model, "coreml", model_ref, command, iface), "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
                     "precision": {"weights": weights, "compute": options.precision, "fp32_ops": fp32_ops},

@@ -76,7 +76,9 @@ def coreml(
     precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
     target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs) | ane (Neural Engine layout, fp16, KV state padded to 32, sampling on the host; iOS18)")] = "iOS18",
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
-    compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 (coremltools.optimize.coreml)")] = "none",
+    compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 | 2:4 | 2:4+palettize6 | "
+                                                      "2:4+palettize4 (coremltools.optimize.coreml; 2:4 needs a model "
+                                                      "from `evar sparsify --pattern 2:4`)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,

@@ -33,6 +33,10 @@ def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt:
     print(f"params: VAR {sum(p.numel() for p in m.var.parameters()) / 1e6:.2f}M, "
           f"VQVAE {sum(p.numel() for p in m.vqvae.parameters()) / 1e6:.2f}M, image {m.config.vqvae.image_size}px")
     print(f"provenance: {json.dumps(m.config.provenance)}")
+    if m.sparsity is not None:
+        from evar.sparsity.report import sparsity_lines
+
+        print("\n".join(sparsity_lines(m)))
 
 
 @app.command()
@@ -260,6 +264,9 @@ app.command("prune")(_pruning.prune)
 app.command("prune-decoder")(_pruning.prune_decoder)
 app.command("distill-decoder")(_pruning.distill_decoder)
 app.command("prunable")(_pruning.prunable)
+from evar.sparsity.command import sparsify as _sparsify  # noqa: E402  (2:4 / N:M / unstructured masks)
+
+app.command("sparsify")(_sparsify)
 
 
 def main() -> None:

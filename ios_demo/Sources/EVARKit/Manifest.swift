@@ -97,6 +97,8 @@ extension Manifest {
         case fp16
         case palettized
         case int8
+        case sparse
+        case sparsePalettized = "sparse-palettized"
     }
 
     /// Schema: #/$defs/precision/properties/compute
@@ -120,6 +122,9 @@ extension Manifest {
         case palettize6
         case palettize4
         case int8
+        case sparse24 = "2:4"
+        case sparse24Palettize6 = "2:4+palettize6"
+        case sparse24Palettize4 = "2:4+palettize4"
     }
 
     /// What was checked before the artifact was declared complete.
