@@ -261,6 +261,10 @@ app.command("prune-decoder")(_pruning.prune_decoder)
 app.command("distill-decoder")(_pruning.distill_decoder)
 app.command("prunable")(_pruning.prunable)
 
+from evar.dd.commands import app as _dd  # noqa: E402  (also `python -m evar.dd`, for torchrun)
+
+app.add_typer(_dd, name="dd")
+
 
 def main() -> None:
     run_cli(app)

@@ -1,0 +1,57 @@
+"""The `evar dd` commands (also `python -m evar.dd`, the form torchrun launches). Flags and help only; the work
+is in `pairs`, `trainer` and `sampler`. Under torchrun only rank 0 claims the output (the ranks are one run)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evar.cli_options import Guidance, Overwrite, Seed, TopK, TopP
+from evar.outputs import claim_output, evar_made, mark_output
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distilled Decoding: one- and two-step generation distilled from a VAR teacher.")
+
+
+@app.callback()
+def _group() -> None:
+    """Distilled Decoding: one- and two-step generation distilled from a VAR teacher."""
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@app.command()
+def pairs(
+    teacher: Annotated[str, typer.Option(help="the VAR to distil: builtin:digits or a model directory")],
+    samples: Annotated[int, typer.Option(help="how many (noise, tokens) pairs; sample i has class i mod classes")],
+    out: Annotated[Path, typer.Option(help="pairs folder (pairs.json + parts/); rerun the same command to "
+                                           "continue an interrupted run")],
+    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96,
+    seed: Annotated[int, typer.Option(help="numbers the noise: sample i's noise depends on (seed, i) only")] = 0,
+    ode_steps: Annotated[int, typer.Option(help="Euler steps of the noise → token flow (at 32 the token "
+                                                "frequencies pass a chi-square test against the teacher's)")] = 32,
+    chunk: Annotated[int, typer.Option(help="samples per part file (the unit of resuming and of the ranks' "
+                                            "shares; part of the result's definition)")] = 256,
+    overwrite: Overwrite = False,
+) -> None:
+    """Noise per token → the teacher's tokens by a deterministic flow, scale by scale with the KV cache."""
+    from evar.dd.pairs import PAIRS_KIND, PairsRecipe, make_pairs
+    from evar.samples import SamplingSettings
+
+    recipe = PairsRecipe(samples, SamplingSettings(guidance, top_k, top_p, seed), ode_steps, chunk)
+    recipe.validate()
+    claim = claim_output(out, "dir", overwrite=overwrite, resumes=() if overwrite else (PAIRS_KIND,),
+                         inputs=[teacher], progress_note=f"finished parts wait in {out}")
+    with claim if _rank0() else contextlib.nullcontext():
+        if _rank0():
+            if overwrite and evar_made(out) == PAIRS_KIND:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            mark_output(out, PAIRS_KIND, teacher=teacher)
+        make_pairs(teacher, out, recipe)
