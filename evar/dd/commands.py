@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -55,3 +55,36 @@ def pairs(
             out.mkdir(parents=True, exist_ok=True)
             mark_output(out, PAIRS_KIND, teacher=teacher)
         make_pairs(teacher, out, recipe)
+
+
+@app.command()
+def train(
+    teacher: Annotated[str, typer.Option(help="the VAR the pairs were made from (its weights' sha256 is checked)")],
+    pairs: Annotated[Path, typer.Option(help="a finished `evar dd pairs` folder")],
+    out: Annotated[Path, typer.Option(help="DD model directory to write; it holds the checkpoint while the run is "
+                                           "going (rerun the same command to continue)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="global batch (pairs per step), split evenly over DDP ranks")] = 64,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (linear warm-up, cosine to 10%)")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.01,
+    warmup: Annotated[int, typer.Option(help="warm-up steps")] = 100,
+    p_zero: Annotated[float, typer.Option(help="share of pairs trained as the one-step case (all noise); the others "
+                                               "get their first t scales as data, t uniform in 1..S-1")] = 0.5,
+    reg_weight: Annotated[float, typer.Option(help="weight of the regression head's squared error")] = 1.0,
+    continuous_from: Annotated[Optional[int], typer.Option(
+        help="scales from this one on are sampled from the regression head (default: argmax tokens everywhere)")] = None,
+    seed: Annotated[int, typer.Option(help="seeds the batch order and the t draws")] = 0,
+    ckpt_every: Annotated[int, typer.Option(help="write the resumable checkpoint every N steps (atomic)")] = 200,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train a DD student (initialised from the teacher) on the pairs; resumable; DDP under torchrun."""
+    from evar.dd.trainer import DDRecipe, train as run
+    from evar.train import Schedule
+
+    recipe = DDRecipe(Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                               ckpt_every=ckpt_every, seed=seed), p_zero, reg_weight, continuous_from)
+    recipe.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    claim = claim_output(out, "dir", overwrite=overwrite, resumes=("training run",), inputs=[teacher, pairs],
+                         progress_note=f"the last checkpoint waits in {out}")
+    with claim if _rank0() else contextlib.nullcontext():
+        run(teacher, pairs, out, recipe, overwrite=overwrite)
