@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from evar.cli_options import Guidance, Overwrite, Seed, TopK, TopP
-from evar.outputs import claim_output, evar_made, mark_output
+from evar.outputs import claim_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distilled Decoding: one- and two-step generation distilled from a VAR teacher.")
@@ -49,12 +48,7 @@ def pairs(
     claim = claim_output(out, "dir", overwrite=overwrite, resumes=() if overwrite else (PAIRS_KIND,),
                          inputs=[teacher], progress_note=f"finished parts wait in {out}")
     with claim if _rank0() else contextlib.nullcontext():
-        if _rank0():
-            if overwrite and evar_made(out) == PAIRS_KIND:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            mark_output(out, PAIRS_KIND, teacher=teacher)
-        make_pairs(teacher, out, recipe)
+        make_pairs(teacher, out, recipe, overwrite=overwrite)
 
 
 @app.command()

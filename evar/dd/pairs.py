@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from evar.distill.trainer import Ranks, init_ranks
 from evar.errors import EvarError
 from evar.files import atomic_write_bytes, atomic_write_json, read_json
 from evar.models.decoding import Decoder
+from evar.outputs import evar_made, mark_output
 from evar.samples import SamplingSettings
 
 RECORD_FILE, PARTS_DIR = "pairs.json", "parts"
@@ -103,20 +105,24 @@ def _check_record(out: Path, record: dict[str, Any]) -> None:
                         "flags to continue it, or another --out")
 
 
-def make_pairs(teacher_ref: str, out: str | Path, recipe: PairsRecipe) -> Path:
-    """Make (or finish) the pairs in `out`; under torchrun the ranks share the chunks."""
+def make_pairs(teacher_ref: str, out: str | Path, recipe: PairsRecipe, overwrite: bool = False) -> Path:
+    """Make (or finish) the pairs in `out`; under torchrun the ranks share the chunks. `overwrite` starts over
+    in a pairs folder (after the teacher loaded: a bad --teacher must not cost the old pairs)."""
     ranks = init_ranks()
     try:
-        return _make_pairs(teacher_ref, Path(out), recipe, ranks)
+        return _make_pairs(teacher_ref, Path(out), recipe, ranks, overwrite)
     finally:
         if ranks.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _make_pairs(teacher_ref: str, out: Path, recipe: PairsRecipe, ranks: Ranks) -> Path:
+def _make_pairs(teacher_ref: str, out: Path, recipe: PairsRecipe, ranks: Ranks, overwrite: bool) -> Path:
     recipe.validate()
     teacher = zoo.load(teacher_ref)
     record = _record(teacher_ref, teacher, recipe)
+    if ranks.main and overwrite and evar_made(out) == PAIRS_KIND:
+        shutil.rmtree(out)
+    ranks.barrier()
     if ranks.agree((out / RECORD_FILE).exists()):
         _check_record(out, record)
         previous = read_json(out / RECORD_FILE, "pairs record")
@@ -125,6 +131,7 @@ def _make_pairs(teacher_ref: str, out: Path, recipe: PairsRecipe, ranks: Ranks) 
     ranks.barrier()
     if ranks.main:
         (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        mark_output(out, PAIRS_KIND, teacher=teacher_ref)
         atomic_write_json(out / RECORD_FILE, {**record, "complete": False, "runs": previous.get("runs", [])})
     ranks.barrier()
     mine = [c for c in range(recipe.chunks) if c % ranks.world_size == ranks.rank and not part_path(out, c).exists()]

@@ -185,3 +185,45 @@ def dd_sample_images(model: DDModel, labels: Tensor, few: FewStep, seed: int = 0
         images, _ = dd_generate(model, labels[start:start + batch_size], few, seed, start, teacher, teacher_settings)
         chunks.append(to_uint8_nhwc(images))
     return np.concatenate(chunks)
+
+
+@dataclass(frozen=True)
+class DDRequest:
+    """The few-step flags as given on the command line (all None: a plain VAR run, or one DD step)."""
+
+    steps: int | None = None
+    t_list: str | None = None
+    teacher: str | None = None
+    teacher_scales: str | None = None
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.steps, self.t_list, self.teacher, self.teacher_scales))
+
+    def check_pairing(self) -> None:
+        if (self.teacher is None) != (self.teacher_scales is None):
+            raise EvarError("--teacher and --teacher-scales go together (the teacher decodes those scales)")
+
+
+def load_sampler(ref: str, var_ckpt, vae_ckpt, request: DDRequest):
+    """(model, sample(model, labels, settings, batch_size) → uint8 images) for a VAR or a DD model reference.
+    Few-step flags with a VAR are refused, and so is a DD model as --teacher, before anything is generated."""
+    from evar import zoo
+    from evar.samples import sample_images
+
+    request.check_pairing()
+    model = zoo.load_family(ref, ("var", "dd"), var_ckpt=var_ckpt, vae_ckpt=vae_ckpt)
+    if not isinstance(model, DDModel):
+        if request.given():
+            raise EvarError(f"--steps, --t-list, --teacher and --teacher-scales go with a Distilled Decoding model "
+                            f"(evar dd train); '{ref}' is a VAR generator")
+        return model, lambda m, labels, settings, batch_size=64: sample_images(m, labels, settings, batch_size)
+    few = plan(model.config.var.num_scales, request.steps, request.t_list, request.teacher_scales)
+    teacher = zoo.load(request.teacher) if request.teacher is not None else None
+    if teacher is not None:
+        _check_teacher(model, teacher)
+
+    def sample(m: DDModel, labels: Tensor, settings: SamplingSettings, batch_size: int = 64) -> np.ndarray:
+        settings.validate()
+        return dd_sample_images(m, labels, few, settings.seed, batch_size, teacher, settings)
+
+    return model, sample
