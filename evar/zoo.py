@@ -24,7 +24,7 @@ from evar.config import OFFICIAL_DEPTHS, ModelConfig, digits_config, official_co
 from evar.errors import ModelRefError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = {"digits": ASSETS / "digits"}
+BUILTIN = {"digits": ASSETS / "digits", "digits-dd": ASSETS / "digits-dd"}  # digits-dd: a DD student of digits
 VAR_FORMAT = "evar-model"
 
 

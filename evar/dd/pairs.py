@@ -10,7 +10,8 @@ Work is cut into chunks of `chunk` samples; chunk c is made by rank c mod world 
 atomic file `parts/part-NNNNNN.pt`. A chunk is always computed as the same batch, so 1 and N ranks give
 bit-identical pairs; a rerun of the same command keeps the finished chunks and makes the rest.
 `pairs.json` is the record (teacher, its weights' sha256, settings); it says `complete` with the tokens'
-sha256 once every chunk is there.
+sha256 once every chunk is there, the wall time of every run (`runs`) and the summed compute time of the
+chunks (`chunk_seconds`, which counts the work of killed runs too).
 """
 from __future__ import annotations
 
@@ -138,25 +139,30 @@ def _make_pairs(teacher_ref: str, out: Path, recipe: PairsRecipe, ranks: Ranks, 
     t0 = time.perf_counter()
     for c in tqdm(mine, desc="dd pairs", disable=not ranks.main, dynamic_ncols=True):
         start, stop = c * recipe.chunk, min((c + 1) * recipe.chunk, recipe.samples)
+        t_chunk = time.perf_counter()
         labels, tokens = make_chunk(teacher, recipe, start, stop)
-        buf = io.BytesIO()
-        torch.save({"start": start, "labels": labels, "tokens": tokens}, buf)
+        buf = io.BytesIO()  # each part keeps its own time, so the total survives killed runs
+        torch.save({"start": start, "labels": labels, "tokens": tokens,
+                    "seconds": time.perf_counter() - t_chunk}, buf)
         atomic_write_bytes(part_path(out, c), buf.getvalue())
     seconds = time.perf_counter() - t0
     ranks.barrier()
     if ranks.main:
-        data = load_parts(out, recipe)
+        labels, tokens, chunk_seconds = load_parts(out, recipe, with_seconds=True)
         runs = previous.get("runs", []) + [{"ranks": ranks.world_size, "chunks_made": len(mine) * ranks.world_size,
                                             "seconds": round(seconds, 1)}]
-        atomic_write_json(out / RECORD_FILE, {**record, "complete": True, "tokens_sha256": tokens_digest(*data),
-                                              "runs": runs, "seconds": round(sum(r["seconds"] for r in runs), 1)})
+        atomic_write_json(out / RECORD_FILE, {**record, "complete": True, "tokens_sha256": tokens_digest(labels, tokens),
+                                              "runs": runs, "seconds": round(sum(r["seconds"] for r in runs), 1),
+                                              "chunk_seconds": round(chunk_seconds, 1)})
         print(f"{recipe.samples} pairs → {out} ({seconds:.0f}s on {ranks.world_size} rank(s))", flush=True)
     ranks.barrier()
     return out
 
 
-def load_parts(out: Path, recipe: PairsRecipe) -> tuple[torch.Tensor, torch.Tensor]:
-    labels, tokens = [], []
+def load_parts(out: Path, recipe: PairsRecipe, with_seconds: bool = False) -> tuple:
+    """(labels, tokens) of every part, and with `with_seconds` the summed compute time of the parts (over all runs
+    and ranks; parts of older EVAR versions count 0)."""
+    labels, tokens, seconds = [], [], 0.0
     for c in range(recipe.chunks):
         path = part_path(out, c)
         if not path.exists():
@@ -164,7 +170,8 @@ def load_parts(out: Path, recipe: PairsRecipe) -> tuple[torch.Tensor, torch.Tens
         part = load_saved_state(path, f"delete {path} and rerun `evar dd pairs` with the same flags")
         labels.append(part["labels"])
         tokens.append(part["tokens"])
-    return torch.cat(labels), torch.cat(tokens)
+        seconds += float(part.get("seconds", 0.0))
+    return (torch.cat(labels), torch.cat(tokens)) + ((seconds,) if with_seconds else ())
 
 
 def tokens_digest(labels: torch.Tensor, tokens: torch.Tensor) -> str:
