@@ -24,7 +24,7 @@ from evar.config import OFFICIAL_DEPTHS, ModelConfig, digits_config, official_co
 from evar.errors import ModelRefError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = {"digits": ASSETS / "digits"}
+BUILTIN = {"digits": ASSETS / "digits", "digits-dd": ASSETS / "digits-dd"}  # digits-dd: a DD student of digits
 VAR_FORMAT = "evar-model"
 
 
@@ -35,7 +35,8 @@ class Family:
     loader: str  # "module:function" taking the model directory; imported on first use
 
 
-FAMILIES = {VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir")}
+FAMILIES = {VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir"),
+            "evar-dd-model": Family("dd", "a Distilled Decoding student (evar dd train)", "evar.dd.model:load_dd_dir")}
 REF_FORMS = "builtin:digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), random:d16|…|digits, or a model directory"
 
 

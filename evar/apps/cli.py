@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from evar.cli_options import Guidance, ModelOpt, Overwrite, Seed, TopK, TopP, VaeCkpt, VarCkpt, VerifyHashes
+from evar.dd.options import DDSteps, DDTeacher, DDTeacherScales, DDTList
 from evar.errors import EvarError, run_cli
 from evar.outputs import claim_output, mark_output
 
@@ -55,8 +56,11 @@ def sample(
                                                         "| ort-coreml | coreml-cpu | coreml-gpu | ane")] = None,
     verify_hashes: VerifyHashes = False,
     overwrite: Overwrite = False,
+    steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
-    """Generate images scale by scale with the KV cache (VAR's sampler) and write them with a grid."""
+    """Generate images scale by scale with the KV cache (VAR's sampler), or in 1-2 steps with a DD model, and
+    write them with a grid."""
+    from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(guidance, top_k, top_p, seed)
@@ -67,13 +71,16 @@ def sample(
         raise EvarError("--backend and --verify-hashes go with --artifact (an exported model)")
     if artifact is not None and (model is not None or var_ckpt or vae_ckpt):
         raise EvarError("--artifact and --model exclude each other: the artifact is the model")
-    with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model]):
+    dd = DDRequest(steps, t_list, teacher, teacher_scales)
+    if artifact is not None and dd.given():
+        raise EvarError("--steps, --t-list, --teacher and --teacher-scales go with --model (a DD model directory)")
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model, teacher]):
         if artifact is not None:
             images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
                                                     batch_size, verify_hashes)
         else:
             images, labels, what = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes, per_class,
-                                                 settings, batch_size)
+                                                 settings, batch_size, dd)
         from evar.samples import write_samples
 
         write_samples(out, images, labels, columns=per_class, settings=settings, source=str(artifact or model))
@@ -85,10 +92,11 @@ def _check_count(flag: str, value: int) -> None:
         raise EvarError(f"{flag} must be >= 1, got {value}")
 
 
-def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int):
-    from evar.samples import class_labels, parse_classes, sample_images
+def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int, dd):
+    from evar.dd.sampler import load_sampler
+    from evar.samples import class_labels, parse_classes
 
-    m = _load(model, var_ckpt, vae_ckpt)
+    m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)  # a VAR, or a DD model with its few-step plan
     labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
     t0 = time.perf_counter()
     images = sample_images(m, labels, settings, batch_size)
@@ -121,8 +129,10 @@ def evaluate(
     per_class: Annotated[int, typer.Option(help="samples per digit class")] = 50,
     guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
+    steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
     """Quality of a digits model: class accuracy and classifier-feature Fréchet distance vs held-out digits."""
+    from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(guidance, top_k, top_p, seed)
@@ -130,10 +140,12 @@ def evaluate(
     _check_count("--per-class", per_class)
     with contextlib.ExitStack() as stack:
         if out is not None:
-            stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model]))
+            stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model, teacher]))
+        from evar.dd.sampler import load_sampler
         from evar.quality import evaluate_model
 
-        report = evaluate_model(_load(model, var_ckpt, vae_ckpt), settings, per_class, source=model)
+        m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, DDRequest(steps, t_list, teacher, teacher_scales))
+        report = evaluate_model(m, settings, per_class, source=model, sample=sample_images)
         _print_report(report)
         if out is not None:
             from evar.files import atomic_write_json
@@ -267,6 +279,10 @@ app.command("prunable")(_pruning.prunable)
 from evar.sparsity.command import sparsify as _sparsify  # noqa: E402  (2:4 / N:M / unstructured masks)
 
 app.command("sparsify")(_sparsify)
+
+from evar.dd.commands import app as _dd  # noqa: E402  (also `python -m evar.dd`, for torchrun)
+
+app.add_typer(_dd, name="dd")
 
 
 def main() -> None:

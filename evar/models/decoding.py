@@ -15,6 +15,7 @@ graph gathers the same values from constants indexed by a scale input (`evar.exp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,12 @@ from evar.errors import EvarError
 from evar.models.sampling import apply_cfg, cfg_ratio, sample_tokens
 from evar.models.var import KV, VAR
 from evar.models.vqvae import resize
+
+
+# How a scale's tokens are chosen from its guided logits: (logits (B, n, V), draws, top_k, top_p) → (B, n) int64.
+# VAR's is the inverse-CDF draw from uniforms (B, n); Distilled Decoding's pairs map per-token noise
+# (B, n, Cvae) through a flow instead (evar.dd.flow). The rest of the scale loop is the same for both.
+TokenPicker = Callable[[Tensor, Tensor, int, float], Tensor]
 
 
 def cfg_labels(labels: Tensor, num_classes: int) -> Tensor:
@@ -77,8 +84,10 @@ class StepOutput:
 
 
 def decode_scale(var: VAR, ops: ScaleOps, si, cond_BD: Tensor, f_hat: Tensor, uniforms: Tensor, guidance,
-                 past: list[KV | None] | None, top_k: int, top_p: float, guided: bool = True) -> StepOutput:
-    """One scale of VAR's decoding (see the module doc). `cond_BD` has 2B rows when `guided`, else B."""
+                 past: list[KV | None] | None, top_k: int, top_p: float, guided: bool = True,
+                 pick: TokenPicker = sample_tokens) -> StepOutput:
+    """One scale of VAR's decoding (see the module doc). `cond_BD` has 2B rows when `guided`, else B.
+    `uniforms` are the draws `pick` consumes (its first two dims are (B, n tokens))."""
     x = ops.scale_input(si, cond_BD, f_hat, uniforms.shape[1], guided)
     raw, presents = var.decode_step(x, cond_BD, past)
     raw = raw.float()  # under autocast the head gives bfloat16; guidance and sampling stay float32
@@ -87,7 +96,7 @@ def decode_scale(var: VAR, ops: ScaleOps, si, cond_BD: Tensor, f_hat: Tensor, un
         logits = apply_cfg(cond, uncond, guidance * ops.ramp(si))
     else:
         logits = raw
-    idx = sample_tokens(logits, uniforms, top_k, top_p)
+    idx = pick(logits, uniforms, top_k, top_p)
     return StepOutput(logits, raw, idx, ops.accumulate(si, f_hat, idx), presents)
 
 
@@ -125,9 +134,9 @@ class Decoder:
     """Eager decoding of one model: `begin` a batch, `step` each scale in order (the loop is the caller's)."""
 
     def __init__(self, var: VAR, vqvae: torch.nn.Module, *, top_k: int = 0, top_p: float = 0.0,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, pick: TokenPicker = sample_tokens):
         self.var, self.vqvae, self.ops = var, vqvae, EagerOps(var, vqvae)
-        self.top_k, self.top_p, self.keep_logits = top_k, top_p, keep_logits
+        self.top_k, self.top_p, self.keep_logits, self.pick = top_k, top_p, keep_logits, pick
 
     @torch.no_grad()
     def begin(self, labels: Tensor, guidance: float, cfg_until_scale: int | None = None) -> DecodeState:
@@ -145,7 +154,7 @@ class Decoder:
         if state.guided and not guided:
             state.drop_unconditional()
         out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
-                           state.guidance, state.past, self.top_k, self.top_p, guided)
+                           state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
         state.f_hat, state.past = out.f_hat, out.presents
         state.tokens.append(out.idx)
         if self.keep_logits:
