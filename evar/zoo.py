@@ -1,6 +1,7 @@
 """Model references, the one way every command names a model.
 
     builtin:digits                     the embedded default, shipped inside the package
+    builtin:dit-digits                 a small DiT trained on the same digits (a second family)
     official:d16|d20|d24|d30           FoundationVision release files, given --var-ckpt and --vae-ckpt
     random:d16|d20|d24|d30|digits      random weights of those shapes (latency work, tests)
     PATH                               an EVAR model directory (config.json + *.safetensors)
@@ -24,7 +25,7 @@ from evar.config import OFFICIAL_DEPTHS, ModelConfig, digits_config, official_co
 from evar.errors import ModelRefError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = {"digits": ASSETS / "digits"}
+BUILTIN = {"digits": ASSETS / "digits", "dit-digits": ASSETS / "dit-digits"}
 VAR_FORMAT = "evar-model"
 
 
@@ -35,8 +36,11 @@ class Family:
     loader: str  # "module:function" taking the model directory; imported on first use
 
 
-FAMILIES = {VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir")}
-REF_FORMS = "builtin:digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), random:d16|…|digits, or a model directory"
+FAMILIES = {
+    VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir"),
+    "evar-dit": Family("dit", "a diffusion transformer (DiT)", "evar.dit.checkpoint:load_dit_dir"),
+}
+REF_FORMS = "builtin:digits|dit-digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), random:d16|…|digits, or a model directory"
 
 
 def _depth(name: str, ref: str) -> int:
