@@ -9,7 +9,7 @@ import torch
 
 from evar.checkpoints import load_strict
 from evar.dit.checkpoint import DiTModel, load_dit_dir, load_official_dit, save_dit_dir
-from evar.dit.diffusion import DiTSampling, ddim_sample, ddim_timesteps, guided_eps, start_noise
+from evar.dit.diffusion import DiTSampling, ddim_sample, ddim_timesteps, guided, start_noise
 from evar.dit.model import DiT, DiTConfig
 from evar.errors import CheckpointError, EvarError
 
@@ -92,10 +92,10 @@ def test_sampling_is_seeded_per_sample_and_batch_independent():
 def test_guidance_zero_runs_the_conditional_model_only():
     model = tiny_dit()
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 3])
-    assert torch.equal(guided_eps(model.dit, x, t, y, 0.0), model.dit.eps(x, t, y))
+    assert torch.equal(guided(model.dit, x, t, y, 0.0), model.dit.predict(x, t, y))
     null = torch.full_like(y, 10)
-    want = 2.5 * model.dit.eps(x, t, y) - 1.5 * model.dit.eps(x, t, null)
-    assert torch.allclose(guided_eps(model.dit, x, t, y, 1.5), want, atol=1e-5)
+    want = 2.5 * model.dit.predict(x, t, y) - 1.5 * model.dit.predict(x, t, null)
+    assert torch.allclose(guided(model.dit, x, t, y, 1.5), want, atol=1e-5)
 
 
 def test_ddim_timesteps():
@@ -252,3 +252,23 @@ def test_convert_refuses_an_unknown_architecture(tmp_path):
     result = _cli("convert-dit", "--ckpt", tmp_path / "x.pt", "--arch", "M/3", "--out", tmp_path / "o")
     assert isinstance(result.exception, EvarError) and "unknown DiT architecture 'M/3'" in str(result.exception)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_lands_on_the_image_an_exact_predictor_points_to(prediction):
+    """With the exact prediction for a one-image data set, DDIM returns that image (either parametrisation)."""
+    from evar.dit.diffusion import alphas_cumprod, target
+
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    abar = alphas_cumprod(1000)
+
+    class Exact(torch.nn.Module):
+        cfg = dataclasses.replace(TINY, prediction=prediction)
+
+        def predict(self, x, t, labels):
+            a = abar[t].float().view(-1, 1, 1, 1)
+            noise = (x - a.sqrt() * image) / (1 - a).sqrt()
+            return target(prediction, image, noise, t, abar)
+
+    out = ddim_sample(Exact(), torch.tensor([0, 1]), DiTSampling(0.0, 10, 0))
+    assert torch.allclose(out, image.expand(2, -1, -1, -1), atol=1e-4)

@@ -32,12 +32,31 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to output: the noise, or v = √ᾱ·ε − √(1−ᾱ)·x0."""
+    if prediction == "eps":
+        return noise
+    a = abar[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def diffusion_loss(model: DiT, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """MSE between the true and the predicted noise at uniformly drawn timesteps (DiT's simple loss)."""
+    """MSE between the target and the prediction at uniformly drawn timesteps (DiT's simple loss)."""
     abar = alphas_cumprod(model.cfg.diffusion_steps)
     t = torch.randint(0, model.cfg.diffusion_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    return F.mse_loss(model.eps(q_sample(x0, t, noise, abar), t, labels), noise)
+    return F.mse_loss(model.predict(q_sample(x0, t, noise, abar), t, labels),
+                      target(model.cfg.prediction, x0, noise, t, abar))
+
+
+def to_x0_eps(prediction: str, pred: torch.Tensor, x: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from a prediction at ᾱ = a; x0 clamped to the image range and eps made consistent with it."""
+    if prediction == "eps":
+        x0 = (x - math.sqrt(1 - a) * pred) / math.sqrt(a)
+    else:
+        x0 = math.sqrt(a) * x - math.sqrt(1 - a) * pred
+    x0 = x0.clamp(-1, 1)
+    return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
 
 @dataclass(frozen=True)
@@ -69,11 +88,12 @@ def ddim_timesteps(train_steps: int, steps: int) -> list[int]:
         if steps > 1 else [train_steps - 1]
 
 
-def guided_eps(model: DiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+def guided(model: DiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The guided prediction (guidance is linear, so it applies to noise and v alike)."""
     if guidance == 0:  # the conditional model alone: no unconditional half to run
-        return model.eps(x, t, labels)
-    both = model.eps(torch.cat([x, x]), torch.cat([t, t]),
-                     torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)]))
+        return model.predict(x, t, labels)
+    both = model.predict(torch.cat([x, x]), torch.cat([t, t]),
+                         torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)]))
     cond, uncond = both.chunk(2)
     return cond + guidance * (cond - uncond)
 
@@ -89,8 +109,7 @@ def ddim_sample(model: DiT, labels: torch.Tensor, settings: DiTSampling, first_s
     for i, t in enumerate(times):
         a_t = abar[t].item()
         a_prev = abar[times[i + 1]].item() if i + 1 < len(times) else 1.0
-        eps = guided_eps(model, x, torch.full((len(x),), t, dtype=torch.long), labels, settings.guidance)
-        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with the clamped x0
+        pred = guided(model, x, torch.full((len(x),), t, dtype=torch.long), labels, settings.guidance)
+        x0, eps = to_x0_eps(cfg.prediction, pred, x, a_t)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x.clamp(-1, 1)

@@ -22,6 +22,7 @@ from torch import nn
 from evar.config import ConfigError
 
 FREQ_DIM = 256  # width of the sinusoidal timestep embedding fed to t_embedder.mlp
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class DiTConfig:
     learn_sigma: bool = False  # official checkpoints: True (the second half of the output is the variance)
     class_dropout_prob: float = 0.1
     diffusion_steps: int = 1000  # linear beta schedule over this many steps, as DiT trains
+    # What the network predicts: "eps" (the noise: DiT's, so official checkpoints) or "v" (√ᾱ·ε − √(1−ᾱ)·x0, which
+    # stays informative at high noise, where a small eps-model's image estimate is noise; EVAR's digits DiT).
+    prediction: str = "eps"
 
     @property
     def depth(self) -> int:
@@ -62,6 +66,8 @@ class DiTConfig:
             raise ConfigError(f"hidden_size must be a multiple of 4 (sin-cos position table), got {self.hidden_size}")
         if self.num_classes < 1 or self.diffusion_steps < 2:
             raise ConfigError("num_classes must be >= 1 and diffusion_steps >= 2")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
     @classmethod
     def uniform(cls, depth: int, hidden_size: int, heads: int, mlp_ratio: float = 4.0, **kw) -> DiTConfig:
@@ -219,13 +225,13 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Noisy images x (N, C, H, W), timesteps t (N,), labels (N,; num_classes = none) → the model output
-        (N, out_channels, H, W): the noise prediction, then (learn_sigma) the variance interpolation."""
+        (N, out_channels, H, W): the prediction (`cfg.prediction`), then (learn_sigma) the variance interpolation."""
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(labels)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The noise prediction alone (the first in_channels of the output)."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The prediction alone (the first in_channels of the output: noise or v, as `cfg.prediction` says)."""
         return self.forward(x, t, labels)[:, : self.cfg.in_channels]

@@ -5,7 +5,7 @@ per component (the diffusion-pruning rule of thumb: attention 30–40% is safe, 
 blocks by the same schedules as VAR's. Statistics come in one pass per round over calibration inputs:
 images of the calibration set noised at timesteps drawn over the whole schedule (what the denoiser sees at
 inference), with labels dropped at the training rate. Magnitude needs none, Taylor the gradients of the
-noise-prediction loss, OBS each consumer's input Hessian. With --iterative-steps K, the target is reached in
+training loss, OBS each consumer's input Hessian. With --iterative-steps K, the target is reached in
 K rounds, re-scoring the smaller model after each.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from evar.data import load_images
 from evar.dit.checkpoint import DiTModel
-from evar.dit.diffusion import alphas_cumprod, q_sample
+from evar.dit.diffusion import alphas_cumprod, q_sample, target
 from evar.errors import EvarError
 from evar.prune.adapter import Prunable
 from evar.prune.decoder import cut_together
@@ -59,7 +59,7 @@ class Calibration:
     x_t: torch.Tensor  # noised images
     t: torch.Tensor
     labels: torch.Tensor
-    noise: torch.Tensor
+    target: torch.Tensor  # what the network should output for x_t (noise or v)
 
     def batches(self, size: int) -> list[slice]:
         return [slice(s, s + size) for s in range(0, len(self.t), size)]
@@ -78,7 +78,9 @@ def calibration(model: DiTModel, recipe: DiTPruneRecipe) -> Calibration:
         raise EvarError(f"calibration data has {int(labels.max()) + 1} classes; the DiT has {cfg.num_classes}")
     drop = torch.rand(recipe.calib_samples, generator=gen) < cfg.class_dropout_prob
     labels = torch.where(drop, torch.full_like(labels[pick], cfg.num_classes), labels[pick])
-    return Calibration(q_sample(images[pick], t, noise, alphas_cumprod(cfg.diffusion_steps)), t, labels, noise)
+    abar = alphas_cumprod(cfg.diffusion_steps)
+    return Calibration(q_sample(images[pick], t, noise, abar), t, labels,
+                       target(cfg.prediction, images[pick], noise, t, abar))
 
 
 def targets(prunables: list[Prunable], recipe: DiTPruneRecipe, depth: int) -> list[int]:
@@ -103,9 +105,9 @@ def statistics(model: DiTModel, prunables: list[Prunable], needs: str, data: Cal
     if needs == "hessian":
         with InputHessians(layers) as hessians, torch.no_grad():
             for sl in data.batches(batch):
-                dit.eps(data.x_t[sl], data.t[sl], data.labels[sl])
+                dit.predict(data.x_t[sl], data.t[sl], data.labels[sl])
         return [[{"hessian": hessians.take(name)} for name in p.consumers] for p in prunables]
-    losses = (F.mse_loss(dit.eps(data.x_t[sl], data.t[sl], data.labels[sl]), data.noise[sl])
+    losses = (F.mse_loss(dit.predict(data.x_t[sl], data.t[sl], data.labels[sl]), data.target[sl])
               for sl in data.batches(batch))
     moments = dict(zip(layers, gradient_moments(dit, [layer.weight for layer in layers.values()], losses)))
     return [[{"grad": moments[n][0], "grad_sq": moments[n][1]} for n in p.consumers] for p in prunables]
