@@ -11,6 +11,7 @@ import typer
 
 from evar.cli_options import Guidance, ModelOpt, Overwrite, Seed, TopK, TopP, VaeCkpt, VarCkpt, VerifyHashes
 from evar.dd.options import DDSteps, DDTeacher, DDTeacherScales, DDTList
+from evar.dit.commands import DDIMSteps
 from evar.errors import EvarError, run_cli
 from evar.outputs import claim_output, mark_output
 
@@ -27,7 +28,12 @@ def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
 @app.command()
 def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None) -> None:
     """Print a model's config, parameter counts and provenance."""
-    m = _load(model, var_ckpt, vae_ckpt)
+    m = _load_generator(model, var_ckpt, vae_ckpt)
+    if _is_dit(m):
+        from evar.dit.commands import describe
+
+        print(describe(m))
+        return
     c = m.config.var
     print(f"VAR: depth {c.depth}, width {c.embed_dim}, heads {list(c.num_heads)}, FFN {list(c.ffn_dims)}, "
           f"vocab {c.vocab_size}, patch_nums {list(c.patch_nums)} (L={c.seq_len})")
@@ -40,6 +46,19 @@ def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt:
         print("\n".join(sparsity_lines(m)))
 
 
+def _load_generator(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
+    """A VAR or a DiT: the families `evar sample`, `evar eval` and `evar info` take."""
+    from evar import zoo
+
+    return zoo.load_family(model, ("var", "dit"), var_ckpt=var_ckpt, vae_ckpt=vae_ckpt)
+
+
+def _is_dit(model) -> bool:
+    from evar.dit.checkpoint import DiTModel
+
+    return isinstance(model, DiTModel)
+
+
 @app.command()
 def sample(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="builtin:digits | official:dNN | random:dNN "
@@ -48,6 +67,7 @@ def sample(
     classes: Annotated[str, typer.Option(help="comma-separated class ids")] = "0,1,2,3,4,5,6,7,8,9",
     per_class: Annotated[int, typer.Option(help="images per class")] = 4,
     guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    ddim_steps: DDIMSteps = 25,
     batch_size: Annotated[int, typer.Option(help="images generated at once")] = 64,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
     artifact: Annotated[Optional[Path], typer.Option(help="generate from this exported artifact (evar-export) "
@@ -79,8 +99,8 @@ def sample(
             images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
                                                     batch_size, verify_hashes)
         else:
-            images, labels, what = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes, per_class,
-                                                 settings, batch_size, dd)
+            images, labels, what, settings = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes,
+                                                           per_class, settings, batch_size, dd, ddim_steps)
         from evar.samples import write_samples
 
         write_samples(out, images, labels, columns=per_class, settings=settings, source=str(artifact or model))
@@ -92,15 +112,39 @@ def _check_count(flag: str, value: int) -> None:
         raise EvarError(f"{flag} must be >= 1, got {value}")
 
 
-def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int, dd):
-    from evar.dd.sampler import load_sampler
+def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int, dd,
+                  ddim_steps: int):
+    """Images from a VAR (VAR's sampler), a DD model (its few-step plan) or a DiT (DDIM), and the settings used."""
     from evar.samples import class_labels, parse_classes
 
-    m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)  # a VAR, or a DD model with its few-step plan
-    labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
     t0 = time.perf_counter()
-    images = sample_images(m, labels, settings, batch_size)
-    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s"
+    if _names_dit(model, dd):
+        from evar.dit.commands import settings_for
+        from evar.dit.sample import sample_dit_images
+
+        m = _load_generator(model, var_ckpt, vae_ckpt)
+        settings = settings_for(settings.guidance, ddim_steps, settings.seed)
+        labels = class_labels(parse_classes(classes, m.config.num_classes), per_class)
+        images = sample_dit_images(m, labels, settings, batch_size)
+    else:
+        from evar.dd.sampler import load_sampler
+
+        m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)  # a VAR, or a DD model with its few-step plan
+        labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
+        images = sample_images(m, labels, settings, batch_size)
+    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s", settings
+
+
+def _names_dit(model: str, dd) -> bool:
+    """A DiT reference (checked before loading, so few-step flags with a DiT fail first)."""
+    from evar import zoo
+
+    if zoo.kind_of(model) != "dit":
+        return False
+    if dd.given():
+        raise EvarError(f"--steps, --t-list, --teacher and --teacher-scales go with a Distilled Decoding model; "
+                        f"'{model}' is a DiT (its sampler's steps: --ddim-steps)")
+    return True
 
 
 def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int, settings, batch_size: int,
@@ -127,11 +171,12 @@ def evaluate(
     model: ModelOpt = "builtin:digits",
     out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
     per_class: Annotated[int, typer.Option(help="samples per digit class")] = 50,
-    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0, ddim_steps: DDIMSteps = 25,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
-    """Quality of a digits model: class accuracy and classifier-feature Fréchet distance vs held-out digits."""
+    """Quality of a digits model (VAR, DD or DiT): class accuracy and classifier-feature Fréchet distance vs held-out
+    digits."""
     from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
@@ -144,8 +189,15 @@ def evaluate(
         from evar.dd.sampler import load_sampler
         from evar.quality import evaluate_model
 
-        m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, DDRequest(steps, t_list, teacher, teacher_scales))
-        report = evaluate_model(m, settings, per_class, source=model, sample=sample_images)
+        dd = DDRequest(steps, t_list, teacher, teacher_scales)
+        if _names_dit(model, dd):
+            from evar.dit.commands import evaluate_dit, settings_for
+
+            report = evaluate_dit(_load_generator(model, var_ckpt, vae_ckpt), settings_for(guidance, ddim_steps, seed),
+                                  per_class, source=model)
+        else:
+            m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)
+            report = evaluate_model(m, settings, per_class, source=model, sample=sample_images)
         _print_report(report)
         if out is not None:
             from evar.files import atomic_write_json
@@ -156,9 +208,10 @@ def evaluate(
 
 def _print_report(report: dict) -> None:
     q = report["quality"]
+    how = ", ".join(f"{k.replace('_', '-').replace('guidance', 'cfg')} {v}" for k, v in report["sampling"].items()
+                    if k != "seed")
     print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f} "
-          f"(real held-out digits score {q['real_data_floor']:.2f})  |  {q['n_samples']} samples, "
-          f"cfg {report['sampling']['guidance']}, top-k {report['sampling']['top_k']}, top-p {report['sampling']['top_p']}")
+          f"(real held-out digits score {q['real_data_floor']:.2f})  |  {q['n_samples']} samples, {how}")
 
 
 @app.command()
@@ -283,6 +336,13 @@ app.command("sparsify")(_sparsify)
 from evar.dd.commands import app as _dd  # noqa: E402  (also `python -m evar.dd`, for torchrun)
 
 app.add_typer(_dd, name="dd")
+
+from evar.dit import commands as _dit  # noqa: E402  (a second model family: diffusion transformers)
+
+app.command("train-dit")(_dit.train_dit_cmd)
+app.command("convert-dit")(_dit.convert_dit)
+app.command("prune-dit")(_dit.prune_dit_cmd)
+app.command("distill-dit")(_dit.distill_dit_cmd)
 
 
 def main() -> None:
