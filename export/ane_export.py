@@ -257,7 +257,7 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
 def sampling_json(iface: AneInterface, top_k: int, top_p: float, cfg_default: float) -> dict[str, Any]:
     c = iface.var
     return {"rng": rng.RNG_NAME, "method": "inverse_cdf", "in_graph": False, "where": "host", "top_k": top_k,
-            "top_p": top_p, "filters": "baked",
+            "top_p": top_p, "filters": "host",
             "cfg": {"input": "", "ramp": "on the host: t = cfg * si / (num_scales - 1); logits = (1 + t) * raw[:B] - t * raw[B:]",
                     "default": cfg_default, "unconditional_label": c.num_classes},
             "uniforms": {"input": "", "shape": ["batch", "pn*pn"], "dtype": "float32",
