@@ -22,14 +22,15 @@ from evar.errors import CheckpointError
 from evar.files import atomic_dir, atomic_write_json, read_versioned_json
 from evar.models.var import VAR
 from evar.models.vqvae import VQVAE
+from evar.sparsity import storage as sparse_masks
 
 MODEL_FORMAT = "evar-model"
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE, VAR_FILE, VQVAE_FILE = "config.json", "var.safetensors", "vqvae.safetensors"
 # The official loader tolerates a usage-statistics buffer of another shape; so do we (it is not used to sample).
 OPTIONAL_SHAPE_KEYS = {"quantize.ema_vocab_hit_SV"}
-# Wrappers seen around state dicts in training checkpoints; the official release files are flat.
-WRAPPER_KEYS = ("state_dict", "model")
+# Wrappers seen around state dicts in training checkpoints, in order of preference; release files are flat.
+WRAPPER_KEYS = ("ema", "state_dict", "model")  # "ema": DiT training checkpoints (the averaged weights)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Model:
     config: ModelConfig
     var: VAR
     vqvae: VQVAE
+    sparsity: Any = None  # evar.sparsity.storage.Sparsity of a masked VAR (evar sparsify), else None
 
     def eval(self) -> Model:
         self.var.eval()
@@ -197,6 +199,7 @@ def load_model_dir(model_dir: str | Path, attn_impl: str = "sdpa") -> Model:
     model.vqvae.to_empty(device="cpu")
     load_strict(model.var, var_state, str(model_dir / VAR_FILE))
     load_strict(model.vqvae, vae_state, str(model_dir / VQVAE_FILE))
+    model.sparsity = sparse_masks.load(model_dir, model.var)
     return model.eval()
 
 
@@ -205,10 +208,14 @@ def save_model_dir(model: Model, out: str | Path, provenance: dict[str, Any] | N
     config = model.config if provenance is None else ModelConfig(model.config.var, model.config.vqvae, provenance)
     config.validate()
     with atomic_dir(out) as tmp:
+        extra = {}
+        if model.sparsity is not None:  # masks re-applied: a sparse model stays sparse whatever trained it since
+            model.sparsity.apply(model.var)
+            extra[sparse_masks.SECTION] = sparse_masks.save(model.sparsity, tmp)
         save_file(_contiguous(model.var.state_dict()), str(tmp / VAR_FILE))
         save_file(_contiguous(model.vqvae.state_dict()), str(tmp / VQVAE_FILE))
         atomic_write_json(tmp / CONFIG_FILE, {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-                                             **config.to_dict()})
+                                             **config.to_dict(), **extra})
     return Path(out)
 
 

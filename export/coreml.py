@@ -35,6 +35,9 @@ from evar.export.interface import DecoderInterface, FunctionSpec, StepInterface
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
 TARGETS = ("iOS18", "iOS17", "ane")  # ane: the Neural Engine layout, host sampling (export/ane_export.py), iOS18
 COMPRESSIONS = ("none", "palettize6", "palettize4", "int8")
+# The zeros of a 2:4-sparsified model (evar sparsify) stored sparse (bitmask + kept values), alone or with the
+# kept values palettized (joint compression).
+SPARSE_COMPRESSIONS = ("2:4", "2:4+palettize6", "2:4+palettize4")
 WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms, Phi) stay fp16
 NP_OF = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
 
@@ -60,8 +63,9 @@ class CoremlOptions:
             raise EvarError(f"Core ML target must be one of {', '.join(TARGETS)}, got '{self.target}'")
         if self.compute_units not in COMPUTE_UNITS:
             raise EvarError(f"compute units must be one of {', '.join(COMPUTE_UNITS)}, got '{self.compute_units}'")
-        if self.compress not in COMPRESSIONS:
-            raise EvarError(f"--compress must be one of {', '.join(COMPRESSIONS)}, got '{self.compress}'")
+        if self.compress not in COMPRESSIONS + SPARSE_COMPRESSIONS:
+            raise EvarError(f"--compress must be one of {', '.join(COMPRESSIONS + SPARSE_COMPRESSIONS)}, "
+                            f"got '{self.compress}'")
         if self.batch < 1:
             raise EvarError(f"batch must be >= 1, got {self.batch}")
         if self.target == "ane" and self.precision != "fp16":
@@ -179,6 +183,8 @@ def pass_pipeline(ct, method: str):
 
     if method == "none":
         pipeline = ct.PassPipeline.DEFAULT
+    elif method in SPARSE_COMPRESSIONS:
+        pipeline = sparse_pipeline(ct, method)
     elif method.startswith("palettize"):
         pipeline = ct.PassPipeline.DEFAULT_PALETTIZATION
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(method.removeprefix("palettize")),
@@ -190,6 +196,26 @@ def pass_pipeline(ct, method: str):
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=WEIGHT_THRESHOLD)
         pipeline.set_options("compression::linear_quantize_weights", {"config": cto.OptimizationConfig(global_config=op)})
     pipeline.remove_passes(["common::canonicalize_inplace_pattern"])
+    return pipeline
+
+
+def sparse_pipeline(ct, method: str):
+    """2:4 storage of the zeros the model's masks made. The pruner keeps every value: it stores as sparse the
+    weights that are at least half zeros (the masked layers) and leaves the dense ones (head, embeddings,
+    VQVAE) alone, where a magnitude n:m config would choose new zeros in every layer. With `+palettizeK`
+    the kept values are then palettized (coremltools' joint compression: `constexpr_lut_to_sparse`)."""
+    import coremltools.optimize.coreml as cto
+
+    pipeline = ct.PassPipeline.DEFAULT_PRUNING
+    prune = cto.OpThresholdPrunerConfig(threshold=1e-12, minimum_sparsity_percentile=0.5,
+                                        weight_threshold=WEIGHT_THRESHOLD)
+    pipeline.set_options("compression::prune_weights", {"config": cto.OptimizationConfig(global_config=prune)})
+    if "+palettize" in method:
+        pipeline.insert_pass(1, "compression::palettize_weights")
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(method.rsplit("palettize", 1)[1]),
+                                    weight_threshold=WEIGHT_THRESHOLD)
+        pipeline.set_options("compression::palettize_weights", {"config": cto.OptimizationConfig(global_config=op),
+                                                                "joint_compression": True})
     return pipeline
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from evar.contract import load_artifact
+from evar.contract import STEP_GRAPH, load_artifact
 
 ANE_MULTIPLE = 32
 LARGE_ELEMENTS = 1 << 24  # one tensor of more than 16M elements
@@ -143,6 +143,7 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'",
              f"KV cache: {m['kv_cache']['mode']}, {m['kv_cache']['layout']}, dims {m['kv_cache']['dims']}, "
              f"max_length {m['kv_cache']['max_length']}, heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
+    lines += _sparse_storage(m, root)
     parity = m.get("parity")
     if parity:
         worst = max((c["value"] / c["tolerance"] for c in parity["checks"] if c.get("metric") in
@@ -200,6 +201,20 @@ def strict_ane(root: str | Path) -> None:
     if any(g["format"] != "coreml" for g in m["graphs"].values()):
         check_strict(m, [])
     check_strict(m, lint_artifact(m, root))
+
+
+def _sparse_storage(m: dict[str, Any], root: Path) -> list[str]:
+    """For a 2:4 export: how the zeros are stored, how many weights, and what the step graph weighs."""
+    details = m["compression"].get("details") or {}
+    if details.get("pattern") != "2:4":
+        return []
+    step = m["graphs"][STEP_GRAPH]
+    ops = Counter(o["type"] for fn in coreml_ops(root, step).values() for o in fn
+                  if o["type"].startswith("constexpr_")) if step["format"] == "coreml" else Counter()
+    stored = ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())) or "none found"
+    return [f"sparse storage: {details['pattern']} masks of {details['masked_layers']} layers "
+            f"({details.get('sparsity_method', '?')}) stored as {details.get('storage', '?')}; constexpr ops "
+            f"(all functions): {stored}; step graph {_mib(_graph_files(root, step, m))}"]
 
 
 def _histogram(root: Path, graph: dict[str, Any]) -> str:

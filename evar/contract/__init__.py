@@ -30,6 +30,7 @@ SCHEMA_PATH = Path(__file__).resolve().with_name("manifest.schema.json")
 # graph roles (the keys of manifest["graphs"])
 STEP_GRAPH, DECODER_GRAPH = "decoder_step", "vqvae_decoder"
 FHAT_GRAPH = "fhat_update"  # host-sampled artifacts: (f_hat, idx) → next f_hat, one function per scale, CPU
+UNGUIDED_STEP_GRAPH = "decoder_step_unguided"  # CFG trimming: the conditional rows only (manifest "generation")
 # tensor roles of a step's inputs/outputs whose values cross from one scale to the next by name
 PAST_ROLES, PRESENT_ROLES = ("past_key", "past_value"), ("present_key", "present_value")
 # numpy dtypes of the manifest's dtype names
@@ -179,6 +180,11 @@ class Artifact:
     @property
     def compression(self) -> str:
         return self.data["compression"]["method"]
+
+    @property
+    def cfg_until_scale(self) -> int | None:
+        """CFG trimming: the first scale run without the unconditional rows (None: guidance at every scale)."""
+        return (self.data.get("generation") or {}).get("cfg_until_scale")
 
     def graph(self, role: str) -> dict[str, Any]:
         return self.data["graphs"][role]

@@ -1,0 +1,218 @@
+"""2:4 sparsity on the embedded digits model: every method, scored like `evar eval`, and its Core ML size.
+
+    python benchmarks/sparsity.py            # → benchmarks/results/sparsity.json, .png and .md (~45 min shared)
+
+Every variant sparsifies a fresh copy of the model (every Linear of the 4 VAR blocks: AdaLN, qkv, proj, fc1,
+fc2 at 2:4; head and embeddings dense), with the same calibration set (128 of the model's own sequences,
+seed 0), no fine-tuning. Learnable masks start from the SparseGPT mask (without its weight update) and train
+their gates against the dense model. Each model is then scored with:
+  class accuracy, Fréchet distance   `evar eval`'s numbers, `--per-class` samples of every digit, for each of
+                                     `--seeds` sampling seeds: mean ± std over the seeds;
+  kl_to_dense                        teacher-forced KL(dense ‖ sparse) per token on 200 held-out sequences
+                                     the dense model generated (a seed calibration does not use), half of
+                                     them unconditional as under CFG;
+  seconds                            the method's own time (calibration + masking, or prior + training).
+Core ML: the VAR step package (`decoder_step.mlpackage`, fp16) of the dense model, of the SparseGPT 2:4 model
+stored sparse (`--compress 2:4`) and sparse with its kept values palettized to 4 bits (`2:4+palettize4`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from evar import zoo
+from evar.checkpoints import save_model_dir
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png
+from evar.prune import Calibration, PruneRecipe
+from evar.prune.calibrate import calibration
+from evar.prune.report import versions
+from evar.quality import evaluate_model
+from evar.samples import SamplingSettings
+from evar.sparsity.oneshot import sparsify
+from evar.sparsity.pipeline import learnable
+from evar.sparsity.recipe import SparsifyRecipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HELD_OUT_SEED = 1234
+VARIANTS: dict[str, dict[str, Any]] = {  # label → SparsifyRecipe fields
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt --no-update": {"method": "sparsegpt", "update": False},
+    "sparsegpt": {"method": "sparsegpt"},
+    "learnable (prior: sparsegpt)": {"method": "learnable", "prior": "sparsegpt"},
+}
+
+
+def score(model, seeds: list[int], per_class: int, source: str) -> dict[str, Any]:
+    runs = []
+    for seed in seeds:
+        q = evaluate_model(model, SamplingSettings(seed=seed), per_class, source=source)["quality"]
+        runs.append({"seed": seed, "class_accuracy": q["class_accuracy"], "frechet_distance": q["frechet_distance"]})
+    out: dict[str, Any] = {"runs": runs}
+    for k in ("class_accuracy", "frechet_distance"):
+        values = torch.tensor([float(r[k]) for r in runs])
+        out[k] = float(values.mean())
+        out[f"{k}_std"] = float(values.std()) if len(runs) > 1 else 0.0
+    return out
+
+
+@torch.no_grad()
+def kl_to_dense(model, held: Calibration, dense_logp: torch.Tensor) -> float:
+    logp = model.var(held.labels, held.x_in).log_softmax(-1)
+    return float(F.kl_div(logp, dense_logp, log_target=True, reduction="none").sum(-1).mean())
+
+
+def make_variant(parent, label: str, fields: dict[str, Any], args, work: Path):
+    recipe = SparsifyRecipe(calib_samples=args.calib_samples, steps=args.steps, **fields)
+    model = copy.deepcopy(parent)
+    t0 = time.perf_counter()
+    if recipe.method == "learnable":
+        teacher = copy.deepcopy(parent)
+        sp = learnable(model, teacher, recipe, work / "learnable.partial", args.model, args.model)
+    else:
+        sp = sparsify(model, recipe, progress=False)
+    seconds = time.perf_counter() - t0
+    model.sparsity = sp
+    return model, seconds, sp
+
+
+def coreml_sizes(dense, sparse, work: Path) -> dict[str, Any]:
+    from evar.export.artifact import build_coreml
+    from evar.export.coreml import CoremlOptions
+
+    sizes = {}
+    for label, model, compress in (("dense fp16", dense, "none"), ("2:4", sparse, "2:4"),
+                                   ("2:4 + palettize4", sparse, "2:4+palettize4"), ("palettize4", dense, "palettize4")):
+        out = work / f"coreml_{compress}"
+        t0 = time.perf_counter()
+        build_coreml(model, "benchmarks:sparsity", out, CoremlOptions(compress=compress))
+        step = out / "decoder_step.mlpackage"
+        sizes[label] = {"compress": compress, "step_package_bytes": _bytes(step), "artifact_bytes": _bytes(out),
+                        "export_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"Core ML {label:>18}: step package {_bytes(step) / 1e6:.2f} MB")
+    return sizes
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| variant | VAR weights zero | class accuracy | Fréchet distance | KL to dense | method time |",
+             "|---|---|---|---|---|---|"]
+    for r in [result["dense"], *result["rows"]]:
+        lines.append(f"| {r['label']} | {r.get('zero_share', 0.0):.1%} | {r['class_accuracy'] * 100:.1f}% ± "
+                     f"{r['class_accuracy_std'] * 100:.1f} | {r['frechet_distance']:.1f} ± {r['frechet_distance_std']:.1f} "
+                     f"| {r.get('kl_to_dense', 0.0):.4f} | {r.get('seconds', 0.0):.0f} s |")
+    lines += ["", "| Core ML step package (VAR, fp16) | size | × dense |", "|---|---|---|"]
+    base = result["coreml"]["dense fp16"]["step_package_bytes"]
+    for label, c in result["coreml"].items():
+        lines.append(f"| {label} (`--compress {c['compress']}`) | {c['step_package_bytes'] / 1e6:.2f} MB | "
+                     f"{c['step_package_bytes'] / base:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [result["dense"], *result["rows"]]
+    labels = [r["label"].replace(" (prior: sparsegpt)", "\n(prior sparsegpt)").replace(" --no-update", "\nno update")
+              for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].bar(labels, [r["frechet_distance"] for r in rows], yerr=[r["frechet_distance_std"] for r in rows],
+                color="tab:blue", capsize=3)
+    axes[0].set_title("Fréchet distance to held-out digits (lower is better)")
+    axes[1].bar(labels[1:], [r["kl_to_dense"] for r in rows[1:]], color="tab:orange")
+    axes[1].set_title("per-token KL to the dense model (lower is better)")
+    cm = result["coreml"]
+    axes[2].bar(list(cm), [c["step_package_bytes"] / 1e6 for c in cm.values()], color="tab:green")
+    axes[2].set_title("Core ML VAR step package (MB)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"2:4 on {result['model']}: {result['per_class']} samples per class × seeds {result['sampling']['seeds']}",
+                 fontsize=10)
+    fig.tight_layout()
+    atomic_write_bytes(path, figure_png(fig, dpi=100))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:digits")
+    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds 0..N-1 per evaluation")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=300, help="learnable masks: training steps")
+    ap.add_argument("--no-coreml", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "sparsity.json")
+    args = ap.parse_args()
+    seeds = list(range(args.seeds))
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    parent = zoo.load(args.model)
+    held = calibration(parent, PruneRecipe(0.0, calib_samples=200, seed=HELD_OUT_SEED))
+    with torch.no_grad():
+        dense_logp = parent.var(held.labels, held.x_in).log_softmax(-1)
+    dense = {"label": "dense", **score(parent, seeds, args.per_class, args.model)}
+    print(f"dense: {dense['class_accuracy']:.3f} FD {dense['frechet_distance']:.1f} ± {dense['frechet_distance_std']:.1f}")
+    var_params = sum(p.numel() for p in parent.var.parameters())
+    rows, sparse_gpt = [], None
+    with tempfile.TemporaryDirectory(prefix="evar_sparsity_") as tmp:
+        work = Path(tmp)
+        for label, fields in VARIANTS.items():
+            model, seconds, sp = make_variant(parent, label, fields, args, work)
+            if label == "sparsegpt":
+                sparse_gpt = model
+            zeros = sum(int((~m).sum()) for m in sp.masks.values())
+            row = {"label": label, "seconds": round(seconds, 1), "zero_share": zeros / var_params,
+                   "kl_to_dense": kl_to_dense(model, held, dense_logp), **score(model, seeds, args.per_class, label)}
+            if "agreement_with_prior" in sp.details:
+                row["agreement_with_prior"] = sp.details["agreement_with_prior"]
+            rows.append(row)
+            print(f"{label}: acc {row['class_accuracy']:.3f} FD {row['frechet_distance']:.1f} ± "
+                  f"{row['frechet_distance_std']:.1f} KL {row['kl_to_dense']:.4f} ({seconds:.0f} s)", flush=True)
+        coreml = {} if args.no_coreml else coreml_sizes(parent, sparse_gpt, work)
+    by = {r["label"]: r for r in rows}
+    learnt = by["learnable (prior: sparsegpt)"]
+    checks = {
+        "learnable has the lowest KL to dense": learnt["kl_to_dense"] == min(r["kl_to_dense"] for r in rows),
+        "learnable FD <= 1.15x dense": learnt["frechet_distance"] <= 1.15 * dense["frechet_distance"],
+        "sparsegpt with update KL < without": by["sparsegpt"]["kl_to_dense"] < by["sparsegpt --no-update"]["kl_to_dense"],
+    }
+    result = {"model": args.model, "model_provenance": parent.config.provenance, "pattern": "2:4",
+              "per_class": args.per_class, "sampling": {**dataclasses.asdict(SamplingSettings()), "seeds": seeds},
+              "calibration": {"data": "teacher", "samples": args.calib_samples, "seed": 0},
+              "learnable": {k: v for k, v in dataclasses.asdict(SparsifyRecipe(steps=args.steps)).items()
+                            if k in ("prior", "steps", "tau", "scale", "prior_strength", "weight_reg", "lr",
+                                     "batch_size", "data_samples")},
+              "kl_held_out": {"sequences": len(held), "seed": HELD_OUT_SEED, "unconditional": 0.5},
+              "dense": dense, "rows": rows, "coreml": coreml, "checks": checks,
+              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "load_average_at_start": load0, "load_average_at_end": os.getloadavg()},
+              "versions": versions(), "seconds": round(time.perf_counter() - t0, 1)}
+    if coreml:
+        result["table"] = table(result)
+        atomic_write_bytes(args.out.with_suffix(".md"), (result["table"] + "\n").encode())
+        plot(result, args.out.with_suffix(".png"))
+    atomic_write_json(args.out, result)
+    print(result.get("table", ""))
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    print(f"→ {args.out}")
+
+
+if __name__ == "__main__":
+    main()
