@@ -257,7 +257,7 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
 def sampling_json(iface: AneInterface, top_k: int, top_p: float, cfg_default: float) -> dict[str, Any]:
     c = iface.var
     return {"rng": rng.RNG_NAME, "method": "inverse_cdf", "in_graph": False, "where": "host", "top_k": top_k,
-            "top_p": top_p, "filters": "baked",
+            "top_p": top_p, "filters": "host",
             "cfg": {"input": "", "ramp": "on the host: t = cfg * si / (num_scales - 1); logits = (1 + t) * raw[:B] - t * raw[B:]",
                     "default": cfg_default, "unconditional_label": c.num_classes},
             "uniforms": {"input": "", "shape": ["batch", "pn*pn"], "dtype": "float32",
@@ -288,7 +288,8 @@ def ane_manifest(iface: AneInterface, options: cm.CoremlOptions, base: dict[str,
                    "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
                    "details": {"weight_threshold": cm.WEIGHT_THRESHOLD, "graphs": [STEP_GRAPH, DECODER_GRAPH]}
                    if options.compress != "none" else {}}
-    weights = {"none": "fp16", "palettize6": "palettized", "palettize4": "palettized", "int8": "int8"}[options.compress]
+    weights = {"none": "fp16", "palettize6": "palettized", "palettize4": "palettized", "int8": "int8", "2:4": "sparse",
+               "2:4+palettize6": "sparse-palettized", "2:4+palettize4": "sparse-palettized"}[options.compress]
     return {**base, "kv_cache": iface.kv_json(), "graphs": graphs,
             "sampling": sampling_json(iface, options.top_k, options.top_p, cfg_default),
             "precision": {"weights": weights, "compute": "fp16",

@@ -139,10 +139,15 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              + "; CFG batch formed in-graph (KV has 2*batch rows)",
              f"precision: weights {m['precision']['weights']}, compute {m['precision']['compute']}; "
              f"compression: {m['compression']['method']}",
-             f"sampling: {m['sampling']['method']} from {m['sampling']['rng']} uniforms, top_k {m['sampling']['top_k']}, "
-             f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'",
+             (f"sampling: {m['sampling']['method']} from {m['sampling']['rng']} uniforms, top_k {m['sampling']['top_k']}, "
+              f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'"
+              if m["sampling"].get("where") != "host" else
+              f"sampling: on the host ({m['sampling']['method']} from {m['sampling']['rng']} uniforms, CFG, default top_k "
+              f"{m['sampling']['top_k']} / top_p {m['sampling']['top_p']}); the step functions return raw logits"),
              f"KV cache: {m['kv_cache']['mode']}, {m['kv_cache']['layout']}, dims {m['kv_cache']['dims']}, "
-             f"max_length {m['kv_cache']['max_length']}, heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
+             f"max_length {m['kv_cache']['max_length']}"
+             + (f" (state padded to {m['kv_cache']['padded_length']}, masked)" if "padded_length" in m["kv_cache"] else "")
+             + f", heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
     lines += _sparse_storage(m, root)
     parity = m.get("parity")
     if parity:

@@ -313,7 +313,30 @@ def test_runtime_follows_a_host_sampled_manifest(monkeypatch, tmp_path, ready):
     assert loaded_units[("fhat_update", 1)] == ct.ComputeUnit.CPU_ONLY
     assert loaded_units[("decoder_step", 1)] == ct.ComputeUnit.CPU_AND_NE
     labels = np.array([3, 8])
-    out = gen.generate(labels, seed=5, cfg=CFG)
-    ref = generate(ready.var, ready.vqvae, torch.from_numpy(labels), guidance=CFG, top_k=TOP_K, top_p=TOP_P, seed=5)
-    for a, b in zip(out.tokens, ref.tokens):
-        np.testing.assert_array_equal(a, b.numpy())
+    for top_k, top_p in ((None, None), (0, 0.0)):  # the host samples: other filters than the defaults are allowed
+        out = gen.generate(labels, seed=5, cfg=CFG, top_k=top_k, top_p=top_p)
+        ref = generate(ready.var, ready.vqvae, torch.from_numpy(labels), guidance=CFG, top_k=TOP_K if top_k is None else top_k,
+                       top_p=TOP_P if top_p is None else top_p, seed=5)
+        for a, b in zip(out.tokens, ref.tokens):
+            np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_bad_ane_inputs_are_one_line(tmp_path):
+    """--target ane with fp32, and --strict-ane on a folder that is no artifact: exit 2, one line, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    export = [sys.executable, "-m", "evar.export.cli"]
+    cases = [(["coreml", "--model", "builtin:digits", "--target", "ane", "--precision", "fp32", "--out", str(tmp_path / "o")],
+              "fp16"),
+             (["coreml", "--model", "builtin:digits", "--target", "iOS16", "--out", str(tmp_path / "o")], "ane"),
+             (["inspect", str(tmp_path), "--strict-ane"], "not an EVAR artifact")]
+    for args, word in cases:
+        proc = subprocess.run(export + args, capture_output=True, text=True, env=env, timeout=300)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert word in err, err
+    assert not (tmp_path / "o").exists()

@@ -137,7 +137,7 @@ extension Manifest {
     }
 
     /// Whether the step functions return raw logits and the host samples (`sampling.where == "host"`).
-    public var samplesOnHost: Bool { sampling.where == .host || (sampling.where == nil && !sampling.inGraph) }
+    public var samplesOnHost: Bool { sampling.`where` == .host || (sampling.`where` == nil && !sampling.inGraph) }
 
     /// The f_hat update of scale `scaleIndex` (host-sampled artifacts).
     public func fhatUpdate(scaleIndex: Int) throws -> GraphFunction {

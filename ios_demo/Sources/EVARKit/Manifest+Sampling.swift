@@ -115,6 +115,8 @@ extension Manifest {
     /// Schema: #/$defs/sampling/properties/filters
     public enum SamplingFilters: String, Codable, Hashable, Sendable {
         case baked
+        /// Host-sampled artifacts: `top_k` / `top_p` are defaults; a generation may ask for others.
+        case host
     }
 
     /// The guidance-scale input and its ramp.
