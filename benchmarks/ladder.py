@@ -115,6 +115,28 @@ def latency(rungs: dict[str, tuple[Path, str]], settings: rb.BenchSettings, mode
             "seconds": time.perf_counter() - t0}
 
 
+def host_overhead(artifact: Path, runs: int = 20) -> dict[str, float]:
+    """Per scale, process CPU time spent outside onnxruntime's run (uniforms, feeds, binding, copies), 1 thread."""
+    from evar.runtime.generator import Generator
+
+    gen = Generator(artifact, "cpu", threads=1)
+    inside = [0.0]
+    for sess in filter(None, (gen.backend.step, gen.backend.unguided)):
+        def timed(binding, _run=sess.run_with_iobinding):
+            t0 = time.process_time()
+            _run(binding)
+            inside[0] += time.process_time() - t0
+        sess.run_with_iobinding = timed
+    outside = []
+    for r in range(runs + 2):
+        inside[0] = 0.0
+        _, _, t = gen.run_batch(np.array([3]), 0, CFG, TOP_K, TOP_P)
+        if r >= 2:
+            outside.append((sum(t.scale_cpu_ms) - 1e3 * inside[0]) / len(t.scale_cpu_ms))
+    gen.close()
+    return {"median_ms_per_scale": float(np.median(outside)), "max_ms_per_scale": float(np.max(outside))}
+
+
 # ---------------------------------------------------------------- quality (digits)
 def quality(rungs: dict[str, tuple[Path, str]], seeds: list[int], per_class: int) -> dict[str, Any]:
     from evar.eval.metrics import evaluate_digits
@@ -270,9 +292,11 @@ def main() -> None:
         kls = token_kls(fam, q["ort-fp32"]["tokens_seed0"], args.per_class)
         for r in q.values():
             r.pop("tokens_seed0", None)
+        host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
         result["families"]["builtin:digits"] = {
             "what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens)",
             "latency": lat, "quality": q, "kl": kls, "per_class": args.per_class, "seeds": list(range(args.seeds)),
+            "host_overhead_outside_graph": host,
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at")}}
     if not args.skip_d16:
         fam = build(args.work, "d16", str(args.work / "d16" / "models" / "dense"),

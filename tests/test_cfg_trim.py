@@ -109,3 +109,13 @@ def test_bad_cfg_until_scale_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and "cfg-until-scale" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_trimmed_macs_count_one_row_from_the_trimmed_scale(trimmed_artifact):
+    from evar.runtime import cost
+
+    var = load_artifact(trimmed_artifact).var
+    full, trimmed = cost.generation_macs(var), cost.generation_macs(var, cfg_until_scale=N)
+    assert trimmed["per_scale"][:N] == full["per_scale"][:N]
+    one_row = [cost.step_macs(var, si, cfg_rows=1)["total"] for si in range(N, len(var["patch_nums"]))]
+    assert trimmed["per_scale"][N:] == one_row and trimmed["total"] < full["total"]
