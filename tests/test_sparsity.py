@@ -2,6 +2,7 @@
 the block-by-block pass on a tiny VAR, masks in model directories, and the command's bad inputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -292,3 +293,53 @@ def test_learnable_masks_lower_the_kl_of_their_prior(tmp_path):
     kl_prior, kl_learnt = _held_out_kl(teacher, prior_model), _held_out_kl(teacher, student)
     print(f"KL to the teacher: magnitude prior {kl_prior:.4f}, learnt {kl_learnt:.4f}")
     assert kl_learnt < 0.9 * kl_prior, (kl_learnt, kl_prior)
+
+
+# ---------------------------------------------------------------- Core ML
+def test_coreml_2_4_needs_a_2_4_model(tmp_path):
+    pytest.importorskip("coremltools")
+    from evar.export.artifact import build_coreml
+    from evar.export.coreml import CoremlOptions
+
+    with pytest.raises(EvarError, match="2:4-sparse model, and this model is dense: make one with `evar sparsify"):
+        build_coreml(tiny_model(), "tests:tiny", tmp_path / "art", CoremlOptions(compress="2:4"))
+    model = tiny_model()
+    model.sparsity = sparsify(model, SparsifyRecipe(pattern="4:8", method="magnitude"), progress=False)
+    with pytest.raises(EvarError, match="this model is 4:8 sparse"):
+        build_coreml(model, "tests:tiny", tmp_path / "art", CoremlOptions(compress="2:4+palettize4"))
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.slow
+def test_coreml_stores_2_4_sparse_and_inspect_says_so(request, tmp_path):
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr or "not slow" in expr:
+        pytest.skip("opt-in: pytest -m slow (a Core ML conversion)")
+    from evar import contract
+    from evar.export.artifact import build_coreml
+    from evar.export.coreml import CoremlOptions
+    from evar.export.inspect import report
+    from tests.test_export import tiny_coreml_model
+
+    model = tiny_coreml_model()
+    model.sparsity = sparsify(model, SparsifyRecipe(method="magnitude"), progress=False)
+    result = build_coreml(model, "tests:sparse", tmp_path / "art", CoremlOptions(compress="2:4+palettize4"))
+    m = contract.load_artifact(tmp_path / "art", verify_hashes=True).data
+    assert result["parity"].passed and m["compression"]["method"] == "2:4+palettize4"
+    assert m["precision"]["weights"] == "sparse-palettized" and m["compression"]["details"]["pattern"] == "2:4"
+    text = report(tmp_path / "art")
+    assert "sparse storage: 2:4 masks of 10 layers (magnitude)" in text and "constexpr_lut_to_sparse" in text
+
+
+def test_learnable_run_resumes_and_refuses_other_settings(tmp_path):
+    from evar.sparsity.pipeline import learnable
+
+    recipe = SparsifyRecipe(method="learnable", prior="magnitude", steps=6, batch_size=4, data_samples=8,
+                            ckpt_every=3, **FAST)
+    first = learnable(tiny_model(), tiny_model(), recipe, tmp_path / "work", "tests:tiny", "tests:tiny")
+    assert (tmp_path / "work" / "train_state.pt").exists()
+    again = learnable(tiny_model(), tiny_model(), recipe, tmp_path / "work", "tests:tiny", "tests:tiny")
+    assert all(torch.equal(first.masks[n], again.masks[n]) for n in first.masks)  # continued at step 6: done
+    with pytest.raises(EvarError, match="other settings.*recipe"):
+        learnable(tiny_model(), tiny_model(), dataclasses.replace(recipe, lr=0.01), tmp_path / "work", "tests:tiny",
+                  "tests:tiny")

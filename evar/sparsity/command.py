@@ -31,7 +31,7 @@ def sparsify(
                                                         "pruning)")] = None,
     prior: Annotated[str, typer.Option(help="learnable: the one-shot mask it starts from (magnitude | wanda | "
                                             "sparsegpt)")] = "sparsegpt",
-    steps: Annotated[int, typer.Option(help="learnable: training steps")] = 600,
+    steps: Annotated[int, typer.Option(help="learnable: training steps")] = 300,
     tau: Annotated[str, typer.Option(help="learnable: Gumbel-softmax temperature, start,end (annealed)")] = "4,0.05",
     scale: Annotated[str, typer.Option(help="learnable: gate logit scale, start,end (rising linearly)")] = "10,100",
     prior_strength: Annotated[float, typer.Option(help="learnable: how strongly the prior mask starts ahead")] = 3.0,

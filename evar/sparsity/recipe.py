@@ -41,7 +41,7 @@ class SparsifyRecipe:
     seed: int = 0
     # learnable masks (MaskLLM)
     prior: str = "sparsegpt"
-    steps: int = 600
+    steps: int = 300
     tau: tuple[float, float] = (4.0, 0.05)
     scale: tuple[float, float] = (10.0, 100.0)
     prior_strength: float = 3.0
