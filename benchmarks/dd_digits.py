@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from evar import zoo
+from evar.dd.pairs import weights_sha256
 from evar.dd.sampler import DDRequest, load_sampler
 from evar.files import atomic_write_bytes, atomic_write_json, figure_png
 from evar.quality import evaluate_model
@@ -45,11 +46,13 @@ def settings_table(teacher: str, teacher_scales: list[str]) -> list[tuple[str, D
 
 def quality(ref: str, request: DDRequest | None, seeds: list[int], per_class: int, cache: Path | None = None) -> dict:
     """Over seeds; the teacher's rows can be cached in `cache` (they do not depend on the student)."""
+    model, sample = load_sampler(ref, None, None, request or DDRequest())
+    key = {"ref": ref, "per_class": per_class, "seeds": seeds, "weights_sha256": weights_sha256(model.var)} \
+        if cache is not None else None
     if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved["ref"] == ref and saved["quality"]["seeds"] == seeds and saved["per_class"] == per_class:
+        if saved["key"] == key:
             return saved["quality"]
-    model, sample = load_sampler(ref, None, None, request or DDRequest())
     runs = [evaluate_model(model, SamplingSettings(seed=s), per_class, source=ref, sample=sample)["quality"]
             for s in seeds]
     acc = [r["class_accuracy"] for r in runs]
@@ -59,7 +62,7 @@ def quality(ref: str, request: DDRequest | None, seeds: list[int], per_class: in
          "frechet_std": round(statistics.stdev(fd), 2) if len(fd) > 1 else 0.0,
          "real_data_floor": runs[0]["real_data_floor"]}
     if cache is not None:
-        atomic_write_json(cache, {"ref": ref, "per_class": per_class, "quality": q})
+        atomic_write_json(cache, {"key": key, "quality": q})
     return q
 
 
