@@ -44,6 +44,11 @@ def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt:
         from evar.sparsity.report import sparsity_lines
 
         print("\n".join(sparsity_lines(m)))
+    if m.config.vqvae.image_size == 16:  # a digits-sized tokenizer: its codebook health on held-out digits
+        from evar.data import load_digits
+        from evar.models.codebook import describe_usage, tokenizer_report
+
+        print(f"tokenizer: {describe_usage(tokenizer_report(m.vqvae, load_digits('test', 16)[0]))} (digits test split)")
 
 
 def _load_generator(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
@@ -210,8 +215,9 @@ def _print_report(report: dict) -> None:
     q = report["quality"]
     how = ", ".join(f"{k.replace('_', '-').replace('guidance', 'cfg')} {v}" for k, v in report["sampling"].items()
                     if k != "seed")
+    pr = "" if q.get("recall") is None else f"  |  precision {q['precision']:.3f}, recall {q['recall']:.3f} (k={q['k']})"
     print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f} "
-          f"(real held-out digits score {q['real_data_floor']:.2f})  |  {q['n_samples']} samples, {how}")
+          f"(real held-out digits score {q['real_data_floor']:.2f}){pr}  |  {q['n_samples']} samples, {how}")
 
 
 @app.command()
@@ -236,14 +242,28 @@ def train_tokenizer_cmd(
     data: Annotated[str, typer.Option(help="'digits' or an image folder")] = "digits",
     steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
     ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 500,
+    restart_every: Annotated[int, typer.Option(help="move dead codes onto encoder residuals every N steps "
+                                                    "(0: never)")] = 50,
+    init: Annotated[Optional[Path], typer.Option(help="start from this tokenizer (train-tokenizer or model "
+                                                      "directory) instead of random weights")] = None,
 ) -> None:
-    """Train the multi-scale VQVAE (digits architecture); rerun the same command to resume."""
-    with _training_run(out, "tokenizer"):
-        from evar.train import Schedule, TokenizerTraining, train_tokenizer
+    """Train the multi-scale VQVAE (digits architecture); rerun the same command to resume.
+
+    Prints (and writes into OUT/tokenizer.json) the held-out reconstruction MSE and the codes used per scale."""
+    _check_count("--steps", steps)
+    if restart_every < 0:
+        raise EvarError(f"--restart-every must be >= 0, got {restart_every}")
+    with _training_run(out, "tokenizer", inputs=[init]):
+        from evar.models.codebook import describe_usage
+        from evar.train import CodebookCare, Schedule, TokenizerTraining, train_tokenizer
 
         sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, ckpt_every=ckpt_every, seed=seed)
         t0 = time.perf_counter()
-        path = train_tokenizer(TokenizerTraining(data=data, schedule=sched), out)
+        job = TokenizerTraining(data=data, schedule=sched, codebook=CodebookCare(restart_every=restart_every),
+                                init=None if init is None else str(init))
+        path = train_tokenizer(job, out)
+    report = json.loads((path / "tokenizer.json").read_text())["codebook"]
+    print(f"{describe_usage(report)} ({report['split']} split)")
     print(f"tokenizer → {path} ({time.perf_counter() - t0:.0f}s)")
 
 

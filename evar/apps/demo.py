@@ -220,17 +220,24 @@ def quality_rows(out: Path) -> list[dict[str, Any]]:
         path = out / "quality" / f"{name}.json"
         if path.exists():
             r = json.loads(path.read_text())
-            rows.append({"model": name, "params_M": r["params"] / 1e6, **{k: r["quality"][k] for k in
-                                                                         ("class_accuracy", "frechet_distance")}})
+            rows.append({"model": name, "params_M": r["params"] / 1e6, **{k: r["quality"].get(k) for k in
+                                                                         ("class_accuracy", "frechet_distance",
+                                                                          "real_data_floor", "precision", "recall")}})
     return rows
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
 
 
 def write_report(plan: DemoPlan, seconds: dict[str, float], extra_sections: list[str]) -> Path:
     lines = [f"# EVAR demo on `{plan.model}`", "",
              f"Prune {plan.sparsity:.0%} with {plan.method}, distil from the dense teacher, export, run the exported graphs.",
              "", "## Quality (`evar eval`: 50 samples per digit, cfg 1.5, top-k 900, top-p 0.96, seed 0)", "",
-             "| model | VAR params | class accuracy | Fréchet distance |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['params_M']:.2f}M | {r['class_accuracy'] * 100:.1f}% | {r['frechet_distance']:.1f} |"
+             "| model | VAR params | class accuracy | Fréchet distance (real digits) | precision | recall |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params_M']:.2f}M | {r['class_accuracy'] * 100:.1f}% | {r['frechet_distance']:.1f} "
+              f"({_num(r['real_data_floor'], '.1f')}) | {_num(r['precision'], '.3f')} | {_num(r['recall'], '.3f')} |"
               for r in quality_rows(plan.out)]
     lines += ["", "## Samples (one row per digit)", ""]
     lines += [f"**{name}**\n\n![{name}](quality/{name}_samples/grid.png)\n" for name in ("dense", "pruned", "distilled", "deployed")
