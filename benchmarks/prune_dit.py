@@ -49,7 +49,7 @@ VARIANTS = {
     "safe: attn 30% + FFN 40%": (0.3, 0.4, 1),
     "aggressive: attn 40% + FFN 50%": (0.4, 0.5, 1),
     "all 50%": (0.5, 0.5, 1),
-    "all 50%, 3 rounds": (0.5, 0.5, 3),
+    "all 50% in 3 rounds": (0.5, 0.5, 3),
 }
 
 
@@ -144,7 +144,7 @@ def plot(result: dict[str, Any]) -> bytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated names of VARIANTS")
     ap.add_argument("--method", default="obs", help="obs | taylor | magnitude")
     ap.add_argument("--distill-steps", type=int, default=400)
     ap.add_argument("--seeds", default="0,1,2")
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench_dit"))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [n.strip() for n in args.variants.split(";") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")

@@ -272,3 +272,14 @@ def test_ddim_lands_on_the_image_an_exact_predictor_points_to(prediction):
 
     out = ddim_sample(Exact(), torch.tensor([0, 1]), DiTSampling(0.0, 10, 0))
     assert torch.allclose(out, image.expand(2, -1, -1, -1), atol=1e-4)
+
+
+def test_the_shipped_dit_loads_strictly_and_draws_the_digits_it_is_asked_for():
+    from evar import zoo
+    from evar.eval.metrics import evaluate_digits
+    from evar.dit.sample import sample_dit_images
+
+    model = zoo.load_family("builtin:dit-digits", ("dit",))  # strict: every key and shape
+    labels = torch.arange(10)
+    images = sample_dit_images(model, labels, DiTSampling(guidance=1.5, steps=10, seed=0), progress=False)
+    assert evaluate_digits(images, labels.numpy()).class_accuracy >= 0.8
