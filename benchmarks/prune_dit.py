@@ -16,7 +16,6 @@ multiply-accumulate ratio beside it. Models are cached in --work (a rerun skips 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -55,7 +54,7 @@ VARIANTS = {
 
 def macs(model: DiTModel) -> int:
     """Multiply-accumulates of one denoiser call on one image: every Linear on every token, + attention."""
-    c, T = model.config, model.config.num_patches
+    T = model.config.num_patches
     linear = sum(m.in_features * m.out_features for b in model.dit.blocks
                  for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
     attention = sum(2 * T * b.attn.heads * b.attn.head_dim for b in model.dit.blocks)

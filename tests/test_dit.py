@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-from evar.checkpoints import load_strict
 from evar.dit.checkpoint import DiTModel, load_dit_dir, load_official_dit, save_dit_dir
 from evar.dit.diffusion import DiTSampling, ddim_sample, ddim_timesteps, guided, start_noise
 from evar.dit.model import DiT, DiTConfig
@@ -276,8 +275,8 @@ def test_ddim_lands_on_the_image_an_exact_predictor_points_to(prediction):
 
 def test_the_shipped_dit_loads_strictly_and_draws_the_digits_it_is_asked_for():
     from evar import zoo
-    from evar.eval.metrics import evaluate_digits
     from evar.dit.sample import sample_dit_images
+    from evar.eval.metrics import evaluate_digits
 
     model = zoo.load_family("builtin:dit-digits", ("dit",))  # strict: every key and shape
     labels = torch.arange(10)

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -62,8 +62,8 @@ def prune_dit_cmd(
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="pruned DiT model directory to write (+ prune_report.json)")],
     sparsity: Annotated[float, typer.Option(help="share of heads and FFN units to remove, in [0, 1)")] = 0.0,
-    attn_sparsity: Annotated[Optional[float], typer.Option(help="heads only (default --sparsity)")] = None,
-    ffn_sparsity: Annotated[Optional[float], typer.Option(help="FFN units only (default --sparsity)")] = None,
+    attn_sparsity: Annotated[float | None, typer.Option(help="heads only (default --sparsity)")] = None,
+    ffn_sparsity: Annotated[float | None, typer.Option(help="FFN units only (default --sparsity)")] = None,
     method: Annotated[str, typer.Option(help="obs | taylor | magnitude")] = "obs",
     taylor_type: Annotated[str, typer.Option(help="param_first | param_second | param_mix")] = "param_first",
     percdamp: Annotated[float, typer.Option(help="OBS damping, a fraction of mean(diag H)")] = 0.01,

@@ -14,11 +14,11 @@ from torch import nn
 
 from evar.checkpoints import load_strict
 from evar.dit.checkpoint import DiTModel, build_dit
-from evar.dit.model import DiT, Attention, Mlp
+from evar.dit.model import Attention, DiT
 from evar.errors import EvarError
 from evar.prune.adapter import Prunable
 from evar.prune.surgery import torch_pruning
-from evar.prune.var_adapter import head_channels
+from evar.prune.var_adapter import head_channels, remove_units  # an FFN is fc1 → fc2 in both families
 
 
 class DiTAdapter:
@@ -52,17 +52,6 @@ def remove_heads(attn: Attention, heads: Sequence[int]) -> None:
     tp.prune_linear_out_channels(attn.qkv, [part * inner + c for part in range(3) for c in cut])
     tp.prune_linear_in_channels(attn.proj, cut)
     attn.heads -= len(heads)
-
-
-def remove_units(mlp: Mlp, units: Sequence[int]) -> None:
-    units = sorted(set(units))
-    if not units:
-        return
-    if len(units) >= mlp.fc1.out_features or units[0] < 0 or units[-1] >= mlp.fc1.out_features:
-        raise EvarError(f"cannot remove units {units[:5]}… from an FFN of width {mlp.fc1.out_features}")
-    tp = torch_pruning()
-    tp.prune_linear_out_channels(mlp.fc1, units)
-    tp.prune_linear_in_channels(mlp.fc2, units)
 
 
 def rebuild(model: DiTModel, provenance: dict[str, Any]) -> DiTModel:
