@@ -58,13 +58,18 @@ def main() -> None:
                              "findings": lint.findings, "weight_bytes": weight_bytes(path),
                              "seconds": time.perf_counter() - t})
                 print(rows[-1], flush=True)
+                result = write(args, iface, rows, t0)  # after every function: a long run keeps what it measured
+    print(f"strict ANE lint passes: {result['strict_ane_passes']} → {OUT}")
+
+
+def write(args, iface: AneInterface, rows: list[dict], t0: float) -> dict:
     result = {"model": args.model, "functions": rows, "strict_ane_passes": all(not r["findings"] for r in rows),
               "kv_padded_length": iface.padded_length, "load_average": list(os.getloadavg()),
               "seconds": time.perf_counter() - t0,
               "command": f"python benchmarks/ane_d16_lint.py --model {args.model} --scales {args.scales} "
                          f"--compress {args.compress}" + ("" if args.decoder else " --no-decoder")}
     atomic_write_json(OUT, result)
-    print(f"strict ANE lint passes: {result['strict_ane_passes']} → {OUT}")
+    return result
 
 
 if __name__ == "__main__":
