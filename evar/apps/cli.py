@@ -123,7 +123,7 @@ def evaluate(
     guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
-    """Quality of a digits model: class accuracy and classifier-feature Fréchet distance vs held-out digits."""
+    """Quality of a digits model: class accuracy, classifier-feature Fréchet distance and precision/recall vs held-out digits."""
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(guidance, top_k, top_p, seed)
