@@ -180,8 +180,8 @@ def evaluate(
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
-    """Quality of a digits model (VAR, DD or DiT): class accuracy and classifier-feature Fréchet distance vs held-out
-    digits."""
+    """Quality of a digits model (VAR, DD or DiT): class accuracy, classifier-feature Fréchet distance and
+    precision/recall vs held-out digits."""
     from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
