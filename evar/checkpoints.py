@@ -29,8 +29,8 @@ MODEL_FORMAT_VERSION = 1
 CONFIG_FILE, VAR_FILE, VQVAE_FILE = "config.json", "var.safetensors", "vqvae.safetensors"
 # The official loader tolerates a usage-statistics buffer of another shape; so do we (it is not used to sample).
 OPTIONAL_SHAPE_KEYS = {"quantize.ema_vocab_hit_SV"}
-# Wrappers seen around state dicts in training checkpoints; the official release files are flat.
-WRAPPER_KEYS = ("state_dict", "model")
+# Wrappers seen around state dicts in training checkpoints, in order of preference; release files are flat.
+WRAPPER_KEYS = ("ema", "state_dict", "model")  # "ema": DiT training checkpoints (the averaged weights)
 
 
 @dataclass

@@ -16,8 +16,9 @@ VaeCkpt = Annotated[Optional[Path], typer.Option(help="official VQVAE .pth (only
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output, if EVAR wrote it (a model "
                                                              "directory, artifact, report or plot); never a folder "
                                                              "or file of yours")]
-Guidance = Annotated[float, typer.Option("--cfg", help="classifier-free guidance at the last scale (VAR ramps it "
-                                                       "linearly from 0)")]
+Guidance = Annotated[float, typer.Option("--cfg", help="classifier-free guidance w: (1+w)·cond − w·uncond (VAR ramps "
+                                                       "it linearly from 0 to w over the scales; a DiT's paper "
+                                                       "scale is 1+w)")]
 TopK = Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")]
 TopP = Annotated[float, typer.Option(help="nucleus sampling mass (0 = off)")]
 Seed = Annotated[int, typer.Option(help="same seed, same tokens, on every backend")]

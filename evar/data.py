@@ -34,7 +34,8 @@ def to_uint8_nhwc(x: Tensor) -> np.ndarray:
     """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8. Out-of-range values are clamped."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-    scaled = (x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5
+    # NaN (a diverged decoder) → -1 (black), explicitly: a cast of NaN to uint8 is undefined; EVARKit does the same
+    scaled = (x.detach().float().nan_to_num(nan=-1.0).clamp(-1.0, 1.0) + 1.0) * 127.5
     return scaled.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

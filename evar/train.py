@@ -26,6 +26,7 @@ from evar.config import ModelConfig, VQVAEConfig, digits_config
 from evar.data import load_images
 from evar.errors import EvarError
 from evar.files import atomic_write_bytes, atomic_write_json
+from evar.models.codebook import restart_dead_codes, tokenizer_report
 from evar.models.var import VAR
 from evar.models.vqvae import VQVAE
 
@@ -52,9 +53,22 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class CodebookCare:
+    """Dead-code restarts while training a tokenizer (`evar.models.codebook.restart_dead_codes`)."""
+    restart_every: int = 50  # steps between restarts; 0 turns them off
+    dead_below: float = 0.05  # a code hit fewer times per step than this (EMA over all scales) is dead
+    until: float = 0.8  # share of the steps after which restarts stop, so the codebook settles
+
+    def due(self, step: int, steps: int) -> bool:
+        return self.restart_every > 0 and step > 0 and step % self.restart_every == 0 and step < self.until * steps
+
+
+@dataclass(frozen=True)
 class TokenizerTraining:
     data: str = "digits"
     schedule: Schedule = Schedule(steps=3000, batch_size=64, lr=1e-3, weight_decay=0.0)
+    codebook: CodebookCare = CodebookCare()
+    init: str | None = None  # start from this tokenizer (a train-tokenizer or model directory), e.g. to revive its codebook
 
 
 @dataclass(frozen=True)
@@ -149,19 +163,49 @@ def train_tokenizer(job: TokenizerTraining, out: str | Path, vqvae_config: VQVAE
     images, _ = load_images(job.data, "train", cfg.image_size)
     torch.manual_seed(job.schedule.seed)
     vqvae = VQVAE(cfg).train()
+    if job.init is not None:
+        start = load_tokenizer(job.init)
+        if start.cfg != cfg:
+            raise EvarError(f"--init {job.init} is a tokenizer of another architecture than the one trained here")
+        vqvae.load_state_dict(start.state_dict())
 
     def loss_fn(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = images[draw_batch(len(images), job.schedule.batch_size, gen)]
+        restarted = 0
+        if job.codebook.due(step, job.schedule.steps):
+            restarted = _restart_dead_codes(vqvae, x, job.codebook.dead_below, gen)
         recon, vq_loss, usage = vqvae(x)
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        return {"loss": rec + vq_loss, "recon": rec.detach(), "vq": vq_loss.detach(), "usage": torch.as_tensor(usage)}
+        return {"loss": rec + vq_loss, "recon": rec.detach(), "vq": vq_loss.detach(), "usage": torch.as_tensor(usage),
+                "restarted": torch.as_tensor(restarted)}
 
     _run(out, job.schedule, list(vqvae.parameters()), {"vqvae": vqvae}, loss_fn, "tokenizer")
     tmp = out / f".{VQVAE_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in vqvae.state_dict().items()}, str(tmp))
     tmp.replace(out / VQVAE_FILE)
-    atomic_write_json(out / TOKENIZER_CONFIG, {"vqvae": dataclasses.asdict(cfg), "recipe": _recipe(job)})
+    held_out, split = _held_out(job.data, cfg.image_size)
+    report = {"split": split, **tokenizer_report(vqvae, held_out)}
+    atomic_write_json(out / TOKENIZER_CONFIG, {"vqvae": dataclasses.asdict(cfg), "recipe": _recipe(job),
+                                               "codebook": report})
     return out
+
+
+@torch.no_grad()
+def _restart_dead_codes(vqvae: VQVAE, x: torch.Tensor, dead_below: float, gen: torch.Generator) -> int:
+    """Move dead codes onto residuals this batch quantised (before the step's forward: autograd needs the
+    codebook unchanged between forward and backward); restarted codes get a grace period in the EMA."""
+    q = vqvae.quantize
+    residuals: list[torch.Tensor] = []
+    q.residual_quantize(vqvae.encode_features(x), residuals)
+    dead = restart_dead_codes(q.embedding.weight, q.ema_vocab_hit_SV.sum(0), torch.cat(residuals), dead_below, gen)
+    q.ema_vocab_hit_SV[:, dead] = 1.0 / len(q.patch_nums)  # ~100 steps before it can count as dead again
+    return len(dead)
+
+
+def _held_out(data: str, size: int) -> tuple[torch.Tensor, str]:
+    """The digits test split; an image folder has no split, so its report is on its training images."""
+    split = "test" if data == "digits" else "train"
+    return load_images(data, split, size)[0], split
 
 
 def load_tokenizer(path: str | Path) -> VQVAE:

@@ -1,6 +1,7 @@
 """Model references, the one way every command names a model.
 
     builtin:digits                     the embedded default, shipped inside the package
+    builtin:dit-digits                 a small DiT trained on the same digits (a second family)
     official:d16|d20|d24|d30           FoundationVision release files, given --var-ckpt and --vae-ckpt
     random:d16|d20|d24|d30|digits      random weights of those shapes (latency work, tests)
     PATH                               an EVAR model directory (config.json + *.safetensors)
@@ -24,7 +25,11 @@ from evar.config import OFFICIAL_DEPTHS, ModelConfig, digits_config, official_co
 from evar.errors import ModelRefError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = {"digits": ASSETS / "digits"}
+BUILTIN = {
+    "digits": ASSETS / "digits",
+    "digits-dd": ASSETS / "digits-dd",  # a DD student of digits
+    "dit-digits": ASSETS / "dit-digits",  # a DiT trained on the same digits
+}
 VAR_FORMAT = "evar-model"
 
 
@@ -35,8 +40,13 @@ class Family:
     loader: str  # "module:function" taking the model directory; imported on first use
 
 
-FAMILIES = {VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir")}
-REF_FORMS = "builtin:digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), random:d16|…|digits, or a model directory"
+FAMILIES = {
+    VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir"),
+    "evar-dd-model": Family("dd", "a Distilled Decoding student (evar dd train)", "evar.dd.model:load_dd_dir"),
+    "evar-dit": Family("dit", "a diffusion transformer (DiT)", "evar.dit.checkpoint:load_dit_dir"),
+}
+REF_FORMS = ("builtin:digits|digits-dd|dit-digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), "
+             "random:d16|…|digits, or a model directory")
 
 
 def _depth(name: str, ref: str) -> int:
@@ -104,6 +114,14 @@ def _var_dir(model_dir: Path, ref: str) -> Path:
     if family is not None and family.kind != "var":
         raise ModelRefError(f"'{ref}' is {family.what}; this command needs a VAR generator")
     return model_dir
+
+
+def kind_of(ref: str) -> str:
+    """The family kind a reference names, without loading weights ("var" for official:/random: and unknowns)."""
+    kind, sep, name = ref.partition(":")
+    model_dir = BUILTIN.get(name) if sep and kind == "builtin" else Path(ref) if not sep else None
+    family = family_of(model_dir) if model_dir is not None and model_dir.is_dir() else None
+    return family.kind if family is not None else "var"
 
 
 def load_family(ref: str, kinds: tuple[str, ...], **var_kwargs: Any) -> Any:

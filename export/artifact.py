@@ -20,12 +20,15 @@ from evar.checkpoints import Model, build_model
 from evar.errors import EvarError
 from evar.files import atomic_dir
 from evar import contract
-from evar.contract import DECODER_GRAPH, FORMAT, STEP_GRAPH
+from evar.contract import DECODER_GRAPH, FORMAT, STEP_GRAPH, UNGUIDED_STEP_GRAPH
 from evar.export import coreml as cm
 from evar.export import onnx as ox
+from evar.export import cfg_trim
 from evar.export import parity as pt
+from evar.export import quantize as qz
 from evar.export.graphs import DynamicStep
 from evar.export.interface import StepInterface
+from evar.models.decoding import check_cfg_until_scale
 
 CFG_DEFAULT = 1.5
 
@@ -123,14 +126,28 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
     _check_options(options.top_k, options.top_p)
     model = export_ready(model)
     t0 = time.perf_counter()
+    n = options.cfg_until_scale
+    check_cfg_until_scale(n, model.config.var.num_scales)
     with atomic_dir(out) as tmp:
         step_notes: list[str] = []
         dec_notes: list[str] = []
+        unguided_notes: list[str] = []
         step, iface = ox.export_step(model, tmp, options, step_notes)
+        unguided = ox.export_step(model, tmp, options, unguided_notes, guided=False, role=UNGUIDED_STEP_GRAPH) \
+            if n is not None else None
         dec, diface = ox.export_decoder(model, tmp, options, dec_notes)
         export_s = time.perf_counter() - t0
         report = onnx_parity(model, tmp, step.file, dec.file, options)
+        if unguided is not None:
+            cfg_trim.trimmed_parity(report, model, tmp, step.file, unguided[0].file, dec.file, options.top_k,
+                                    options.top_p, n)
         report.raise_if_failed(f"ONNX export of {model_ref}")
+        compression = {"method": "none", "tool": None, "details": {}}
+        if options.quantize == "int8":
+            steps, compression = quantize_onnx_steps(model, tmp, [step] + ([unguided[0]] if unguided else []), options,
+                                                     report, step_notes, _gate_driver(model, iface, n))
+            step, unguided = steps[0], (steps[1], unguided[1]) if unguided else None
+            report.raise_if_failed(f"int8 ONNX export of {model_ref}")
         ins, outs = iface.signature()
         step_notes.append("one graph for every scale: scale-dependent constants (resize operators, Phi, positions, "
                           "CFG ramp) are gathered by scale_index; lengths are symbolic")
@@ -140,16 +157,79 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
                                        options.opset, step_notes),
             DECODER_GRAPH: ox.graph_entry(dec, [diface.function().to_json()], None, options.opset, dec_notes),
         }
+        extra: dict[str, Any] = {}
+        if unguided is not None:
+            u, uiface = unguided
+            uins, uouts = uiface.signature()
+            unguided_notes.append(f"CFG trimming: scales >= {n} run this graph on the conditional rows only "
+                                  "(B rows, B-row KV cache: keep rows [0, B) of the guided graph's presents at scale "
+                                  f"{n}); no cfg input")
+            graphs[UNGUIDED_STEP_GRAPH] = ox.graph_entry(
+                u, [uiface.function(si).to_json() for si in range(n, model.config.var.num_scales)],
+                {"inputs": [t.to_json() for t in uins], "outputs": [t.to_json() for t in uouts]}, options.opset,
+                unguided_notes)
+            extra["generation"] = {"cfg_until_scale": n, "unguided_graph": UNGUIDED_STEP_GRAPH}
         for g in graphs.values():
             g["scale_selection"] = None
         graphs[STEP_GRAPH]["scale_selection"] = "scale_index_input"
-        manifest = {**_base(model, "onnx", model_ref, command, iface), "graphs": graphs,
+        if unguided is not None:
+            graphs[UNGUIDED_STEP_GRAPH]["scale_selection"] = "scale_index_input"
+        manifest = {**_base(model, "onnx", model_ref, command, iface), **extra, "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
-                    "precision": {"weights": options.precision, "compute": "fp32", "fp32_ops": []},
-                    "compression": {"method": "none", "tool": None, "details": {}},
+                    "precision": precision_entry(options),
+                    "compression": compression,
                     "parity": report.to_json()}
         contract.write(tmp, manifest)
     return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}
+
+
+def _gate_driver(model: Model, iface: StepInterface, n: int | None):
+    """drive(step_fns, labels, seed, teacher) for the int8 gate: one step graph, or the trimmed pair."""
+    if n is None:
+        return lambda fns, labels, seed, teacher: pt.drive(fns[0], iface, labels, seed, pt.PARITY_CFG, teacher=teacher)
+    pipe = cfg_trim.pipeline(model, n)
+    return lambda fns, labels, seed, teacher: pipe.drive(tuple(fns), labels, seed, pt.PARITY_CFG, teacher=teacher)
+
+
+def precision_entry(options: ox.OnnxOptions) -> dict[str, Any]:
+    if options.quantize == "int8":
+        return {"weights": "int8", "compute": "int8", "fp32_ops": ["every op but the quantized transformer matmuls"]}
+    return {"weights": options.precision, "compute": "fp32", "fp32_ops": []}
+
+
+def quantize_onnx_steps(model: Model, tmp: Path, steps: list[ox.OnnxGraph], options: ox.OnnxOptions,
+                        report: pt.ParityReport, notes: list[str], drive) -> tuple[list[ox.OnnxGraph], dict[str, Any]]:
+    """The parity-checked fp32 step graphs → int8 (`evar.export.quantize`), gated against the fp32 graphs; the int8
+    graphs then take their places and file names. `drive(step_fns, labels, seed, teacher)` runs a generation
+    through the graphs. → (their graph entries, the manifest's compression)."""
+    import onnx
+
+    staging = tmp / ".int8"
+    staging.mkdir()
+    details = {}
+    for step in steps:
+        details = qz.quantize_step(model, tmp / step.file, staging / step.file, options.int8,
+                                   external=step.external_data is not None)
+    fp32 = [cfg_trim.ort_step(ox.session(tmp / s.file)) for s in steps]
+    int8 = [cfg_trim.ort_step(ox.session(staging / s.file)) for s in steps]
+    qz.int8_gate(report, model.config.var.num_scales, lambda labels, seed: drive(fp32, labels, seed, None),
+                 lambda labels, seed, teacher: drive(int8, labels, seed, teacher), options.int8,
+                 model.config.var.num_classes)
+    del fp32, int8
+    graphs = []
+    for step in steps:
+        for leftover in tmp.glob(step.file + "*"):
+            leftover.unlink()
+        for path in staging.glob(step.file + "*"):
+            path.rename(tmp / path.name)
+        nodes = onnx.load(str(tmp / step.file), load_external_data=False).graph.node
+        external = step.file + ".data" if (tmp / (step.file + ".data")).exists() else None
+        graphs.append(ox.OnnxGraph(step.file, external, step.simplified, len(nodes)))
+    staging.rmdir()
+    notes.append(f"int8: {details['quantized_layers']} linear layers quantized per step graph; gated against the fp32 "
+                 f"graphs (mean token KL <= {options.int8.max_kl}, token agreement >= "
+                 f"{options.int8.min_token_agreement} per scale)")
+    return graphs, {"method": "int8", "tool": "onnxruntime.quantization.quantize_dynamic", "details": details}
 
 
 # ---------------------------------------------------------------- Core ML
@@ -158,7 +238,11 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
     report = pt.ParityReport()
     # 1. the packages declare exactly the manifest's functions, inputs, outputs and states
     for role, graph in manifest_graphs.items():
-        check_package_structure(report, out / graph["file"], graph["functions"], role)
+        if any(f.get("file") for f in graph["functions"]):  # one package per function (iOS17)
+            for f in graph["functions"]:
+                check_package_structure(report, out / f["file"], [{**f, "name": "main"}], f"{role}/{f['name']}")
+        else:
+            check_package_structure(report, out / graph["file"], graph["functions"], role)
     # 2. the export-ready wrappers (what was converted) against the original model
     labels = pt.parity_labels(iface.batch, iface.var.num_classes)
     ref = pt.reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, options.top_k, options.top_p)
@@ -179,7 +263,11 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
 def coreml_predict_parity(report: pt.ParityReport, package: Path, iface: StepInterface, expected: pt.Run,
                           options: cm.CoremlOptions) -> None:
     """macOS: every function on the wrapper's inputs, scale by scale, at the fp16 tolerance."""
-    models = [cm.predict_runner(package, iface.function_name(si)) for si in range(iface.var.num_scales)]
+    if package.is_dir() and not (package / "Manifest.json").exists():  # iOS17: a package per scale
+        models = [cm.predict_runner(package / f"{iface.function_name(si)}.mlpackage", None)
+                  for si in range(iface.var.num_scales)]
+    else:
+        models = [cm.predict_runner(package, iface.function_name(si)) for si in range(iface.var.num_scales)]
     state = models[0].make_state() if iface.kv_mode == "state" else None
 
     def step(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -239,6 +327,11 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
     t0 = time.perf_counter()
     meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
             "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
+    if options.target == "ane":
+        from evar.export.ane_export import build_ane
+
+        base = _base(model, "coreml", model_ref, command, StepInterface(model.config, "coreml", "state", options.batch))
+        return build_ane(model, model_ref, out, options, base, CFG_DEFAULT, meta)
     with atomic_dir(out) as tmp:
         notes: list[str] = []
         iface, wrappers = cm.export_step(model, tmp, options, meta, notes)
@@ -246,8 +339,14 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         export_s = time.perf_counter() - t0
         common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
                   "compute_units": options.compute_units, "simplified": None, "signature": None}
+        step_functions = [f.to_json() for f in iface.functions()]
+        step_file = f"{STEP_GRAPH}.mlpackage"
+        if options.target == "iOS17":  # a package per scale (export_step): each function names its own
+            step_file = STEP_GRAPH
+            for f in step_functions:
+                f["file"] = f"{STEP_GRAPH}/{f['name']}.mlpackage"
         graphs = {
-            STEP_GRAPH: {**common, "file": f"{STEP_GRAPH}.mlpackage", "functions": [f.to_json() for f in iface.functions()],
+            STEP_GRAPH: {**common, "file": step_file, "functions": step_functions,
                          "default_function": iface.function_name(0), "scale_selection": "function", "notes": notes},
             DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "functions": [diface.function().to_json()],
                             "default_function": "main", "scale_selection": None, "notes": []},

@@ -47,13 +47,20 @@ def onnx(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxsim when it shrinks the graph")] = True,
     external_data: Annotated[str, typer.Option(help="auto (>= 1 GiB of weights) | always | never")] = "auto",
     top_k: TopK = 900, top_p: TopP = 0.96,
+    quantize: Annotated[str, typer.Option(help="none | int8 (onnxruntime dynamic int8 of the transformer's "
+                                               "linears, gated against the fp32 export by per-scale KL and token agreement)")] = "none",
+    int8_fp32: Annotated[str, typer.Option(help="with --quantize int8: layer groups kept fp32 (adaln, head; or none)")] = "adaln,head",
+    cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run without guidance, "
+                                                                "conditional rows only (batch B, not 2B)")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
     from evar.export.onnx import OnnxOptions
+    from evar.export.quantize import Int8Options, parse_fp32_groups
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
-                          top_k=top_k, top_p=top_p)
+                          top_k=top_k, top_p=top_p, quantize=quantize,
+                          int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale)
     options.validate()  # before loading a model: a bad option costs nothing
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
         from evar.export.artifact import build_onnx
@@ -67,7 +74,7 @@ def onnx(
 def coreml(
     model: ModelOpt, out: OutOpt,
     precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
-    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs)")] = "iOS18",
+    target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs) | ane (Neural Engine layout, fp16, KV state padded to 32, sampling on the host; iOS18)")] = "iOS18",
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 | 2:4 | 2:4+palettize6 | "
                                                       "2:4+palettize4 (coremltools.optimize.coreml; 2:4 needs a model "
@@ -94,11 +101,17 @@ def coreml(
 def inspect_cmd(
     artifact: Annotated[Path, typer.Argument(help="an artifact directory (manifest.json + graphs)")],
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check every file's size and sha256")] = True,
+    strict_ane: Annotated[bool, typer.Option("--strict-ane", help="fail (exit 2) when a function meant for the Neural "
+                                             "Engine has any finding (fp32 or int ops, sort/cumsum/scatter/gather, "
+                                             "unaligned state, dynamic slices, fp16 squares)")] = False,
 ) -> None:
-    """Graphs, I/O per scale, sizes, op histogram and the ANE-risk report."""
-    from evar.export.inspect import report
+    """Graphs, I/O per scale, sizes, op histogram, the ANE-risk report and ops expected on the ANE per function."""
+    from evar.export.inspect import report, strict_ane as check
 
     print(report(artifact, verify_files=verify))
+    if strict_ane:
+        check(artifact)
+        print("--strict-ane: every function meant for the Neural Engine passes")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, FunctionSpec, StepInterface
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
-TARGETS = ("iOS18", "iOS17")
+TARGETS = ("iOS18", "iOS17", "ane")  # ane: the Neural Engine layout, host sampling (export/ane_export.py), iOS18
 COMPRESSIONS = ("none", "palettize6", "palettize4", "int8")
 # The zeros of a 2:4-sparsified model (evar sparsify) stored sparse (bitmask + kept values), alone or with the
 # kept values palettized (joint compression).
@@ -68,10 +68,12 @@ class CoremlOptions:
                             f"got '{self.compress}'")
         if self.batch < 1:
             raise EvarError(f"batch must be >= 1, got {self.batch}")
+        if self.target == "ane" and self.precision != "fp16":
+            raise EvarError("--target ane computes in fp16 (the Neural Engine has no fp32); drop --precision fp32")
 
     @property
     def kv_mode(self) -> str:
-        return "state" if self.target == "iOS18" else "io"
+        return "io" if self.target == "iOS17" else "state"
 
 
 @contextlib.contextmanager
@@ -229,6 +231,22 @@ def export_step(model: Model, out: Path, options: CoremlOptions, metadata: dict[
     c = model.config.var
     iface = StepInterface(model.config, "coreml", kv_mode=options.kv_mode, batch=options.batch)
     wrappers = []
+    if options.target == "iOS17":  # iOS 17 loads no multifunction package: one package per scale
+        folder = out / STEP_GRAPH
+        folder.mkdir()
+        for si in range(c.num_scales):
+            fn = iface.function(si)
+            step = ScaleStep(model, si, top_k=options.top_k, top_p=options.top_p, kv_mode=options.kv_mode,
+                             batch=options.batch, index_dtype=torch.int32).eval()
+            wrappers.append(step)
+            mlmodel = _convert(step, fn, iface.example_inputs(si, options.batch, seed=0), options, c.vocab_size)
+            _metadata(mlmodel, metadata)
+            with _quiet():
+                mlmodel.save(str(folder / f"{fn.name}.mlpackage"))
+            del mlmodel
+        notes.append(f"iOS17: one package per scale ({STEP_GRAPH}/scale_i.mlpackage, the function entry's `file`): "
+                     "multifunction packages need iOS18; each package stores its own copy of the weights")
+        return iface, wrappers
     with tempfile.TemporaryDirectory(prefix="evar-coreml-", dir=out) as tmp:
         desc = ct.utils.MultiFunctionDescriptor()
         for si in range(c.num_scales):
@@ -295,6 +313,13 @@ def package_functions(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     return out
 
 
+def function_packages(root: Path, graph: dict[str, Any]) -> dict[str, tuple[Path, str]]:
+    """{manifest function name: (package path, function name inside it)}. A function entry with its own
+    `file` (iOS17: one package per scale) is that package's only function, `main`."""
+    return {f["name"]: ((root / f["file"], "main") if f.get("file") else (root / graph["file"], f["name"]))
+            for f in graph["functions"]}
+
+
 def package_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
     """{function: [{type, outputs: [(dtype, shape)]}]} from the mlprogram (histograms and the ANE report)."""
     ct = _ct()
@@ -327,12 +352,12 @@ def can_predict() -> tuple[bool, str]:
     return True, ""
 
 
-def predict_runner(path: Path, function: str, compute_units: str = "cpu_only"):
-    """A loaded function of a package (macOS only)."""
+def predict_runner(path: Path, function: str | None, compute_units: str = "cpu_only"):
+    """A loaded function of a package (macOS only); None: a single-function package's own."""
     ok, why = can_predict()
     if not ok:
         raise CoremlExportError(why)
     ct = _ct()
-    return ct.models.MLModel(str(path), function_name=function,
-                             compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))
+    kw = {"function_name": function} if function else {}
+    return ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]), **kw)
 

@@ -120,7 +120,9 @@ class GatheredOps(nn.Module):
         down = self._pick(self.down_kron, scale_index)[:, :n_tokens]  # (H², n)
         nxt = (f_hat.flatten(2) @ down).transpose(1, 2)  # (B, n, Cvae)
         pos = self._pick(self.positions, scale_index)[:n_tokens]
-        embedded = (self.var.word_embed(nxt) + self.var.level_pos().index_select(1, pos)).repeat(2, 1, 1)
+        embedded = self.var.word_embed(nxt) + self.var.level_pos().index_select(1, pos)
+        if guided:
+            embedded = embedded.repeat(2, 1, 1)
         return torch.where((scale_index == 0).view(1, 1, 1), self.var.first_tokens(cond_BD), embedded)
 
     def ramp(self, scale_index: Tensor) -> Tensor:
@@ -135,20 +137,27 @@ class GatheredOps(nn.Module):
 
 
 class DynamicStep(nn.Module):
-    """Any scale in one graph: (labels, f_hat, uniforms, cfg, scale_index, *past) → (logits, idx, next_f_hat, *present)."""
+    """Any scale in one graph: (labels, f_hat, uniforms, cfg, scale_index, *past) → (logits, idx, next_f_hat, *present).
+    `guided=False` (the unguided graph of CFG trimming): the conditional rows only (B, not 2B, in the cache
+    too) and no cfg input: (labels, f_hat, uniforms, scale_index, *past)."""
 
-    def __init__(self, model: Model, *, top_k: int, top_p: float):
+    def __init__(self, model: Model, *, top_k: int, top_p: float, guided: bool = True):
         super().__init__()
         c = model.config.var
         self.var, self.ops = model.var, GatheredOps(model)
         self.depth, self.num_classes = c.depth, c.num_classes
-        self.top_k, self.top_p = top_k, top_p
+        self.top_k, self.top_p, self.guided = top_k, top_p, guided
 
-    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, cfg: Tensor, scale_index: Tensor,
-                *past_flat: Tensor):
-        cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, *rest: Tensor):
+        if self.guided:
+            cfg, scale_index, past_flat = rest[0], rest[1], rest[2:]
+            cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+        else:
+            cfg, scale_index, past_flat = 0.0, rest[0], rest[1:]
+            cond_BD = self.var.class_emb(labels)
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
-        out = decode_scale(self.var, self.ops, scale_index, cond_BD, f_hat, uniforms, cfg, past, self.top_k, self.top_p)
+        out = decode_scale(self.var, self.ops, scale_index, cond_BD, f_hat, uniforms, cfg, past, self.top_k,
+                           self.top_p, self.guided)
         return (out.logits, out.idx, out.f_hat, *[t for kv in out.presents for t in kv])
 
 

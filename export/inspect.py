@@ -56,15 +56,20 @@ def onnx_ops(path: Path) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-def coreml_ops(path: Path) -> dict[str, list[dict[str, Any]]]:
-    from evar.export.coreml import package_ops
+def coreml_ops(root: Path, graph: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{function: ops} of a graph's package, or of its per-function packages (iOS17)."""
+    from evar.export.coreml import function_packages, package_ops
 
-    return package_ops(path)
+    if not any(f.get("file") for f in graph["functions"]):
+        return package_ops(root / graph["file"])
+    return {name: next(iter(package_ops(path).values())) for name, (path, _) in function_packages(root, graph).items()}
 
 
 def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
     risks: list[str] = []
     kv = manifest["kv_cache"]
+    if "padded_length" in kv:  # ANE layout: the states' own dims are judged per function (ane_lint)
+        kv = {**kv, "max_length": kv["padded_length"], "head_dim": ANE_MULTIPLE}
     bad_dims = {}
     if kv["max_length"] % ANE_MULTIPLE:
         bad_dims["sequence (max_length)"] = kv["max_length"]
@@ -93,9 +98,11 @@ def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
             risks.append(f"{role}: ONNX graph with symbolic shapes: the onnxruntime CoreML EP runs dynamic-shape "
                          "subgraphs on the CPU; use the Core ML artifact for the ANE")
             continue
+        if graph.get("compute_units") == "cpu_only":  # on the CPU by design (fhat_update): listed per function below
+            continue
         # the same finding in every function is reported once, naming the functions
         by_finding: dict[str, list[str]] = {}
-        for fn_name, ops in sorted(coreml_ops(root / graph["file"]).items()):
+        for fn_name, ops in sorted(coreml_ops(root, graph).items()):
             for finding in _coreml_findings(ops):
                 by_finding.setdefault(finding, []).append(fn_name)
         for finding, fns in by_finding.items():
@@ -132,10 +139,15 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              + "; CFG batch formed in-graph (KV has 2*batch rows)",
              f"precision: weights {m['precision']['weights']}, compute {m['precision']['compute']}; "
              f"compression: {m['compression']['method']}",
-             f"sampling: {m['sampling']['method']} from {m['sampling']['rng']} uniforms, top_k {m['sampling']['top_k']}, "
-             f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'",
+             (f"sampling: {m['sampling']['method']} from {m['sampling']['rng']} uniforms, top_k {m['sampling']['top_k']}, "
+              f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'"
+              if m["sampling"].get("where") != "host" else
+              f"sampling: on the host ({m['sampling']['method']} from {m['sampling']['rng']} uniforms, CFG, default top_k "
+              f"{m['sampling']['top_k']} / top_p {m['sampling']['top_p']}); the step functions return raw logits"),
              f"KV cache: {m['kv_cache']['mode']}, {m['kv_cache']['layout']}, dims {m['kv_cache']['dims']}, "
-             f"max_length {m['kv_cache']['max_length']}, heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
+             f"max_length {m['kv_cache']['max_length']}"
+             + (f" (state padded to {m['kv_cache']['padded_length']}, masked)" if "padded_length" in m["kv_cache"] else "")
+             + f", heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
     lines += _sparse_storage(m, root)
     parity = m.get("parity")
     if parity:
@@ -176,7 +188,24 @@ def report(root: str | Path, verify_files: bool = True) -> str:
     lines.append("")
     lines.append(f"ANE-risk report ({len(risks)} findings; heuristics: confirm with MLComputePlan on a Mac):")
     lines += [f"  - {r}" for r in risks] or ["  none"]
+    if all(g["format"] == "coreml" for g in m["graphs"].values()):
+        from evar.export.ane_lint import lint_artifact
+
+        lines.append("")
+        lines.append("per function (the rules: evar.export.ane_lint):")
+        lines += [f"  {f.line()}" for f in lint_artifact(m, root)]
     return "\n".join(lines)
+
+
+def strict_ane(root: str | Path) -> None:
+    """Raise AneLintError unless every function meant for the Neural Engine has no finding."""
+    from evar.export.ane_lint import check_strict, lint_artifact
+
+    root = Path(root)
+    m = load_artifact(root).data
+    if any(g["format"] != "coreml" for g in m["graphs"].values()):
+        check_strict(m, [])
+    check_strict(m, lint_artifact(m, root))
 
 
 def _sparse_storage(m: dict[str, Any], root: Path) -> list[str]:
@@ -185,7 +214,7 @@ def _sparse_storage(m: dict[str, Any], root: Path) -> list[str]:
     if details.get("pattern") != "2:4":
         return []
     step = m["graphs"][STEP_GRAPH]
-    ops = Counter(o["type"] for fn in coreml_ops(root / step["file"]).values() for o in fn
+    ops = Counter(o["type"] for fn in coreml_ops(root, step).values() for o in fn
                   if o["type"].startswith("constexpr_")) if step["format"] == "coreml" else Counter()
     stored = ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())) or "none found"
     return [f"sparse storage: {details['pattern']} masks of {details['masked_layers']} layers "
@@ -198,7 +227,7 @@ def _histogram(root: Path, graph: dict[str, Any]) -> str:
         ops = onnx_ops(root / graph["file"])
         label = f"{sum(ops.values())} nodes"
     else:
-        per_fn = coreml_ops(root / graph["file"])
+        per_fn = coreml_ops(root, graph)
         name = graph.get("default_function") or next(iter(per_fn))
         ops = Counter(o["type"] for o in per_fn.get(name, next(iter(per_fn.values()))) if o["type"] != "const")
         label = f"{sum(ops.values())} non-const ops in {name}"

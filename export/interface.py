@@ -106,6 +106,7 @@ class StepInterface:
     batch: int | None = None
     kv_dtype: str = "float32"
     index_dtype: str = field(default="")
+    guided: bool = True  # False: the unguided step of CFG trimming (B rows everywhere, no cfg input)
 
     def __post_init__(self) -> None:
         if self.kv_mode == "state" and self.backend != "coreml":
@@ -130,6 +131,8 @@ class StepInterface:
 
     @property
     def cfg_b(self) -> Dim:
+        if not self.guided:
+            return self.b
         return CFG_BATCH if self.batch is None else 2 * self.batch
 
     def function_name(self, si: int) -> str:
@@ -146,6 +149,8 @@ class StepInterface:
                        doc="evar.rng.scale_uniforms(seed, si, batch, pn*pn, first_sample)"),
             TensorSpec("cfg", (1,), "float32", "cfg", doc="guidance scale at the last scale; ramped by si/(S-1) in-graph"),
         ]
+        if not self.guided:
+            ins.pop()  # no guidance, no cfg input
         if self.backend == "onnx":
             ins.append(TensorSpec("scale_index", (1,), "int64", "scale_index", doc="si: selects resize/Phi/position constants"))
         return ins

@@ -12,7 +12,7 @@ kernels for most of these ops, and sampling must run in fp32 to keep the tokens 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from evar.errors import EvarError
 from evar.export.graphs import DynamicStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, StepInterface
+from evar.export.quantize import QUANTIZE_CHOICES, Int8Options
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
 PROTOBUF_LIMIT = 2 ** 31 - 1
@@ -41,10 +42,19 @@ class OnnxOptions:
     external_data: str = "auto"  # auto | always | never
     top_k: int = 0
     top_p: float = 0.0
+    quantize: str = "none"  # none | int8 (the step graph's transformer linears, see evar.export.quantize)
+    int8: Int8Options = field(default_factory=Int8Options)
+    cfg_until_scale: int | None = None  # CFG trimming (evar.export.cfg_trim): scales >= N run unguided, batch B
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise EvarError(f"ONNX precision must be fp32 or fp16, got '{self.precision}'")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise EvarError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} for ONNX, got '{self.quantize}'")
+        if self.quantize == "int8":
+            if self.precision != "fp32":
+                raise EvarError("--quantize int8 quantizes the fp32 graph: it cannot be combined with --precision fp16")
+            self.int8.validate()
         if self.opset < 17:
             raise EvarError(f"opset {self.opset} is too old: the step graph needs opset >= 17 (LayerNormalization)")
         if self.external_data not in ("auto", "always", "never"):
@@ -160,15 +170,17 @@ def _postprocess(raw: Path, final: Path, options: OnnxOptions, notes: list[str])
     return OnnxGraph(final.name, location, simplified, len(model.graph.node))
 
 
-def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, StepInterface]:
-    iface = StepInterface(model.config, "onnx")
-    step = DynamicStep(model, top_k=options.top_k, top_p=options.top_p).eval()
+def export_step(model: Model, out: Path, options: OnnxOptions, notes: list[str], guided: bool = True,
+                role: str = STEP_GRAPH) -> tuple[OnnxGraph, StepInterface]:
+    """The step graph (`guided=False`: the unguided step of CFG trimming) → `out/<role>.onnx`."""
+    iface = StepInterface(model.config, "onnx", guided=guided)
+    step = DynamicStep(model, top_k=options.top_k, top_p=options.top_p, guided=guided).eval()
     ins, outs = iface.signature()
     example = iface.example_inputs(si=1, batch=2, seed=0)
     args = tuple(torch.from_numpy(example[t.name]) for t in ins)
-    raw = out / f".{STEP_GRAPH}.raw.onnx"
+    raw = out / f".{role}.raw.onnx"
     _torch_export(step, args, raw, [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
-    return _postprocess(raw, out / f"{STEP_GRAPH}.onnx", options, notes), iface
+    return _postprocess(raw, out / f"{role}.onnx", options, notes), iface
 
 
 def export_decoder(model: Model, out: Path, options: OnnxOptions, notes: list[str]) -> tuple[OnnxGraph, DecoderInterface]:

@@ -35,7 +35,7 @@ FORMAT, TOOL = "evar-bench-v1", "evar-bench"
 SWIFT_FIELDS = ("format", "tool", "device", "os", "backend", "compute_units", "threads", "precision", "weights",
                 "compression", "batch", "cfg", "top_k", "top_p", "seed", "sampling", "kv_cache", "warmup",
                 "iterations", "load_ms", "per_scale", "decode", "end_to_end", "throughput_images_per_s", "params",
-                "artifact", "model_ref")
+                "artifact", "model_ref", "stage_units")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def macs_per_image(target: Target, cfg: float) -> dict[str, Any]:
 
     a = target.artifact
     rows = 1 if target.device == "torch-cpu" and cfg == 0 else 2  # graphs always run the CFG pair
-    out = cost.generation_macs(a.var, batch=1, cfg_rows=rows)
+    out = cost.generation_macs(a.var, batch=1, cfg_rows=rows, cfg_until_scale=a.cfg_until_scale)
     try:
         out["vqvae_decoder"] = cost.onnx_macs(a.graph_path(DECODER_GRAPH)) if a.format == "onnx" else None
     except Exception as err:  # shape inference can fail on exotic graphs: report, don't crash the bench
@@ -205,6 +205,8 @@ def summarize(target: Target, settings: BenchSettings, process_peak_mb: float | 
         "command": command,
         "baseline": None, "speedup": None,
     }
+    # host-sampled Core ML: which units ran each stage; null otherwise (as EVARKit writes it)
+    report["stage_units"] = dict(b.stage_units) if getattr(b, "stage_units", None) else None
     return report
 
 

@@ -64,8 +64,13 @@ def step_macs(var: dict[str, Any], si: int, batch: int = 1, cfg_rows: int = 2) -
             "transformer": transformer, "resample": resample, "total": transformer + resample}
 
 
-def generation_macs(var: dict[str, Any], batch: int = 1, cfg_rows: int = 2) -> dict[str, Any]:
-    per_scale = [step_macs(var, si, batch, cfg_rows) for si in range(len(var["patch_nums"]))]
+def generation_macs(var: dict[str, Any], batch: int = 1, cfg_rows: int = 2,
+                    cfg_until_scale: int | None = None) -> dict[str, Any]:
+    """Every scale's MACs; with CFG trimming the scales from `cfg_until_scale` on run one row per image."""
+    def rows(si: int) -> int:
+        return 1 if cfg_until_scale is not None and si >= cfg_until_scale else cfg_rows
+
+    per_scale = [step_macs(var, si, batch, rows(si)) for si in range(len(var["patch_nums"]))]
     return {"per_scale": [s["total"] for s in per_scale],
             "transformer": sum(s["transformer"] for s in per_scale),
             "resample": sum(s["resample"] for s in per_scale),

@@ -90,7 +90,10 @@ class Generator:
             raise EvarError(f"cfg must be a finite number >= 0, got {cfg}")
         top_k = a.top_k if top_k is None else top_k
         top_p = a.top_p if top_p is None else top_p
-        if (top_k, float(top_p)) != (a.top_k, a.top_p):
+        if a.sampling_where == "host":  # the host samples: the artifact's values are defaults, not constants
+            if top_k < 0 or not 0.0 <= top_p < 1.0:
+                raise EvarError(f"top-k must be >= 0 and top-p in [0, 1), got {top_k} and {top_p}")
+        elif (top_k, float(top_p)) != (a.top_k, a.top_p):
             raise EvarError(f"artifact {a.name} bakes top-k {a.top_k} and top-p {a.top_p} into its graph, "
                             f"asked for top-k {top_k} and top-p {top_p}: pass --top-k {a.top_k} --top-p {a.top_p}, "
                             "or re-export with the values you want")

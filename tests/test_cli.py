@@ -39,11 +39,13 @@ def test_eval_report(tmp_path):
     text = _ok(["eval", "--model", "builtin:digits", "--per-class", "3", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["quality"]["n_samples"] == 30 and 0 <= report["quality"]["class_accuracy"] <= 1
-    assert "class accuracy" in text
+    assert "class accuracy" in text and "recall" in text
+    assert 0 <= report["quality"]["precision"] <= 1 and 0 <= report["quality"]["recall"] <= 1
 
 
 def test_info_and_convert_round_trip(tmp_path):
-    assert "depth 4" in _ok(["info", "--model", "builtin:digits"])
+    info = _ok(["info", "--model", "builtin:digits"])
+    assert "depth 4" in info and "codes used per scale" in info and "held-out" in info
     _ok(["convert", "--model", "builtin:digits", "--out", str(tmp_path / "copy")])
     assert "depth 4" in _ok(["info", "--model", str(tmp_path / "copy")])
 

@@ -136,6 +136,24 @@ def test_evaluate_real_digits_beats_noise(real_test_digits):
     assert noise_report.frechet_distance > 10 * max(report.real_data_floor, report.frechet_distance)
     assert noise_report.class_accuracy < 0.5
     assert report.to_dict()["real_data_floor"] == report.real_data_floor
+    # the reference against itself: every point lies in its own k-NN ball; noise lies in none of them
+    assert report.precision == 1.0 and report.recall == 1.0 and report.k == 3
+    assert noise_report.precision < 0.05
+
+
+def test_precision_recall_need_more_samples_than_k(real_test_digits):
+    images, labels = real_test_digits
+    few = evaluate_digits(images[:3], labels[:3])
+    assert few.precision is None and few.recall is None
+    collapsed = evaluate_digits(np.repeat(images[:10], 5, axis=0), np.repeat(labels[:10], 5))
+    assert collapsed.recall < 0.2  # ten distinct digits repeated cover little of the reference
+
+
+def test_real_training_digits_set_the_precision_recall_ceiling():
+    from evar.eval.metrics import real_data_precision_recall
+
+    pr = real_data_precision_recall()
+    assert 0.8 < pr.precision <= 1.0 and 0.8 < pr.recall <= 1.0
 
 
 def test_evaluate_resizes_and_reports_missing_classes(real_test_digits):

@@ -467,7 +467,7 @@ def test_fixture_decisions_survive_a_plain_reimplementation():
         assert [draw(logits, case["top_k"], case["top_p"], u) for u in case["uniforms"]] == case["indices"]
 
 
-@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json"])
+@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json", "manifest_tiny_ane.json"])
 def test_tiny_manifests_are_valid(schema, name):
     jsonschema = pytest.importorskip("jsonschema")
     errors = sorted(jsonschema.Draft202012Validator(schema.data).iter_errors(fixture(name)), key=str)
@@ -545,3 +545,35 @@ def test_app_project_spec_points_at_real_sources():
         assert (app / source["path"]).is_dir(), source
     assert any(s.get("type") == "folder" and s["path"] == "Models" for s in target["sources"])
     assert "@main" in (app / "EVARDemo" / "EVARDemoApp.swift").read_text()
+
+
+def test_evarkit_feeds_every_input_of_a_host_sampled_artifact(manifest_types):
+    """Every input role of the host-sampled manifest has a `case` in EVARPipeline+HostSampling.swift, and the
+    roles it reads exist (raw logits out of each step, next f_hat out of each fhat_update)."""
+    manifest = fixture("manifest_tiny_ane.json")
+    source = (KIT / "EVARPipeline+HostSampling.swift").read_text()
+    raw = dict(manifest_types["TensorRole"].cases)
+    fed = {raw[name] for name in re.findall(r"case\s+\.(\w+)\?:", source)}
+    assert manifest["format_version"] == 2 and manifest["sampling"]["where"] == "host"
+    for role in ("decoder_step", "fhat_update"):
+        for function in manifest["graphs"][role]["functions"]:
+            assert {t["role"] for t in function["inputs"]} <= fed, (role, function["name"])
+    assert all(f["outputs"][0]["role"] == "raw_logits" for f in manifest["graphs"]["decoder_step"]["functions"])
+    assert all(f["outputs"][0]["role"] == "f_hat" for f in manifest["graphs"]["fhat_update"]["functions"])
+
+
+def test_bench_nulls_fixture_is_what_evar_bench_writes():
+    from evar.runtime.bench import SWIFT_FIELDS
+
+    report = fixture("bench_nulls.json")
+    assert set(report) == set(SWIFT_FIELDS) and report["threads"] is None and report["stage_units"] is None
+
+
+def test_image_fixture_non_finite_values_follow_to_uint8():
+    import torch
+
+    from evar.data import to_uint8_nhwc
+
+    case = fixture("image.json")["non_finite"]
+    values = torch.tensor([float(v) for v in case["inputs"]]).view(1, 3, 1, 1)
+    assert to_uint8_nhwc(values)[0, 0, 0].tolist() == case["rgb"] == [0, 255, 0]

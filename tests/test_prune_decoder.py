@@ -222,7 +222,8 @@ def _cli(*args):
     (["prune-decoder", "--sparsity", "0.5"], "would leave the GroupNorm groups of decoder up.0.stream with no channels"),
     (["prune-decoder", "--sparsity", "0.3", "--method", "taylor"], "--method taylor scores decoder channels"),
     (["prune-decoder", "--sparsity", "0.3", "--method", "wanda"], "unknown pruning method 'wanda'"),
-    (["prunable", "--component", "dit"], "unknown component 'dit'"),
+    (["prunable", "--component", "vit"], "unknown component 'vit'"),
+    (["prunable", "--component", "dit"], "is a VAR generator: its components are var and decoder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     save_model_dir(tiny_model(), tmp_path / "model")  # 32- and 64-wide decoder: 1 or 2 channels per group

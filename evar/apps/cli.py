@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from evar.cli_options import Guidance, ModelOpt, Overwrite, Seed, TopK, TopP, VaeCkpt, VarCkpt, VerifyHashes
+from evar.dd.options import DDSteps, DDTeacher, DDTeacherScales, DDTList
+from evar.dit.commands import DDIMSteps
 from evar.errors import EvarError, run_cli
 from evar.outputs import claim_output, mark_output
 
@@ -26,7 +28,12 @@ def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
 @app.command()
 def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None) -> None:
     """Print a model's config, parameter counts and provenance."""
-    m = _load(model, var_ckpt, vae_ckpt)
+    m = _load_generator(model, var_ckpt, vae_ckpt)
+    if _is_dit(m):
+        from evar.dit.commands import describe
+
+        print(describe(m))
+        return
     c = m.config.var
     print(f"VAR: depth {c.depth}, width {c.embed_dim}, heads {list(c.num_heads)}, FFN {list(c.ffn_dims)}, "
           f"vocab {c.vocab_size}, patch_nums {list(c.patch_nums)} (L={c.seq_len})")
@@ -37,6 +44,24 @@ def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt:
         from evar.sparsity.report import sparsity_lines
 
         print("\n".join(sparsity_lines(m)))
+    if m.config.vqvae.image_size == 16:  # a digits-sized tokenizer: its codebook health on held-out digits
+        from evar.data import load_digits
+        from evar.models.codebook import describe_usage, tokenizer_report
+
+        print(f"tokenizer: {describe_usage(tokenizer_report(m.vqvae, load_digits('test', 16)[0]))} (digits test split)")
+
+
+def _load_generator(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
+    """A VAR or a DiT: the families `evar sample`, `evar eval` and `evar info` take."""
+    from evar import zoo
+
+    return zoo.load_family(model, ("var", "dit"), var_ckpt=var_ckpt, vae_ckpt=vae_ckpt)
+
+
+def _is_dit(model) -> bool:
+    from evar.dit.checkpoint import DiTModel
+
+    return isinstance(model, DiTModel)
 
 
 @app.command()
@@ -47,6 +72,7 @@ def sample(
     classes: Annotated[str, typer.Option(help="comma-separated class ids")] = "0,1,2,3,4,5,6,7,8,9",
     per_class: Annotated[int, typer.Option(help="images per class")] = 4,
     guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    ddim_steps: DDIMSteps = 25,
     batch_size: Annotated[int, typer.Option(help="images generated at once")] = 64,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
     artifact: Annotated[Optional[Path], typer.Option(help="generate from this exported artifact (evar-export) "
@@ -55,8 +81,11 @@ def sample(
                                                         "| ort-coreml | coreml-cpu | coreml-gpu | ane")] = None,
     verify_hashes: VerifyHashes = False,
     overwrite: Overwrite = False,
+    steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
-    """Generate images scale by scale with the KV cache (VAR's sampler) and write them with a grid."""
+    """Generate images scale by scale with the KV cache (VAR's sampler), or in 1-2 steps with a DD model, and
+    write them with a grid."""
+    from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(guidance, top_k, top_p, seed)
@@ -67,13 +96,16 @@ def sample(
         raise EvarError("--backend and --verify-hashes go with --artifact (an exported model)")
     if artifact is not None and (model is not None or var_ckpt or vae_ckpt):
         raise EvarError("--artifact and --model exclude each other: the artifact is the model")
-    with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model]):
+    dd = DDRequest(steps, t_list, teacher, teacher_scales)
+    if artifact is not None and dd.given():
+        raise EvarError("--steps, --t-list, --teacher and --teacher-scales go with --model (a DD model directory)")
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model, teacher]):
         if artifact is not None:
             images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
                                                     batch_size, verify_hashes)
         else:
-            images, labels, what = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes, per_class,
-                                                 settings, batch_size)
+            images, labels, what, settings = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes,
+                                                           per_class, settings, batch_size, dd, ddim_steps)
         from evar.samples import write_samples
 
         write_samples(out, images, labels, columns=per_class, settings=settings, source=str(artifact or model))
@@ -85,14 +117,39 @@ def _check_count(flag: str, value: int) -> None:
         raise EvarError(f"{flag} must be >= 1, got {value}")
 
 
-def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int):
-    from evar.samples import class_labels, parse_classes, sample_images
+def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int, dd,
+                  ddim_steps: int):
+    """Images from a VAR (VAR's sampler), a DD model (its few-step plan) or a DiT (DDIM), and the settings used."""
+    from evar.samples import class_labels, parse_classes
 
-    m = _load(model, var_ckpt, vae_ckpt)
-    labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
     t0 = time.perf_counter()
-    images = sample_images(m, labels, settings, batch_size)
-    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s"
+    if _names_dit(model, dd):
+        from evar.dit.commands import settings_for
+        from evar.dit.sample import sample_dit_images
+
+        m = _load_generator(model, var_ckpt, vae_ckpt)
+        settings = settings_for(settings.guidance, ddim_steps, settings.seed)
+        labels = class_labels(parse_classes(classes, m.config.num_classes), per_class)
+        images = sample_dit_images(m, labels, settings, batch_size)
+    else:
+        from evar.dd.sampler import load_sampler
+
+        m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)  # a VAR, or a DD model with its few-step plan
+        labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
+        images = sample_images(m, labels, settings, batch_size)
+    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s", settings
+
+
+def _names_dit(model: str, dd) -> bool:
+    """A DiT reference (checked before loading, so few-step flags with a DiT fail first)."""
+    from evar import zoo
+
+    if zoo.kind_of(model) != "dit":
+        return False
+    if dd.given():
+        raise EvarError(f"--steps, --t-list, --teacher and --teacher-scales go with a Distilled Decoding model; "
+                        f"'{model}' is a DiT (its sampler's steps: --ddim-steps)")
+    return True
 
 
 def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int, settings, batch_size: int,
@@ -119,10 +176,13 @@ def evaluate(
     model: ModelOpt = "builtin:digits",
     out: Annotated[Optional[Path], typer.Option(help="write the report as JSON here")] = None,
     per_class: Annotated[int, typer.Option(help="samples per digit class")] = 50,
-    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0,
+    guidance: Guidance = 1.5, top_k: TopK = 900, top_p: TopP = 0.96, seed: Seed = 0, ddim_steps: DDIMSteps = 25,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
+    steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
-    """Quality of a digits model: class accuracy and classifier-feature Fréchet distance vs held-out digits."""
+    """Quality of a digits model (VAR, DD or DiT): class accuracy, classifier-feature Fréchet distance and
+    precision/recall vs held-out digits."""
+    from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
     settings = SamplingSettings(guidance, top_k, top_p, seed)
@@ -130,10 +190,19 @@ def evaluate(
     _check_count("--per-class", per_class)
     with contextlib.ExitStack() as stack:
         if out is not None:
-            stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model]))
+            stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model, teacher]))
+        from evar.dd.sampler import load_sampler
         from evar.quality import evaluate_model
 
-        report = evaluate_model(_load(model, var_ckpt, vae_ckpt), settings, per_class, source=model)
+        dd = DDRequest(steps, t_list, teacher, teacher_scales)
+        if _names_dit(model, dd):
+            from evar.dit.commands import evaluate_dit, settings_for
+
+            report = evaluate_dit(_load_generator(model, var_ckpt, vae_ckpt), settings_for(guidance, ddim_steps, seed),
+                                  per_class, source=model)
+        else:
+            m, sample_images = load_sampler(model, var_ckpt, vae_ckpt, dd)
+            report = evaluate_model(m, settings, per_class, source=model, sample=sample_images)
         _print_report(report)
         if out is not None:
             from evar.files import atomic_write_json
@@ -144,9 +213,11 @@ def evaluate(
 
 def _print_report(report: dict) -> None:
     q = report["quality"]
+    how = ", ".join(f"{k.replace('_', '-').replace('guidance', 'cfg')} {v}" for k, v in report["sampling"].items()
+                    if k != "seed")
+    pr = "" if q.get("recall") is None else f"  |  precision {q['precision']:.3f}, recall {q['recall']:.3f} (k={q['k']})"
     print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f} "
-          f"(real held-out digits score {q['real_data_floor']:.2f})  |  {q['n_samples']} samples, "
-          f"cfg {report['sampling']['guidance']}, top-k {report['sampling']['top_k']}, top-p {report['sampling']['top_p']}")
+          f"(real held-out digits score {q['real_data_floor']:.2f}){pr}  |  {q['n_samples']} samples, {how}")
 
 
 @app.command()
@@ -171,14 +242,28 @@ def train_tokenizer_cmd(
     data: Annotated[str, typer.Option(help="'digits' or an image folder")] = "digits",
     steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
     ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 500,
+    restart_every: Annotated[int, typer.Option(help="move dead codes onto encoder residuals every N steps "
+                                                    "(0: never)")] = 50,
+    init: Annotated[Optional[Path], typer.Option(help="start from this tokenizer (train-tokenizer or model "
+                                                      "directory) instead of random weights")] = None,
 ) -> None:
-    """Train the multi-scale VQVAE (digits architecture); rerun the same command to resume."""
-    with _training_run(out, "tokenizer"):
-        from evar.train import Schedule, TokenizerTraining, train_tokenizer
+    """Train the multi-scale VQVAE (digits architecture); rerun the same command to resume.
+
+    Prints (and writes into OUT/tokenizer.json) the held-out reconstruction MSE and the codes used per scale."""
+    _check_count("--steps", steps)
+    if restart_every < 0:
+        raise EvarError(f"--restart-every must be >= 0, got {restart_every}")
+    with _training_run(out, "tokenizer", inputs=[init]):
+        from evar.models.codebook import describe_usage
+        from evar.train import CodebookCare, Schedule, TokenizerTraining, train_tokenizer
 
         sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, ckpt_every=ckpt_every, seed=seed)
         t0 = time.perf_counter()
-        path = train_tokenizer(TokenizerTraining(data=data, schedule=sched), out)
+        job = TokenizerTraining(data=data, schedule=sched, codebook=CodebookCare(restart_every=restart_every),
+                                init=None if init is None else str(init))
+        path = train_tokenizer(job, out)
+    report = json.loads((path / "tokenizer.json").read_text())["codebook"]
+    print(f"{describe_usage(report)} ({report['split']} split)")
     print(f"tokenizer → {path} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -267,6 +352,17 @@ app.command("prunable")(_pruning.prunable)
 from evar.sparsity.command import sparsify as _sparsify  # noqa: E402  (2:4 / N:M / unstructured masks)
 
 app.command("sparsify")(_sparsify)
+
+from evar.dd.commands import app as _dd  # noqa: E402  (also `python -m evar.dd`, for torchrun)
+
+app.add_typer(_dd, name="dd")
+
+from evar.dit import commands as _dit  # noqa: E402  (a second model family: diffusion transformers)
+
+app.command("train-dit")(_dit.train_dit_cmd)
+app.command("convert-dit")(_dit.convert_dit)
+app.command("prune-dit")(_dit.prune_dit_cmd)
+app.command("distill-dit")(_dit.distill_dit_cmd)
 
 
 def main() -> None:

@@ -20,11 +20,17 @@ from evar.errors import EvarError
 from evar.files import atomic_write_json, read_versioned_json, sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT, FORMAT_VERSION = "evar-artifact", 1
+FORMAT, FORMAT_VERSION = "evar-artifact", 2
+# Version 2 = a manifest that older readers cannot drive: its graphs leave sampling to the host
+# (sampling.where "host": raw logits out, no uniforms input). Everything else is written as version 1, so
+# an older EVAR keeps reading it; this EVAR reads both.
+HOST_SAMPLING_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().with_name("manifest.schema.json")
 
 # graph roles (the keys of manifest["graphs"])
 STEP_GRAPH, DECODER_GRAPH = "decoder_step", "vqvae_decoder"
+FHAT_GRAPH = "fhat_update"  # host-sampled artifacts: (f_hat, idx) → next f_hat, one function per scale, CPU
+UNGUIDED_STEP_GRAPH = "decoder_step_unguided"  # CFG trimming: the conditional rows only (manifest "generation")
 # tensor roles of a step's inputs/outputs whose values cross from one scale to the next by name
 PAST_ROLES, PRESENT_ROLES = ("past_key", "past_value"), ("present_key", "present_value")
 # numpy dtypes of the manifest's dtype names
@@ -85,7 +91,8 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 def write(root: Path, manifest: dict[str, Any]) -> Path:
     """List and hash the files under `root`, validate, write `root/manifest.json` atomically."""
     # through JSON first, so tuples become lists exactly as a reader will see them
-    manifest = json.loads(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
+    version = HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
+    manifest = json.loads(json.dumps({"format": FORMAT, "format_version": version, **manifest,
                                       "files": file_entries(root)}))
     validate(manifest)
     atomic_write_json(root / MANIFEST, manifest)
@@ -152,6 +159,13 @@ class Artifact:
         return float(self.data["sampling"]["top_p"])
 
     @property
+    def sampling_where(self) -> str:
+        """'graph': the step functions sample (idx out); 'host': they return raw logits and the runtime samples
+        (`evar.contract.host_sampling`) and runs the `fhat_update` graph."""
+        s = self.data["sampling"]
+        return s.get("where", "graph" if s["in_graph"] else "host")
+
+    @property
     def cfg_default(self) -> float:
         return float(self.data["sampling"]["cfg"].get("default", 1.5))
 
@@ -166,6 +180,11 @@ class Artifact:
     @property
     def compression(self) -> str:
         return self.data["compression"]["method"]
+
+    @property
+    def cfg_until_scale(self) -> int | None:
+        """CFG trimming: the first scale run without the unconditional rows (None: guidance at every scale)."""
+        return (self.data.get("generation") or {}).get("cfg_until_scale")
 
     def graph(self, role: str) -> dict[str, Any]:
         return self.data["graphs"][role]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from evar.data import from_uint8_nhwc, load_digits
 from evar.eval.classifier import DEFAULT_PATH, IMAGE_SIZE, NUM_CLASSES, DigitClassifier, load_classifier, run_classifier
+from evar.eval.manifold import DEFAULT_K, PrecisionRecall, precision_recall
 
 REFERENCE = "digits:test"
 
@@ -73,6 +74,12 @@ class QualityReport:
     reference: str
     per_class_accuracy: list[float | None]
     real_data_floor: float  # what real digits score: Fréchet distance of 'train' vs 'test'
+    # Improved precision / recall (k-NN manifolds, `evar.eval.manifold`) against the same reference:
+    # recall is the share of real digits the samples' manifold covers, so a loss of diversity shows.
+    # None with fewer than k + 1 samples (no k-th neighbour).
+    precision: float | None = None
+    recall: float | None = None
+    k: int = DEFAULT_K
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,6 +89,7 @@ class QualityReport:
 class _Reference:
     test: GaussianStats
     real_data_floor: float
+    test_feats: np.ndarray  # (N, D) float64, for precision / recall
 
 
 def _compute_reference(classifier: DigitClassifier) -> _Reference:
@@ -89,7 +97,14 @@ def _compute_reference(classifier: DigitClassifier) -> _Reference:
     test_feats, _ = run_classifier(classifier, load_digits("test", IMAGE_SIZE)[0])
     test = gaussian_stats(test_feats.numpy())
     floor = frechet_distance_from_stats(gaussian_stats(train_feats.numpy()), test)
-    return _Reference(test=test, real_data_floor=floor)
+    return _Reference(test=test, real_data_floor=floor, test_feats=test_feats.numpy().astype(np.float64))
+
+
+def real_data_precision_recall(classifier: DigitClassifier | None = None) -> PrecisionRecall:
+    """What real training digits score against the held-out reference: the ceiling to read a model's against."""
+    classifier, reference = _classifier_and_reference(classifier)
+    train_feats, _ = run_classifier(classifier, load_digits("train", IMAGE_SIZE)[0])
+    return precision_recall(reference.test_feats, train_feats.numpy())
 
 
 @lru_cache(maxsize=4)
@@ -152,6 +167,7 @@ def evaluate_digits(
     classifier, reference = _classifier_and_reference(classifier)
     feats, logits = run_classifier(classifier, _to_classifier_input(images))
     correct = (logits.argmax(1).numpy() == labels)
+    pr = precision_recall(reference.test_feats, feats.numpy()) if len(images) > DEFAULT_K else None
     return QualityReport(
         n_samples=len(images),
         class_accuracy=float(correct.mean()),
@@ -159,4 +175,6 @@ def evaluate_digits(
         reference=REFERENCE,
         per_class_accuracy=_per_class_accuracy(correct, labels),
         real_data_floor=reference.real_data_floor,
+        precision=pr.precision if pr else None,
+        recall=pr.recall if pr else None,
     )

@@ -15,6 +15,7 @@ graph gathers the same values from constants indexed by a scale input (`evar.exp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,9 +23,16 @@ import torch
 from torch import Tensor
 
 from evar import rng
+from evar.errors import EvarError
 from evar.models.sampling import apply_cfg, cfg_ratio, sample_tokens
 from evar.models.var import KV, VAR
 from evar.models.vqvae import resize
+
+
+# How a scale's tokens are chosen from its guided logits: (logits (B, n, V), draws, top_k, top_p) → (B, n) int64.
+# VAR's is the inverse-CDF draw from uniforms (B, n); Distilled Decoding's pairs map per-token noise
+# (B, n, Cvae) through a flow instead (evar.dd.flow). The rest of the scale loop is the same for both.
+TokenPicker = Callable[[Tensor, Tensor, int, float], Tensor]
 
 
 def cfg_labels(labels: Tensor, num_classes: int) -> Tensor:
@@ -76,8 +84,10 @@ class StepOutput:
 
 
 def decode_scale(var: VAR, ops: ScaleOps, si, cond_BD: Tensor, f_hat: Tensor, uniforms: Tensor, guidance,
-                 past: list[KV | None] | None, top_k: int, top_p: float, guided: bool = True) -> StepOutput:
-    """One scale of VAR's decoding (see the module doc). `cond_BD` has 2B rows when `guided`, else B."""
+                 past: list[KV | None] | None, top_k: int, top_p: float, guided: bool = True,
+                 pick: TokenPicker = sample_tokens) -> StepOutput:
+    """One scale of VAR's decoding (see the module doc). `cond_BD` has 2B rows when `guided`, else B.
+    `uniforms` are the draws `pick` consumes (its first two dims are (B, n tokens))."""
     x = ops.scale_input(si, cond_BD, f_hat, uniforms.shape[1], guided)
     raw, presents = var.decode_step(x, cond_BD, past)
     raw = raw.float()  # under autocast the head gives bfloat16; guidance and sampling stay float32
@@ -86,7 +96,7 @@ def decode_scale(var: VAR, ops: ScaleOps, si, cond_BD: Tensor, f_hat: Tensor, un
         logits = apply_cfg(cond, uncond, guidance * ops.ramp(si))
     else:
         logits = raw
-    idx = sample_tokens(logits, uniforms, top_k, top_p)
+    idx = pick(logits, uniforms, top_k, top_p)
     return StepOutput(logits, raw, idx, ops.accumulate(si, f_hat, idx), presents)
 
 
@@ -100,32 +110,51 @@ class DecodeState:
     past: list[KV] | None = None
     tokens: list[Tensor] = field(default_factory=list)
     raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
+    cfg_until_scale: int | None = None  # CFG trimming: from this scale on only the conditional rows run
 
     @property
     def guided(self) -> bool:
         return self.guidance != 0  # no guidance: the unconditional rows are not run at all
+
+    def guided_at(self, si: int) -> bool:
+        return self.guided and (self.cfg_until_scale is None or si < self.cfg_until_scale)
+
+    def drop_unconditional(self) -> None:
+        """Keep rows [0, B) of the condition and of every cached key/value: the unguided scales attend to the
+        conditional rows' own history, exactly what those rows saw while guidance ran."""
+        B = self.f_hat.shape[0]
+        if self.cond_BD.shape[0] == B:
+            return
+        self.cond_BD = self.cond_BD[:B]
+        if self.past is not None:
+            self.past = [(k[:B], v[:B]) for k, v in self.past]
 
 
 class Decoder:
     """Eager decoding of one model: `begin` a batch, `step` each scale in order (the loop is the caller's)."""
 
     def __init__(self, var: VAR, vqvae: torch.nn.Module, *, top_k: int = 0, top_p: float = 0.0,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, pick: TokenPicker = sample_tokens):
         self.var, self.vqvae, self.ops = var, vqvae, EagerOps(var, vqvae)
-        self.top_k, self.top_p, self.keep_logits = top_k, top_p, keep_logits
+        self.top_k, self.top_p, self.keep_logits, self.pick = top_k, top_p, keep_logits, pick
 
     @torch.no_grad()
-    def begin(self, labels: Tensor, guidance: float) -> DecodeState:
+    def begin(self, labels: Tensor, guidance: float, cfg_until_scale: int | None = None) -> DecodeState:
         c = self.var.cfg
+        check_cfg_until_scale(cfg_until_scale, c.num_scales)
         rows = cfg_labels(labels, c.num_classes) if guidance != 0 else labels
         cond_BD = self.var.class_emb(rows)
         H = c.patch_nums[-1]
-        return DecodeState(cond_BD, guidance, cond_BD.new_zeros(len(labels), c.cvae, H, H))
+        return DecodeState(cond_BD, guidance, cond_BD.new_zeros(len(labels), c.cvae, H, H),
+                           cfg_until_scale=cfg_until_scale)
 
     @torch.no_grad()
     def step(self, state: DecodeState, si: int, uniforms: Tensor) -> Tensor:
+        guided = state.guided_at(si)
+        if state.guided and not guided:
+            state.drop_unconditional()
         out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
-                           state.guidance, state.past, self.top_k, self.top_p, state.guided)
+                           state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
         state.f_hat, state.past = out.f_hat, out.presents
         state.tokens.append(out.idx)
         if self.keep_logits:
@@ -140,10 +169,16 @@ class Generation:
     scale_logits: list[Tensor]  # per scale raw logits before guidance: (2B or B, pn*pn, V)
 
 
+def check_cfg_until_scale(n: int | None, num_scales: int) -> None:
+    if n is not None and not 1 <= n <= num_scales - 1:
+        raise EvarError(f"--cfg-until-scale must be in [1, {num_scales - 1}] for a model with {num_scales} scales "
+                        f"(guidance runs on the scales before it), got {n}")
+
+
 @torch.no_grad()
 def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: float = 1.5, top_k: int = 0,
              top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
-             decode: bool = True) -> Generation:
+             decode: bool = True, cfg_until_scale: int | None = None) -> Generation:
     """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
 
     Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
@@ -151,9 +186,10 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     larger run, so chunked generation equals one big batch. With guidance 0 the unconditional half is skipped.
     `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
     its tokens with d16, and calibration and distillation data never look at the pixels.
+    `cfg_until_scale` N (CFG trimming): scales >= N run the conditional rows only (guidance off there).
     """
     decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
-    state = decoder.begin(labels, guidance)
+    state = decoder.begin(labels, guidance, cfg_until_scale)
     B = len(labels)
     for si, pn in enumerate(var.cfg.patch_nums):
         decoder.step(state, si, torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)))

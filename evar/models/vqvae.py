@@ -267,7 +267,7 @@ def phi_schedule(num_scales: int, k: int) -> tuple[int, ...]:
 
 
 class MultiScaleQuantizer(nn.Module):
-    ema_decay = 0.97  # of the per-scale code-hit counts in `ema_vocab_hit_SV` (diagnostics only)
+    ema_decay = 0.97  # of the per-scale code-hit counts in `ema_vocab_hit_SV` (training: finds dead codes)
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
@@ -319,12 +319,17 @@ class MultiScaleQuantizer(nn.Module):
         dist_NV = rest_NC.square().sum(1, keepdim=True) + codes_VC.square().sum(1) - 2 * rest_NC @ codes_VC.T
         return dist_NV.argmin(dim=1).view(B, -1)
 
-    def residual_quantize(self, f_BChw: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        """Residual quantisation of f: (f_hat, idx per scale, vq_loss), f_hat carrying codebook/Phi grads."""
-        with torch.autocast(f_BChw.device.type, enabled=False):  # as VAR: code choice and loss in fp32
-            return self._residual_quantize(f_BChw.float())
+    def residual_quantize(self, f_BChw: Tensor, residuals: list[Tensor] | None = None
+                          ) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Residual quantisation of f: (f_hat, idx per scale, vq_loss), f_hat carrying codebook/Phi grads.
 
-    def _residual_quantize(self, f_BChw: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        `residuals`, if given, receives each scale's quantised residual as (pn*pn*B, Cvae) rows (for
+        dead-code restarts in training)."""
+        with torch.autocast(f_BChw.device.type, enabled=False):  # as VAR: code choice and loss in fp32
+            return self._residual_quantize(f_BChw.float(), residuals)
+
+    def _residual_quantize(self, f_BChw: Tensor, residuals: list[Tensor] | None = None
+                           ) -> tuple[Tensor, list[Tensor], Tensor]:
         f_nograd = f_BChw.detach()
         f_rest = f_nograd
         f_hat = torch.zeros_like(f_nograd)
@@ -333,6 +338,8 @@ class MultiScaleQuantizer(nn.Module):
         for si, pn in enumerate(self.patch_nums):
             rest = f_rest if si == last else resize(f_rest, pn, "area")  # (B, Cvae, pn, pn)
             idx = self.nearest_code(rest)  # (B, pn*pn)
+            if residuals is not None:
+                residuals.append(rest.permute(0, 2, 3, 1).reshape(-1, rest.shape[1]))
             h = self.scale_residual(si, self.embed_idx(idx, pn))  # (B, Cvae, H, W)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
@@ -353,9 +360,9 @@ class MultiScaleQuantizer(nn.Module):
             self.ema_vocab_hit_SV.copy_(torch.where(fresh, hit_SV, ema))
         return (hit_SV.sum(0) > 0).float().mean() * 100
 
-    def forward(self, f_BChw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, f_BChw: Tensor, residuals: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(straight-through f_hat, vq_loss, codebook usage % in this batch)."""
-        f_hat, idx_list, loss = self.residual_quantize(f_BChw)
+        f_hat, idx_list, loss = self.residual_quantize(f_BChw, residuals)
         usage = self._record_hits(idx_list)
         # Straight-through: decoder sees f_hat's values, gradients flow to the encoder as if it saw f.
         f_hat = (f_hat - f_BChw).detach() + f_BChw
@@ -407,9 +414,11 @@ class VQVAE(nn.Module):
     def idx_to_img(self, idx_list: list[Tensor]) -> Tensor:
         return self.fhat_to_img(self.idx_to_fhat(idx_list))
 
-    def forward(self, img_B3HW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training pass: (reconstruction, vq_loss, codebook usage %). Unclamped, as in VAR's training."""
-        f_hat, vq_loss, usage = self.quantize(self.encode_features(img_B3HW))
+    def forward(self, img_B3HW: Tensor, residuals: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass: (reconstruction, vq_loss, codebook usage %). Unclamped, as in VAR's training.
+
+        `residuals` collects the vectors each scale quantised (see `MultiScaleQuantizer.residual_quantize`)."""
+        f_hat, vq_loss, usage = self.quantize(self.encode_features(img_B3HW), residuals)
         return self.decoder(self.post_quant_conv(f_hat)), vq_loss, usage
 
     def _zero_fhat(self, like_idx: Tensor) -> Tensor:

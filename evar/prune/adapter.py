@@ -11,7 +11,7 @@ width). It says
 Criteria see only the consumers' weights and statistics (`evar.prune.criteria.Group`); `evar.prune.surgery`
 applies their choice through `cut`. Neither learns the family's name: a new family (DiT, ViT, ...) adds an
 adapter that lists its `Prunable`s and nothing else changes. Families so far: `var_adapter` (the VAR
-transformer), `decoder_adapter` (the VQVAE decoder).
+transformer), `dit_adapter` (a DiT's blocks), `decoder_adapter` (the VQVAE decoder).
 """
 from __future__ import annotations
 

@@ -156,15 +156,22 @@ def distill_decoder(
 
 def prunable(
     model: ModelOpt = "builtin:digits",
-    component: Annotated[str, typer.Option(help="var | decoder")] = "var",
+    component: Annotated[Optional[str], typer.Option(help="var | decoder (VAR models, default var) | dit (DiT models)")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None,
 ) -> None:
     """List what pruning can remove from a model component: each set of units, its consumers and coupled layers."""
     from evar import zoo
+    from evar.dit.checkpoint import DiTModel
     from evar.prune.components import adapter_for, check_component
 
-    check_component(component)
-    for p in adapter_for(zoo.load(model, var_ckpt, vae_ckpt), component).prunables():
+    if component is not None:
+        check_component(component)
+    loaded = zoo.load_family(model, ("var", "dit"), var_ckpt=var_ckpt, vae_ckpt=vae_ckpt)
+    is_dit = isinstance(loaded, DiTModel)
+    component = component or ("dit" if is_dit else "var")
+    if is_dit != (component == "dit"):
+        raise EvarError(f"'{model}' is {'a DiT: its component is dit' if is_dit else 'a VAR generator: its components are var and decoder'}")
+    for p in adapter_for(loaded, component).prunables():
         groups = f" in {p.partitions} equal groups" if p.partitions > 1 else ""
         print(f"{p.name}: {p.count} {p.kind}{groups}; read by {', '.join(p.consumers)}; "
               f"also cut from {', '.join(p.coupled) or '-'}")

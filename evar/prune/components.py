@@ -21,7 +21,13 @@ def _decoder(model: Model) -> Adapter:
     return DecoderAdapter(model.vqvae)
 
 
-COMPONENTS: dict[str, Callable[[Model], Adapter]] = {"var": _var, "decoder": _decoder}
+def _dit(model) -> Adapter:  # an evar.dit.checkpoint.DiTModel
+    from evar.prune.dit_adapter import DiTAdapter
+
+    return DiTAdapter(model.dit)
+
+
+COMPONENTS: dict[str, Callable[[Model], Adapter]] = {"var": _var, "decoder": _decoder, "dit": _dit}
 
 
 def register_component(name: str, factory: Callable[[Model], Adapter]) -> None:

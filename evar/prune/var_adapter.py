@@ -69,7 +69,7 @@ def remove_heads(attn: SelfAttention, heads: Sequence[int]) -> None:
 
 
 def remove_units(ffn: FFN, units: Sequence[int]) -> None:
-    """Remove FFN hidden units `units` (current positions) in place."""
+    """Remove FFN hidden units `units` (current positions) in place (any module with fc1 → fc2: a DiT's Mlp too)."""
     units = sorted(set(units))
     if not units:
         return

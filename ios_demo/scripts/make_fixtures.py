@@ -12,7 +12,9 @@ asserts it equals the committed files, so the two cannot drift:
     params.json          VAR parameter counts (PyTorch) for the bench's `params`
     float16.json         numpy float16 conversions (Core ML fp16 arrays)
     image.json           evar.data.to_uint8_nhwc (decoder output → pixels)
-    manifest_tiny*.json  manifests whose functions and KV layout come from export.interface
+    manifest_tiny*.json  manifests whose functions and KV layout come from export.interface (_ane: from
+                         export.ane_export, host-sampled)
+    bench_nulls.json     a bench JSON with its optional fields null (both sides write every key)
 
 Conventions that keep the files exact and portable:
 - 64-bit integers (seeds, streams, keys, raw SplitMix64 outputs) are hex strings: JSON numbers are
@@ -346,9 +348,13 @@ def image_fixture() -> dict:
     chw[0, 0, 0, : len(special) // 2] = special[: len(special) // 2]
     chw[1, 2, 3, : len(special) // 2] = special[len(special) // 2:]
     rgb = to_uint8_nhwc(torch.from_numpy(chw))
+    # JSON has no NaN/inf: the non-finite inputs are spelled as strings Swift's Float(_:) and float() read
+    names = ["nan", "inf", "-inf"]
+    odd = to_uint8_nhwc(torch.tensor([float(n) for n in names]).view(1, 3, 1, 1))[0, 0, 0]
     return {"generator": GENERATOR, "definition": "evar.data.to_uint8_nhwc: round((clamp(x,-1,1)+1)*127.5), "
-                                                  "half to even, float32 ops",
-            "shape": list(chw.shape), "chw": _f32(chw), "rgb": rgb.astype(int).tolist()}
+                                                  "half to even, float32 ops; NaN as -1",
+            "shape": list(chw.shape), "chw": _f32(chw), "rgb": rgb.astype(int).tolist(),
+            "non_finite": {"inputs": names, "rgb": odd.astype(int).tolist()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +421,56 @@ def tiny_manifest(kv_mode: str) -> dict:
     }
 
 
+def tiny_ane_manifest() -> dict:
+    """A host-sampled manifest (`evar-export coreml --target ane`): functions from export/ane_export.py's
+    interface, three graphs, sampling.where "host", format_version 2."""
+    from evar.config import ModelConfig, VARConfig, VQVAEConfig
+    from evar.export.ane_export import AneInterface, sampling_json
+
+    base = tiny_manifest("state")
+    patch_nums = (1, 2, 3, 4)
+    vqvae = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, v_patch_nums=patch_nums)
+    var = VARConfig(depth=3, embed_dim=64, num_heads=(2, 1, 3), ffn_dims=(128, 96, 64), head_dim=16, vocab_size=64,
+                    cvae=8, num_classes=10, patch_nums=patch_nums)
+    iface = AneInterface(ModelConfig(var=var, vqvae=vqvae, provenance={"source": "ios_demo fixtures"}), batch=1)
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": "iOS18", "simplified": None,
+              "signature": None, "scale_selection": "function", "notes": []}
+    n = var.num_scales
+    graphs = {
+        "decoder_step": {**common, "file": "decoder_step.mlpackage", "compute_units": "cpu_and_ne",
+                         "functions": [iface.step(si).to_json() for si in range(n)], "default_function": "scale_0"},
+        "fhat_update": {**common, "file": "fhat_update.mlpackage", "compute_units": "cpu_only",
+                        "functions": [iface.update(si).to_json() for si in range(n)], "default_function": "scale_0"},
+        "vqvae_decoder": {**common, "file": "vqvae_decoder.mlpackage", "compute_units": "cpu_and_ne",
+                          "functions": [iface.decoder().to_json()], "default_function": "main", "scale_selection": None},
+    }
+    files = []
+    for package in ("decoder_step.mlpackage", "fhat_update.mlpackage", "vqvae_decoder.mlpackage"):
+        payload = f"{package}/Manifest.json".encode()
+        files.append({"path": f"{package}/Manifest.json", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+    return {**base, "format_version": 2, "graphs": graphs, "kv_cache": iface.kv_json(),
+            "sampling": sampling_json(iface, 8, 0.9, 1.5),
+            "precision": {"weights": "fp16", "compute": "fp16", "fp32_ops": ["fhat_update (CPU); sampling on the host in float32"]},
+            "files": files}
+
+
+def bench_nulls() -> dict:
+    """A bench JSON as evar-bench writes it for a run whose optional fields have no value: every key present,
+    `threads` and `stage_units` null. EVARKit's BenchReport must read it and write the same keys back."""
+    from evar.runtime.bench import FORMAT, SWIFT_FIELDS
+
+    report = {"format": FORMAT, "tool": "evar-bench", "device": "test", "os": "test", "backend": "coreml",
+              "compute_units": "cpuAndNeuralEngine", "threads": None, "precision": "fp16", "weights": "fp16",
+              "compression": "none", "batch": 1, "cfg": 1.5, "top_k": 8, "top_p": 0.9, "seed": 0, "sampling": "graph",
+              "kv_cache": "state", "warmup": 1, "iterations": 3, "load_ms": 12.5,
+              "per_scale": [{"scale_index": 0, "patch_num": 1, "median_ms": 1.5, "p90_ms": 2.0}],
+              "decode": {"median_ms": 3.0, "p90_ms": 3.5}, "end_to_end": {"median_ms": 5.0, "p90_ms": 6.0, "min_ms": 4.5},
+              "throughput_images_per_s": 200.0, "params": 1234, "artifact": "tiny", "model_ref": "fixtures:tiny",
+              "stage_units": None}
+    assert set(report) == set(SWIFT_FIELDS)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -430,6 +486,8 @@ def build_fixtures() -> dict[str, str]:
     fixtures["image.json"] = image_fixture()
     fixtures["manifest_tiny.json"] = tiny_manifest("state")
     fixtures["manifest_tiny_io.json"] = tiny_manifest("io")
+    fixtures["manifest_tiny_ane.json"] = tiny_ane_manifest()
+    fixtures["bench_nulls.json"] = bench_nulls()
     return {name: json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
             for name, data in fixtures.items()}
 

@@ -58,6 +58,10 @@ def create(name: str, artifact: Artifact, threads: int | None = None, io_binding
         from evar.runtime.backends.torch_ref import TorchBackend
 
         return TorchBackend(artifact, threads, model)
+    if artifact.sampling_where == "host":  # the manifest says where sampling runs: follow it
+        from evar.runtime.backends.coreml_host import CoremlHostBackend
+
+        return CoremlHostBackend(artifact, d.compute_units, name)
     from evar.runtime.backends.coreml import CoremlBackend
 
     return CoremlBackend(artifact, d.compute_units, name)

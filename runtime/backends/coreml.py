@@ -32,7 +32,10 @@ class CoremlBackend:
         units = getattr(ct.ComputeUnit, CT_UNITS[compute_units])
         step = artifact.graph(STEP_GRAPH)
         path = str(artifact.graph_path(STEP_GRAPH))
-        if step.get("scale_selection") == "function":
+        if any(f.get("file") for f in step["functions"]):  # iOS17: one package per scale
+            self.functions = [ct.models.MLModel(str(artifact.root / artifact.function(STEP_GRAPH, si)["file"]),
+                                                compute_units=units) for si in range(artifact.num_scales)]
+        elif step.get("scale_selection") == "function":
             self.functions = [ct.models.MLModel(path, function_name=artifact.function(STEP_GRAPH, si)["name"], compute_units=units)
                               for si in range(artifact.num_scales)]
         else:  # one function for every scale

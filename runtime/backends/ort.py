@@ -13,9 +13,13 @@ from typing import Any
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import DECODER_GRAPH, STEP_GRAPH, Artifact, ManifestError, step_feeds
+from evar.contract import DECODER_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, Artifact, ManifestError, step_feeds
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
+
+
+def _array(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def _ort():
@@ -51,6 +55,9 @@ class OrtBackend:
         self.execution_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         self.step = self._session(ort, STEP_GRAPH, providers)
         self.decoder = self._session(ort, DECODER_GRAPH, providers)
+        # CFG trimming: from cfg_until_scale on, the unguided graph runs on the conditional rows' cache
+        self.cfg_until = artifact.cfg_until_scale
+        self.unguided = self._session(ort, UNGUIDED_STEP_GRAPH, providers) if self.cfg_until is not None else None
         self.step_outputs = [o.name for o in self.step.get_outputs()]
         self.past_of = artifact.past_of_present()
         self.roles = {t["role"]: t["name"] for t in artifact.function(STEP_GRAPH, 0)["outputs"] if t.get("role")}
@@ -87,15 +94,20 @@ class OrtBackend:
         self.batch = B
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        feeds = step_feeds(self.artifact.function(STEP_GRAPH, si)["inputs"],
+        role, sess = STEP_GRAPH, self.step
+        if self.cfg_until is not None and si >= self.cfg_until:
+            role, sess = UNGUIDED_STEP_GRAPH, self.unguided
+            if si == self.cfg_until:  # keep the conditional rows [0, B) of the cache
+                self.past = {name: np.ascontiguousarray(_array(value)[: self.batch]) for name, value in self.past.items()}
+        feeds = step_feeds(self.artifact.function(role, si)["inputs"],
                            {**self.values, "uniforms": uniforms, "scale_index": np.array([si])}, self.past,
                            lambda t: self.artifact.empty_past(t, self.batch))
         if not self.io_binding:
-            outs = dict(zip(self.step_outputs, self.step.run(None, feeds)))
+            outs = dict(zip(self.step_outputs, sess.run(None, feeds)))
             idx = outs[self.roles["idx"]]
         else:
             ort = _ort()
-            binding = self.step.io_binding()
+            binding = sess.io_binding()
             for name, value in feeds.items():
                 if isinstance(value, ort.OrtValue):
                     binding.bind_ortvalue_input(name, value)
@@ -103,7 +115,7 @@ class OrtBackend:
                     binding.bind_cpu_input(name, value)
             for name in self.step_outputs:
                 binding.bind_output(name, "cpu")
-            self.step.run_with_iobinding(binding)
+            sess.run_with_iobinding(binding)
             outs = dict(zip(self.step_outputs, binding.get_outputs()))
             idx = outs[self.roles["idx"]].numpy()
         self.values["f_hat"] = outs[self.roles["f_hat"]]
@@ -116,5 +128,5 @@ class OrtBackend:
         return self.decoder.run(None, {self.dec_in: f_hat})[0]
 
     def close(self) -> None:
-        self.step = self.decoder = None
+        self.step = self.decoder = self.unguided = None
         self.values, self.past = {}, {}

@@ -48,7 +48,7 @@ class TorchBackend:
 
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
         self.decoder = Decoder(self.model.var, self.model.vqvae, top_k=top_k, top_p=top_p)
-        self.state = self.decoder.begin(torch.from_numpy(labels.astype(np.int64)), cfg)
+        self.state = self.decoder.begin(torch.from_numpy(labels.astype(np.int64)), cfg, self.artifact.cfg_until_scale)
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
         return self.decoder.step(self.state, si, torch.from_numpy(uniforms)).numpy().astype(np.int64)

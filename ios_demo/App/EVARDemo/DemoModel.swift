@@ -38,7 +38,9 @@ struct ClassChoice: Identifiable, Hashable {
 @MainActor
 final class DemoModel: ObservableObject {
     @Published var artifacts: [Artifact] = []
-    @Published var selection: Artifact.ID?
+    @Published var selection: Artifact.ID? {
+        didSet { clampClassLabel() }  // another artifact may have fewer classes
+    }
     @Published var classLabel = 0
     @Published var seed: UInt64 = 0
     @Published var cfg = 1.5
@@ -70,9 +72,7 @@ final class DemoModel: ObservableObject {
         if selection == nil || !found.contains(where: { $0.id == selection }) {
             selection = found.first?.id
         }
-        if let label = classChoices.first?.label, !classChoices.contains(where: { $0.label == classLabel }) {
-            classLabel = label
-        }
+        clampClassLabel()
         status = problems.isEmpty ? "\(found.count) artifact(s)" : problems.joined(separator: "\n")
     }
 
@@ -87,8 +87,18 @@ final class DemoModel: ObservableObject {
         }
     }
 
-    private var configuration: GenerationConfiguration {
+    /// Keeps the picker's label one the selected artifact offers.
+    private func clampClassLabel() {
+        if let label = classChoices.first?.label, !classChoices.contains(where: { $0.label == classLabel }) {
+            classLabel = label
+        }
+    }
+
+    /// The settings for one artifact, its label clamped to that artifact's classes: `benchmarkAll` runs
+    /// every artifact with the one label the picker shows, which another artifact may not have.
+    private func configuration(for artifact: Artifact) -> GenerationConfiguration {
         GenerationConfiguration(classLabel: classLabel, seed: seed, cfg: cfg, computeUnits: computeUnits)
+            .clamped(toClasses: artifact.manifest.model.transformer.numClasses)
     }
 
     private func pipeline(for artifact: Artifact) throws -> EVARPipeline {
@@ -103,7 +113,7 @@ final class DemoModel: ObservableObject {
     /// Loads the artifact's models if needed, recording how long that took.
     private func ensureLoaded(_ artifact: Artifact) async throws -> EVARPipeline {
         let pipeline = try pipeline(for: artifact)
-        pipeline.setComputeUnits(computeUnits)
+        await pipeline.setComputeUnits(computeUnits)
         let loadMs = try await pipeline.loadResources()
         if latency[artifact.id] == nil || loadMs > 1 {
             latency[artifact.id] = LatencySummary(loadMs: loadMs)
@@ -119,7 +129,7 @@ final class DemoModel: ObservableObject {
             status = "Loading \(artifact.name)…"
             let pipeline = try await ensureLoaded(artifact)
             status = "Generating…"
-            let result = try await pipeline.generate(configuration)
+            let result = try await pipeline.generate(configuration(for: artifact))
             image = result.images.first
             latency[artifact.id, default: LatencySummary(loadMs: 0)].add(result.timings)
             status = String(format: "%@: %.1f ms (class %ld, seed %llu)", artifact.name,
@@ -139,7 +149,7 @@ final class DemoModel: ObservableObject {
             for artifact in artifacts {
                 status = "Loading \(artifact.name)…"
                 let pipeline = try await ensureLoaded(artifact)
-                _ = try await pipeline.generate(configuration)  // warm-up
+                _ = try await pipeline.generate(configuration(for: artifact))  // warm-up
                 latency[artifact.id]?.endToEndMs = []
                 latency[artifact.id]?.decodeMs = []
                 latency[artifact.id]?.scaleMs = []
@@ -148,7 +158,7 @@ final class DemoModel: ObservableObject {
             for run in 1...runs {
                 for (artifact, pipeline) in loaded {
                     status = "Run \(run)/\(runs): \(artifact.name)"
-                    let result = try await pipeline.generate(configuration)
+                    let result = try await pipeline.generate(configuration(for: artifact))
                     latency[artifact.id]?.add(result.timings)
                     if artifact.id == selection {
                         image = result.images.first

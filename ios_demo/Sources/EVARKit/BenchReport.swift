@@ -91,6 +91,9 @@ public struct BenchReport: Codable, Hashable, Sendable {
     public var artifact: String
     /// `provenance.model_ref` of the artifact.
     public var modelRef: String
+    /// Host-sampled artifacts: the units each stage ran on (`decoder_step`, `fhat_update`, `vqvae_decoder`:
+    /// a compute-units name; `sampling`: `host`); null otherwise.
+    public var stageUnits: [String: String]?
 
     enum CodingKeys: String, CodingKey {
         case format
@@ -120,6 +123,7 @@ public struct BenchReport: Codable, Hashable, Sendable {
         case params
         case artifact
         case modelRef = "model_ref"
+        case stageUnits = "stage_units"
     }
 
     public static let formatName = "evar-bench-v1"
@@ -144,7 +148,7 @@ public struct BenchReport: Codable, Hashable, Sendable {
         topK = configuration.topK ?? manifest.sampling.topK
         topP = configuration.topP ?? manifest.sampling.topP
         seed = configuration.seed
-        sampling = manifest.sampling.inGraph ? "graph" : "host"
+        sampling = manifest.samplesOnHost ? "host" : "graph"
         kvCache = manifest.kvCache.mode.rawValue
         self.warmup = warmup
         iterations = runs.count
@@ -161,6 +165,50 @@ public struct BenchReport: Codable, Hashable, Sendable {
         params = manifest.model.transformer.parameterCount
         artifact = artifactName
         modelRef = manifest.provenance.modelRef
+        stageUnits = manifest.stageUnits(configuration.computeUnits)
+    }
+
+    /// Every key, optional ones as `null`: the bench JSON contract (ios_demo/README.md, "Bench JSON") has
+    /// `"threads": null` where the runtime schedules its own threads, as `evar-bench` writes it. The
+    /// synthesized encoder would leave nil keys out instead (Tests/Fixtures/bench_nulls.json pins this).
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(format, forKey: .format)
+        try container.encode(tool, forKey: .tool)
+        try container.encode(device, forKey: .device)
+        try container.encode(os, forKey: .os)
+        try container.encode(backend, forKey: .backend)
+        try container.encode(computeUnits, forKey: .computeUnits)
+        if let threads {
+            try container.encode(threads, forKey: .threads)
+        } else {
+            try container.encodeNil(forKey: .threads)
+        }
+        try container.encode(precision, forKey: .precision)
+        try container.encode(weights, forKey: .weights)
+        try container.encode(compression, forKey: .compression)
+        try container.encode(batch, forKey: .batch)
+        try container.encode(cfg, forKey: .cfg)
+        try container.encode(topK, forKey: .topK)
+        try container.encode(topP, forKey: .topP)
+        try container.encode(seed, forKey: .seed)
+        try container.encode(sampling, forKey: .sampling)
+        try container.encode(kvCache, forKey: .kvCache)
+        try container.encode(warmup, forKey: .warmup)
+        try container.encode(iterations, forKey: .iterations)
+        try container.encode(loadMs, forKey: .loadMs)
+        try container.encode(perScale, forKey: .perScale)
+        try container.encode(decode, forKey: .decode)
+        try container.encode(endToEnd, forKey: .endToEnd)
+        try container.encode(throughputImagesPerS, forKey: .throughputImagesPerS)
+        try container.encode(params, forKey: .params)
+        try container.encode(artifact, forKey: .artifact)
+        try container.encode(modelRef, forKey: .modelRef)
+        if let stageUnits {
+            try container.encode(stageUnits, forKey: .stageUnits)
+        } else {
+            try container.encodeNil(forKey: .stageUnits)
+        }
     }
 
     /// Pretty-printed JSON with sorted keys, as written to `--json`.

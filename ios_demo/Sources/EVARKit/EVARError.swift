@@ -24,7 +24,7 @@ public enum EVARError: Error, LocalizedError, Equatable {
         case .missingFile(let what): return "missing file: \(what)"
         case .invalidManifest(let what): return "invalid manifest: \(what)"
         case .unsupportedFormatVersion(let found, let supported):
-            return "manifest format_version \(found) is not supported by this EVARKit (supports \(supported)); "
+            return "manifest format_version \(found) is not supported by this EVARKit (supports 1 to \(supported)); "
                 + "update the app or re-export with a matching evar-export"
         case .unsupportedArtifact(let what): return "unsupported artifact: \(what)"
         case .invalidConfiguration(let what): return "invalid generation configuration: \(what)"

@@ -1,5 +1,6 @@
 // Lazy model loading: compile an .mlpackage once (cached across launches), load each function on
-// first use with `MLModelConfiguration.functionName`, and make the KV state from the first step.
+// first use with `MLModelConfiguration.functionName` (or its own package, iOS 17 artifacts) on the units
+// the manifest allows it, and make the KV state from the first step.
 
 #if canImport(CoreML)
 import CoreML
@@ -16,12 +17,13 @@ extension EVARPipeline {
         if let model = models[key] {
             return model
         }
-        let url = try await compiledModel(for: function.graph)
+        let url = try await compiledModel(file: function.file)
         let configuration = MLModelConfiguration()
-        configuration.computeUnits = computeUnits.mlComputeUnits
+        // A graph the manifest pins to the CPU (fhat_update) stays there whatever the app chose.
+        configuration.computeUnits = function.computeUnits(requested: computeUnits).mlComputeUnits
         if let name = function.coreMLFunctionName {
             guard #available(iOS 18.0, macOS 15.0, *) else {
-                throw EVARError.unsupportedOS("\(function.graph.file) holds several functions (multifunction "
+                throw EVARError.unsupportedOS("\(function.file) holds several functions (multifunction "
                                               + "models need iOS 18 / macOS 15)")
             }
             configuration.functionName = name
@@ -39,44 +41,45 @@ extension EVARPipeline {
         return model
     }
 
-    /// The compiled `.mlmodelc` of a graph: as shipped, from the cache, or compiled now and cached.
-    func compiledModel(for graph: Manifest.Graph) async throws -> URL {
-        if let url = compiledURLs[graph.file] {
+    /// The compiled `.mlmodelc` of a package (relative to the artifact): as shipped, from the cache, or
+    /// compiled now and cached.
+    func compiledModel(file: String) async throws -> URL {
+        if let url = compiledURLs[file] {
             return url
         }
-        let source = artifactURL.appendingPathComponent(graph.file)
+        let source = artifactURL.appendingPathComponent(file)
         guard FileManager.default.fileExists(atPath: source.path) else {
-            throw EVARError.missingFile(graph.file)
+            throw EVARError.missingFile(file)
         }
         if source.pathExtension == "mlmodelc" {
-            compiledURLs[graph.file] = source
+            compiledURLs[file] = source
             return source
         }
-        let destination = compiledCacheDirectory(for: graph)?
+        let destination = compiledCacheDirectory(file: file)?
             .appendingPathComponent(source.deletingPathExtension().lastPathComponent + ".mlmodelc")
         if let destination, FileManager.default.fileExists(atPath: destination.path) {
-            compiledURLs[graph.file] = destination
+            compiledURLs[file] = destination
             return destination
         }
         let compiled = try await MLModel.compileModel(at: source)
         guard let destination else {
-            compiledURLs[graph.file] = compiled
+            compiledURLs[file] = compiled
             return compiled
         }
         try FileManager.default.createDirectory(at: destination.deletingLastPathComponent(),
                                                 withIntermediateDirectories: true)
         try? FileManager.default.removeItem(at: destination)
         try FileManager.default.moveItem(at: compiled, to: destination)
-        compiledURLs[graph.file] = destination
+        compiledURLs[file] = destination
         return destination
     }
 
-    /// A cache folder named by the hashes of the graph's files, so a re-export never reuses a stale
-    /// compilation; nil (no caching) when the manifest lists no files for the graph.
-    func compiledCacheDirectory(for graph: Manifest.Graph) -> URL? {
-        let prefix = graph.file + "/"
+    /// A cache folder named by the hashes of the package's files, so a re-export never reuses a stale
+    /// compilation; nil (no caching) when the manifest lists no files for it.
+    func compiledCacheDirectory(file: String) -> URL? {
+        let prefix = file + "/"
         let entries = manifest.files
-            .filter { $0.path == graph.file || $0.path.hasPrefix(prefix) }
+            .filter { $0.path == file || $0.path.hasPrefix(prefix) }
             .map { $0.path + " " + $0.sha256 }
             .sorted()
         guard !entries.isEmpty else { return nil }

@@ -41,11 +41,12 @@ extension EVARPipeline {
     }
 
     func runScales(_ configuration: GenerationConfiguration, labels: [Int]) throws -> ScaleLoopOutput {
+        if manifest.samplesOnHost {  // the manifest says where sampling runs: follow it
+            return try runHostSampledScales(configuration, labels: labels)
+        }
         guard manifest.sampling.inGraph else {
-            // The step graphs of this manifest format update f_hat from the idx they sample themselves;
-            // there is no input through which host-drawn tokens could reach the next scale.
-            throw EVARError.unsupportedArtifact("sampling.in_graph is false: manifest format 1 step functions have "
-                                                + "no input for host-sampled tokens; export with in-graph sampling")
+            throw EVARError.unsupportedArtifact("sampling.in_graph is false without sampling.where \"host\" "
+                                                + "and an fhat_update graph; re-export the artifact")
         }
         var output = ScaleLoopOutput()
         var context = ScaleContext(scale: 0, patch: 1, begin: 0, end: 0, batch: manifest.batchSize, labels: labels,

@@ -16,8 +16,14 @@ import CoreGraphics
 ///
 /// Models load lazily: the first `generate` compiles (once per artifact, cached) and loads each
 /// function when it is first needed; call `loadResources()` to pay that cost up front (the bench
-/// does, to time it separately). Not reentrant: run one generation at a time per pipeline.
-public final class EVARPipeline {
+/// does, to time it separately).
+///
+/// An actor: the model cache, the compiled URLs and the KV state are mutated by async methods, so every
+/// access is serialised by the actor and Swift 6's strict checking can prove it (the app calls it from the
+/// main actor, the bench from its own task). Generations on one pipeline run one at a time; a `generate`
+/// suspends only while loading models, before its first scale, so two generations never interleave scales
+/// on the shared KV state.
+public actor EVARPipeline {
     /// Settings that do not change the image.
     public struct Options: Sendable {
         /// Recompute in-graph samples on the host from the graph's logits and count disagreements
@@ -33,9 +39,9 @@ public final class EVARPipeline {
         }
     }
 
-    public let artifactURL: URL
-    public let manifest: Manifest
-    public let options: Options
+    public nonisolated let artifactURL: URL
+    public nonisolated let manifest: Manifest
+    public nonisolated let options: Options
     /// The compute units the loaded models use.
     public private(set) var computeUnits: ComputeUnits
 
@@ -43,6 +49,8 @@ public final class EVARPipeline {
     var compiledURLs: [String: URL] = [:]
     /// The `MLState` holding the KV cache (typed `AnyObject` because `MLState` needs iOS 18).
     var kvState: AnyObject?
+    /// True while `generate` runs (see there).
+    var generating = false
 
     /// Reads and checks the manifest; loads no model yet.
     public init(artifactURL: URL, computeUnits: ComputeUnits = .cpuAndNeuralEngine,
@@ -64,6 +72,9 @@ public final class EVARPipeline {
     var allFunctions: [Manifest.GraphFunction] {
         get throws {
             var functions = try manifest.patchNums.indices.map { try manifest.stepFunction(scaleIndex: $0) }
+            if manifest.samplesOnHost {
+                functions += try manifest.patchNums.indices.map { try manifest.fhatUpdate(scaleIndex: $0) }
+            }
             functions.append(try manifest.vqvaeDecoder())
             return functions
         }
@@ -95,6 +106,13 @@ public final class EVARPipeline {
 
     /// Runs the scale loop and the decoder for one batch (the artifact's batch size).
     public func generate(_ configuration: GenerationConfiguration) async throws -> GenerationResult {
+        // The actor may interleave a second call at the loading `await` below: refuse it rather than let it
+        // unload models or share the KV state mid-generation.
+        guard !generating else {
+            throw EVARError.invalidConfiguration("a generation is already running on this pipeline; await it first")
+        }
+        generating = true
+        defer { generating = false }
         setComputeUnits(configuration.computeUnits)
         let batch = manifest.batchSize
         let labels = configuration.labels(batch: batch)

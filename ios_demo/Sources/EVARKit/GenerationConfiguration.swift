@@ -49,6 +49,20 @@ public struct GenerationConfiguration: Codable, Hashable, Sendable {
         self.computeUnits = computeUnits
     }
 
+    /// `label` moved into `0 ..< numClasses`: a label chosen for one artifact (an ImageNet class, 207)
+    /// given to another with fewer classes (digits) becomes its last class instead of failing the run.
+    public static func clampedClassLabel(_ label: Int, numClasses: Int) -> Int {
+        min(max(label, 0), max(numClasses - 1, 0))
+    }
+
+    /// This configuration with its label(s) clamped to an artifact of `numClasses` classes.
+    public func clamped(toClasses numClasses: Int) -> GenerationConfiguration {
+        var copy = self
+        copy.classLabel = Self.clampedClassLabel(classLabel, numClasses: numClasses)
+        copy.classLabels = classLabels?.map { Self.clampedClassLabel($0, numClasses: numClasses) }
+        return copy
+    }
+
     /// The labels of a batch of `batch` samples.
     public func labels(batch: Int) -> [Int] {
         if let classLabels { return classLabels }

@@ -1,5 +1,6 @@
 // Decoder output (N, 3, H, W) floats → 8-bit RGB, exactly as evar.data.to_uint8_nhwc does it:
-// clamp to the range, scale to [0, 255] in Float, round half to even (Tests/Fixtures/image.json).
+// clamp to the range, scale to [0, 255] in Float, round half to even, NaN as the lower bound
+// (Tests/Fixtures/image.json).
 
 #if canImport(CoreGraphics)
 import CoreGraphics
@@ -21,7 +22,10 @@ public enum ImageConversion {
         var out = [UInt8](repeating: 0, count: 3 * plane)
         for pixel in 0..<plane {
             for channel in 0..<3 {
-                let x = min(max(chw[base + channel * plane + pixel], range.lower), range.upper)
+                let value = chw[base + channel * plane + pixel]
+                // A NaN (a diverged decoder) is the lower bound, as in evar.data.to_uint8_nhwc: min/max pass
+                // NaN through, and UInt8(NaN) traps. ±inf clamp like any out-of-range value.
+                let x = value.isNaN ? range.lower : min(max(value, range.lower), range.upper)
                 // For [-1, 1] this is (x + 1) · 127.5, the reference's two Float operations.
                 let scaled = range.lower == -1 && range.upper == 1 ? (x + 1) * 127.5 : (x - range.lower) * scale
                 out[pixel * 3 + channel] = UInt8(scaled.rounded(.toNearestOrEven))

@@ -84,7 +84,7 @@ extension MLMultiArray {
                 }
             case .int32:
                 Self.evarWalk(shape: shape, strides: strides) { i, offset in
-                    raw.storeBytes(of: Int32(values[i]), toByteOffset: offset * 4, as: Int32.self)
+                    raw.storeBytes(of: Self.evarInt32(values[i]), toByteOffset: offset * 4, as: Int32.self)
                 }
             default:
                 throw EVARError.unsupportedArtifact("multi-array element type \(type.rawValue)")
@@ -153,7 +153,16 @@ extension MLMultiArray {
             }
             return out
         }
-        return try evarFloats().map { Int32($0.rounded()) }
+        return try evarFloats().map { Self.evarInt32($0.rounded()) }
+    }
+
+    /// `Int32(x)` without its traps: NaN → 0, values beyond Int32 (±inf included) → the nearest end.
+    /// A float output read as integers (a NaN from a diverged graph) must fail visibly, not crash.
+    static func evarInt32(_ x: Float) -> Int32 {
+        if x.isNaN { return 0 }
+        if x >= 2_147_483_520 { return Int32.max }  // the largest Float below 2³¹; Int32(2³¹) traps
+        if x <= -2_147_483_648 { return Int32.min }
+        return Int32(x)
     }
 }
 

@@ -70,6 +70,9 @@ extension Manifest {
         public var outputs: [Tensor]
         /// Core ML model state (the iOS 18 KV cache).
         public var states: [Tensor]?
+        /// iOS 17 artifacts: this function's own single-function package (relative to the artifact);
+        /// nil: the graph's `file`.
+        public var file: String?
 
         enum CodingKeys: String, CodingKey {
             case name
@@ -79,6 +82,7 @@ extension Manifest {
             case inputs
             case outputs
             case states
+            case file
         }
     }
 
@@ -122,6 +126,10 @@ extension Manifest {
         case keyCache = "key_cache"
         case valueCache = "value_cache"
         case image
+        /// Host-sampled artifacts: `(2·batch, classes + 1)` one-hot rows, conditional then unconditional.
+        case classOnehot = "class_onehot"
+        /// Host-sampled artifacts: logits before guidance, `(2·batch, pn², V)`, conditional rows first.
+        case rawLogits = "raw_logits"
     }
 
     /// A static size or a symbol (`batch`, `cfg_batch`, `sequence_length`, `past_sequence_length`,

@@ -5,13 +5,15 @@
 import Foundation
 
 extension Manifest {
-    /// The manifest format this EVARKit reads.
-    public static let supportedFormatVersion = 1
+    /// The newest manifest format this EVARKit reads (1, and 2: host-sampled artifacts).
+    public static let supportedFormatVersion = 2
     /// The `format` of every EVAR artifact manifest.
     public static let formatName = "evar-artifact"
     /// Graph roles (keys of `graphs`).
     public static let decoderStepRole = "decoder_step"
     public static let vqvaeDecoderRole = "vqvae_decoder"
+    /// Host-sampled artifacts: (f_hat, idx) → next f_hat, one function per scale, on the CPU.
+    public static let fhatUpdateRole = "fhat_update"
 
     /// Decodes `manifest.json` from an artifact directory (no checks; see `validate(artifactDirectory:)`).
     public static func load(artifactDirectory: URL) throws -> Manifest {
@@ -54,7 +56,7 @@ extension Manifest {
         guard format == Self.formatName else {
             throw EVARError.invalidManifest("format is \"\(format)\", expected \"\(Self.formatName)\"")
         }
-        guard formatVersion == Self.supportedFormatVersion else {
+        guard (1...Self.supportedFormatVersion).contains(formatVersion) else {
             throw EVARError.unsupportedFormatVersion(found: formatVersion, supported: Self.supportedFormatVersion)
         }
         if backend == .onnx {
@@ -80,6 +82,16 @@ extension Manifest {
         let decoder = try vqvaeDecoder()
         _ = try decoder.function.input(role: .fHat)
         _ = try decoder.function.output(role: .image)
+        if samplesOnHost {
+            for scale in patchNums.indices {
+                let step = try stepFunction(scaleIndex: scale)
+                _ = try step.function.input(role: .classOnehot)
+                _ = try step.function.output(role: .rawLogits)
+                let update = try fhatUpdate(scaleIndex: scale)
+                _ = try update.function.input(role: .idx)
+                _ = try update.function.output(role: .fHat)
+            }
+        }
         if let artifactDirectory {
             try checkFiles(in: artifactDirectory)
         }
@@ -108,10 +120,44 @@ extension Manifest {
         public var graph: Graph
         public var function: Function
 
-        /// Core ML needs a function name only when the package holds several functions.
+        /// Core ML needs a function name only when the package holds several functions (a function with
+        /// its own package, iOS 17, is that package's only one).
         public var coreMLFunctionName: String? {
-            graph.functions.count > 1 ? function.name : nil
+            function.file == nil && graph.functions.count > 1 ? function.name : nil
         }
+
+        /// The package this function is in, relative to the artifact.
+        public var file: String { function.file ?? graph.file }
+
+        /// The units this function runs on: CPU for a graph the manifest pins there (`cpu_only`, the
+        /// host-sampled artifact's fhat_update), the caller's choice for everything else.
+        public func computeUnits(requested: ComputeUnits) -> ComputeUnits {
+            graph.computeUnits == .cpuOnly ? .cpuOnly : requested
+        }
+    }
+
+    /// Whether the step functions return raw logits and the host samples (`sampling.where == "host"`).
+    public var samplesOnHost: Bool { sampling.`where` == .host || (sampling.`where` == nil && !sampling.inGraph) }
+
+    /// The f_hat update of scale `scaleIndex` (host-sampled artifacts).
+    public func fhatUpdate(scaleIndex: Int) throws -> GraphFunction {
+        let graph = try graph(role: Self.fhatUpdateRole)
+        guard let function = graph.functions.first(where: { $0.scaleIndex == scaleIndex }) else {
+            throw EVARError.invalidManifest("fhat_update has no function for scale \(scaleIndex)")
+        }
+        return GraphFunction(role: Self.fhatUpdateRole, graph: graph, function: function)
+    }
+
+    /// For the bench JSON: the units of each stage of a host-sampled artifact; nil for in-graph sampling.
+    public func stageUnits(_ requested: ComputeUnits) -> [String: String]? {
+        guard samplesOnHost else { return nil }
+        var units = ["sampling": "host"]
+        for role in [Self.decoderStepRole, Self.fhatUpdateRole, Self.vqvaeDecoderRole] {
+            if let graph = graphs[role] {
+                units[role] = (graph.computeUnits == .cpuOnly ? ComputeUnits.cpuOnly : requested).rawValue
+            }
+        }
+        return units
     }
 
     func graph(role: String) throws -> Graph {

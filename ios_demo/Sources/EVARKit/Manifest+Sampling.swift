@@ -14,6 +14,10 @@ extension Manifest {
         public var batch: String?
         /// L = Σ pn²; state buffers have this length.
         public var maxLength: Int
+        /// ANE layout: the state's sequence length, L rounded up to a multiple of 32 (masked past each scale).
+        public var paddedLength: Int?
+        /// Axis meanings of the value cache when they differ from `dims` (the key cache's).
+        public var valueDims: [String]?
         public var headDim: Int
         public var initial: String?
         public var layers: [KVLayer]
@@ -25,6 +29,8 @@ extension Manifest {
             case dtype
             case batch
             case maxLength = "max_length"
+            case paddedLength = "padded_length"
+            case valueDims = "value_dims"
             case headDim = "head_dim"
             case initial
             case layers
@@ -75,6 +81,9 @@ extension Manifest {
         /// Always `inverse_cdf`.
         public var method: String
         public var inGraph: Bool
+        /// `host`: the step functions return raw logits and the runtime samples, then runs `fhat_update`;
+        /// nil: `graph` when `inGraph`.
+        public var `where`: SamplingLocation?
         /// Baked into the graph (0 = off).
         public var topK: Int
         /// Baked into the graph (0 = off).
@@ -87,6 +96,7 @@ extension Manifest {
             case rng
             case method
             case inGraph = "in_graph"
+            case `where`
             case topK = "top_k"
             case topP = "top_p"
             case filters
@@ -95,9 +105,18 @@ extension Manifest {
         }
     }
 
+    /// Where tokens are drawn.
+    /// Schema: #/$defs/sampling/properties/where
+    public enum SamplingLocation: String, Codable, Hashable, Sendable {
+        case graph
+        case host
+    }
+
     /// Schema: #/$defs/sampling/properties/filters
     public enum SamplingFilters: String, Codable, Hashable, Sendable {
         case baked
+        /// Host-sampled artifacts: `top_k` / `top_p` are defaults; a generation may ask for others.
+        case host
     }
 
     /// The guidance-scale input and its ramp.

@@ -24,6 +24,7 @@ public struct Manifest: Codable, Hashable, Sendable {
     public var precision: Precision
     public var compression: Compression
     public var parity: Parity?
+    public var generation: Generation?
     public var provenance: Provenance
     public var files: [FileEntry]
 
@@ -41,6 +42,7 @@ public struct Manifest: Codable, Hashable, Sendable {
         case precision
         case compression
         case parity
+        case generation
         case provenance
         case files
     }
@@ -103,6 +105,7 @@ extension Manifest {
     public enum ComputePrecision: String, Codable, Hashable, Sendable {
         case fp32
         case fp16
+        case int8
     }
 
     /// Weight compression applied after conversion.
@@ -140,6 +143,19 @@ extension Manifest {
         public var value: Double?
         public var tolerance: Double?
         public var detail: String?
+    }
+
+    /// Optional generation modes (ONNX artifacts; EVARKit runs plain decoding).
+    /// Schema: #/$defs/generation
+    public struct Generation: Codable, Hashable, Sendable {
+        /// CFG trimming: scales from this index run the conditional rows only.
+        public var cfgUntilScale: Int?
+        public var unguidedGraph: String?
+
+        enum CodingKeys: String, CodingKey {
+            case cfgUntilScale = "cfg_until_scale"
+            case unguidedGraph = "unguided_graph"
+        }
     }
 
     /// How the artifact was made.

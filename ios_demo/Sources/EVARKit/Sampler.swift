@@ -91,6 +91,22 @@ public struct Sampler: Hashable, Sendable {
         return exps.map { Float($0 / total) }
     }
 
+    // MARK: Condition rows
+
+    /// Row-major `(2·batch, unconditional + 1)` one-hot rows, the `class_onehot` input of a host-sampled
+    /// step: rows `[0, batch)` the labels, rows `[batch, 2·batch)` the unconditional class (the last column),
+    /// as `evar.contract.host_sampling.class_onehot` builds them.
+    public static func classOnehot(labels: [Int], unconditional: Int) -> [Float] {
+        let width = unconditional + 1
+        let rows = labels + [Int](repeating: unconditional, count: labels.count)
+        var out = [Float](repeating: 0, count: rows.count * width)
+        for (row, label) in rows.enumerated() {
+            precondition(label >= 0 && label < width, "class \(label) is outside 0..<\(width)")
+            out[row * width + label] = 1
+        }
+        return out
+    }
+
     // MARK: Drawing
 
     /// The inverse-CDF draw: the number of cumulative probabilities `≤ u · total`, clamped to V − 1.

@@ -24,5 +24,32 @@ final class BenchReportTests: XCTestCase {
         XCTAssertEqual(json["format"] as? String, BenchReport.formatName)
         XCTAssertNotNil(json["per_scale"] as? [[String: Any]])
         XCTAssertNotNil((json["end_to_end"] as? [String: Any])?["p90_ms"])
+        // optional fields are written as null, never left out (the contract evar-bench follows too)
+        XCTAssertTrue(json["threads"] is NSNull)
+        XCTAssertTrue(json["stage_units"] is NSNull)
+    }
+
+    /// A report evar-bench wrote with null optional fields reads, and writes back the same keys and nulls.
+    func testNullFieldsRoundTrip() throws {
+        let data = try Fixtures.data("bench_nulls.json")
+        let report = try JSONDecoder().decode(BenchReport.self, from: data)
+        XCTAssertNil(report.threads)
+        XCTAssertNil(report.stageUnits)
+        let original = try XCTUnwrap(JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let written = try XCTUnwrap(JSONSerialization.jsonObject(with: report.jsonData()) as? [String: Any])
+        XCTAssertEqual(Set(written.keys), Set(original.keys))
+        XCTAssertTrue(written["threads"] is NSNull)
+        XCTAssertTrue(written["stage_units"] is NSNull)
+    }
+
+    func testHostSampledReportNamesTheUnitsOfEachStage() throws {
+        let manifest = try Manifest.decode(Fixtures.data("manifest_tiny_ane.json"))
+        let runs = [StageTimings(scaleMilliseconds: [Double](repeating: 1, count: manifest.patchNums.count),
+                                 decodeMilliseconds: 1, endToEndMilliseconds: 5)]
+        let report = BenchReport(manifest: manifest, artifactName: "tiny-ane", configuration: GenerationConfiguration(),
+                                 runs: runs, warmup: 0, loadMs: 1, tool: "tests", device: "test", os: "test")
+        XCTAssertEqual(report.sampling, "host")
+        XCTAssertEqual(report.stageUnits?["fhat_update"], "cpuOnly")
+        XCTAssertEqual(report.stageUnits?["decoder_step"], "cpuAndNeuralEngine")
     }
 }

@@ -189,9 +189,21 @@ struct Float16Fixture: Decodable {
 }
 
 struct ImageFixture: Decodable {
+    /// Inputs JSON cannot hold, spelled `nan`, `inf`, `-inf` (Swift's `Float(_:)` reads them).
+    struct NonFinite: Decodable {
+        var inputs: [String]
+        var rgb: [Int]
+    }
+
     var shape: [Int]
     var chw: [[[[Double]]]]
     var rgb: [[[[Int]]]]
+    var nonFinite: NonFinite
+
+    enum CodingKeys: String, CodingKey {
+        case shape, chw, rgb
+        case nonFinite = "non_finite"
+    }
 }
 
 extension Array where Element == Double {

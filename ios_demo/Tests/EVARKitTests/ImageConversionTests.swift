@@ -14,4 +14,12 @@ final class ImageConversionTests: XCTestCase {
             XCTAssertEqual(rgb, expected, "sample \(sample)")
         }
     }
+
+    /// NaN, +inf and -inf (a diverged decoder) convert like Python, without trapping.
+    func testNonFiniteValuesDoNotTrap() throws {
+        let fixture = try Fixtures.load(ImageFixture.self, "image.json")
+        let values = try fixture.nonFinite.inputs.map { try XCTUnwrap(Float($0), $0) }
+        let rgb = ImageConversion.rgbBytes(chw: ArraySlice(values), height: 1, width: 1)
+        XCTAssertEqual(rgb, fixture.nonFinite.rgb.map { UInt8($0) })
+    }
 }

@@ -42,10 +42,48 @@ final class ManifestTests: XCTestCase {
 
     func testNewerFormatVersionIsAClearError() throws {
         var manifest = try Manifest.decode(Fixtures.data("manifest_tiny_io.json"))
-        manifest.formatVersion = 2
+        manifest.formatVersion = 3
         XCTAssertThrowsError(try manifest.validate()) { error in
-            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 2, supported: 1))
+            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 3, supported: 2))
         }
+    }
+
+    /// `evar-export coreml --target ane`: format 2, sampling on the host, an fhat_update graph pinned to the CPU.
+    func testHostSampledManifest() throws {
+        let manifest = try Manifest.decode(Fixtures.data("manifest_tiny_ane.json"))
+        XCTAssertNoThrow(try manifest.validate())
+        XCTAssertEqual(manifest.formatVersion, 2)
+        XCTAssertTrue(manifest.samplesOnHost)
+        XCTAssertEqual(manifest.kvCache.paddedLength.map { $0 % 32 }, 0)
+        for scale in manifest.patchNums.indices {
+            let step = try manifest.stepFunction(scaleIndex: scale)
+            XCTAssertNoThrow(try step.function.input(role: .classOnehot))
+            XCTAssertNoThrow(try step.function.output(role: .rawLogits))
+            XCTAssertEqual(step.computeUnits(requested: .cpuAndNeuralEngine), .cpuAndNeuralEngine)
+            let update = try manifest.fhatUpdate(scaleIndex: scale)
+            XCTAssertEqual(update.computeUnits(requested: .cpuAndNeuralEngine), .cpuOnly)
+            XCTAssertNoThrow(try update.function.input(role: .idx))
+        }
+        XCTAssertEqual(manifest.stageUnits(.cpuAndNeuralEngine),
+                       ["decoder_step": "cpuAndNeuralEngine", "fhat_update": "cpuOnly", "sampling": "host",
+                        "vqvae_decoder": "cpuAndNeuralEngine"])
+        XCTAssertNil(try Manifest.decode(Fixtures.data("manifest_tiny.json")).stageUnits(.cpuAndNeuralEngine))
+        let again = try Manifest.decode(JSONEncoder().encode(manifest))
+        XCTAssertEqual(manifest, again)
+    }
+
+    func testClassOnehotRows() {
+        XCTAssertEqual(Sampler.classOnehot(labels: [2, 0], unconditional: 3),
+                       [0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1])
+    }
+
+    /// A label picked for a 1000-class artifact, given to a 10-class one, is clamped per artifact.
+    func testClassLabelsAreClampedPerArtifact() {
+        let configuration = GenerationConfiguration(classLabel: 207, classLabels: [3, 999, -1])
+        let digits = configuration.clamped(toClasses: 10)
+        XCTAssertEqual(digits.classLabel, 9)
+        XCTAssertEqual(digits.classLabels, [3, 9, 0])
+        XCTAssertEqual(configuration.clamped(toClasses: 1000).classLabel, 207)
     }
 
     func testMissingKeyNamesTheField() throws {

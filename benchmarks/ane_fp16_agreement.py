@@ -1,0 +1,87 @@
+"""How often the Neural Engine layout in fp16 draws the tokens it draws in fp32 (what a Mac cannot be asked here).
+
+    python benchmarks/ane_fp16_agreement.py [--model builtin:digits] [--seeds 0,1,2] [--batch 10]
+
+For each seed: the ANE-layout wrappers (export/ane.py, what `evar-export coreml --target ane` converts) run
+at fp32 with the host sampler against `generate` (tokens must be identical: the layout is exact), then the
+same wrappers cast to fp16 run on the CPU scale by scale on the fp32 run's f_hat (the parity protocol of
+fp16 exports: a flipped token cannot cascade), and their tokens are compared with the fp32 ones. Also the
+decoder (overflow-free GroupNorm) in fp16 against the reference image. torch's CPU fp16 kernels are not the
+ANE's, so this bounds what fp16 arithmetic does to the layout, not the device's exact numbers.
+Writes benchmarks/results/ane_fp16_agreement.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evar import zoo
+from evar.export.ane import AneDecoder, FhatUpdate, ane_steps
+from evar.export.ane_export import AneInterface, half_steps, host_run, loop_manifest
+from evar.export.artifact import export_ready
+from evar.files import atomic_write_json
+from evar.models.decoding import generate
+
+OUT = Path(__file__).resolve().parent / "results" / "ane_fp16_agreement.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin:digits")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.96)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    model = export_ready(zoo.load(args.model, attn_impl="math"))
+    c = model.config.var
+    labels = np.arange(args.batch) % c.num_classes
+    iface = AneInterface(model.config, args.batch)
+    specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
+    steps = ane_steps(model, args.batch)
+    steps16 = half_steps(steps)
+    updates = [FhatUpdate(model, si).eval() for si in range(c.num_scales)]
+    decoder = AneDecoder(model).eval()
+    decoder16 = AneDecoder(model).eval().half()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        ref = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=args.cfg, top_k=args.top_k,
+                       top_p=args.top_p, seed=seed)
+        run = host_run(loop_manifest(iface), steps, updates, labels, seed, args.cfg, args.top_k, args.top_p, *specs)
+        run16 = host_run(loop_manifest(iface), steps16, updates, labels, seed, args.cfg, args.top_k, args.top_p, *specs,
+                         teacher=run, dtype=torch.float16)
+        exact = all(np.array_equal(a, b.numpy()) for a, b in zip(run.tokens, ref.tokens))
+        same = [int((a == b).sum()) for a, b in zip(run16.tokens, run.tokens)]
+        total = [int(a.size) for a in run.tokens]
+        with torch.no_grad():
+            f_hat = torch.from_numpy(run.f_hat)
+            image32 = decoder(f_hat)
+            image16 = decoder16(f_hat.half()).float()
+        rows.append({"seed": seed, "fp32_tokens_equal_reference": exact,
+                     "fp16_token_agreement": sum(same) / sum(total),
+                     "fp16_token_agreement_per_scale": [s / t for s, t in zip(same, total)],
+                     "fp32_image_max_abs_vs_reference": float((image32 - ref.images).abs().max()),
+                     "fp16_decoder_max_abs_vs_fp32": float((image16 - image32).abs().max())})
+        print(rows[-1])
+    agreement = [r["fp16_token_agreement"] for r in rows]
+    result = {"model": args.model, "batch": args.batch, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+              "seeds": rows, "fp32_exact_on_every_seed": all(r["fp32_tokens_equal_reference"] for r in rows),
+              "fp16_token_agreement_mean": float(np.mean(agreement)), "fp16_token_agreement_std": float(np.std(agreement)),
+              "protocol": "fp16 wrappers on the CPU, scale by scale on the fp32 run's f_hat; host sampling in float32",
+              "load_average": list(os.getloadavg()), "seconds": time.perf_counter() - t0,
+              "command": "python benchmarks/ane_fp16_agreement.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}
+    atomic_write_json(OUT, result)
+    print(f"fp16 token agreement {result['fp16_token_agreement_mean']:.4f} ± {result['fp16_token_agreement_std']:.4f}; "
+          f"fp32 exact: {result['fp32_exact_on_every_seed']} → {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The speed ladder: every rung side by side in one run against PyTorch eager dense, with its quality cost.
+
+    python benchmarks/ladder.py              # d16 architecture latency + builtin:digits latency and quality
+    python benchmarks/ladder.py --quick      # the same path with fewer runs, seeds and samples (smoke / shared machine)
+    python benchmarks/ladder.py --skip-d16   # digits only (d16 exports take minutes and ~6 GB of RAM)
+
+Rungs (each an `evar-export onnx` artifact, cumulative):
+  eager            dense model, PyTorch eager (`evar sample`'s path: runtime backend torch-cpu)
+  ort-fp32         dense, onnxruntime fp32
+  +prune40         40% of heads and FFN units removed (d16: magnitude on random:d16, latency does not depend on
+                   values; digits: OBS + `evar distill`, EVAR's recipe)
+  +int8            `--quantize int8` (dynamic int8 of the blocks' linears; AdaLN and head fp32)
+  +cfg-trim        `--cfg-until-scale N`: the last two scales run without the unconditional half
+Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
+top-k 900, top-p 0.96; medians of end to end and of the transformer scales alone (wall clock and process CPU
+time). Quality on builtin:digits, per rung: class accuracy and Fréchet distance (mean ± std over seeds, the
+exported graphs generate through `evar.runtime`) and per-token KL to the dense model (teacher forced in
+PyTorch on the dense model's samples, guided distributions before top-k/top-p; int8 has no PyTorch model:
+its KL is the export gate's, against its own fp32 graph). Models and exports are cached under --work.
+Writes benchmarks/results/ladder.json, ladder.png and ladder.md (the README table), with the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png  # noqa: E402
+from evar.runtime import bench as rb  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BIN = Path(sys.executable).parent
+CFG, TOP_K, TOP_P = 1.5, 900, 0.96
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim")
+
+
+def sh(args: list[str]) -> None:
+    print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True, cwd=ROOT)
+    print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def tool(name: str) -> str:
+    return str(BIN / name) if (BIN / name).exists() else name
+
+
+def ensure(out: Path, args: list[str]) -> Path:
+    """Run an `evar` / `evar-export` command unless its output exists."""
+    if out.exists():
+        print(f"skip: {out} exists")
+    else:
+        sh([tool(args[0]), *args[1:], "--out", str(out)])
+    return out
+
+
+def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], trim_at: int) -> dict[str, Any]:
+    """Model dirs and the four artifacts of one family → {rung: (artifact, device)}, plus the model dirs."""
+    models, arts = work / name / "models", work / name / "artifacts"
+    pruned = None
+    for cmd in pruned_cmds:  # each command's output feeds the next (prune → distill)
+        out = models / cmd[-1]
+        pruned = ensure(out, [c.format(prev=pruned) for c in cmd[:-1]])
+    export = ["evar-export", "onnx", "--top-k", str(TOP_K), "--top-p", str(TOP_P)]
+    dense_art = ensure(arts / "dense-fp32", [*export, "--model", dense_ref])
+    p_fp32 = ensure(arts / "p40-fp32", [*export, "--model", str(pruned)])
+    p_int8 = ensure(arts / "p40-int8", [*export, "--model", str(pruned), "--quantize", "int8"])
+    p_trim = ensure(arts / f"p40-int8-trim{trim_at}",
+                    [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at)])
+    return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
+                          "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu")},
+            "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at}
+
+
+# ---------------------------------------------------------------- latency
+def latency(rungs: dict[str, tuple[Path, str]], settings: rb.BenchSettings, model_ref: str) -> dict[str, Any]:
+    from evar import zoo
+
+    eager_model = zoo.load(model_ref) if "eager" in rungs else None
+    targets = {name: rb.load_target(art, device, settings, model=eager_model if device == "torch-cpu" else None)
+               for name, (art, device) in rungs.items()}
+    load_before = list(os.getloadavg())
+    t0 = time.perf_counter()
+    rb.measure(list(targets.values()), settings, progress=True)
+    load_after = list(os.getloadavg())
+    out = {}
+    for name, t in targets.items():
+        runs = t.timings
+        out[name] = {
+            "artifact": str(rungs[name][0].relative_to(ROOT) if rungs[name][0].is_relative_to(ROOT) else rungs[name][0]),
+            "device": rungs[name][1], "threads": t.generator.backend.threads,
+            "end_to_end": rb.stats([r.total_ms for r in runs]), "scales": rb.stats([sum(r.scale_ms) for r in runs]),
+            "decode": rb.stats([r.decode_ms for r in runs]),
+            "cpu_end_to_end": rb.stats([r.total_cpu_ms for r in runs]),
+            "cpu_scales": rb.stats([sum(r.scale_cpu_ms) for r in runs]),
+            "samples_ms": [r.total_ms for r in runs]}
+        t.generator.close()
+    base = out.get("eager") or out["ort-fp32"]
+    for r in out.values():
+        r["speedup_vs_eager"] = {k: base[k]["median_ms"] / r[k]["median_ms"] for k in
+                                 ("end_to_end", "scales", "cpu_end_to_end", "cpu_scales")}
+    return {"rungs": out, "settings": {"iters": settings.iters, "warmup": settings.warmup, "threads": settings.threads,
+                                       "batch": settings.batch, "cfg": CFG},
+            "load_average_before": load_before, "load_average_after": load_after,
+            "seconds": time.perf_counter() - t0}
+
+
+def host_overhead(artifact: Path, runs: int = 20) -> dict[str, float]:
+    """Per scale, process CPU time spent outside onnxruntime's run (uniforms, feeds, binding, copies), 1 thread."""
+    from evar.runtime.generator import Generator
+
+    gen = Generator(artifact, "cpu", threads=1)
+    inside = [0.0]
+    for sess in filter(None, (gen.backend.step, gen.backend.unguided)):
+        def timed(binding, _run=sess.run_with_iobinding):
+            t0 = time.process_time()
+            _run(binding)
+            inside[0] += time.process_time() - t0
+        sess.run_with_iobinding = timed
+    outside = []
+    for r in range(runs + 2):
+        inside[0] = 0.0
+        _, _, t = gen.run_batch(np.array([3]), 0, CFG, TOP_K, TOP_P)
+        if r >= 2:
+            outside.append((sum(t.scale_cpu_ms) - 1e3 * inside[0]) / len(t.scale_cpu_ms))
+    gen.close()
+    return {"median_ms_per_scale": float(np.median(outside)), "max_ms_per_scale": float(np.max(outside))}
+
+
+# ---------------------------------------------------------------- quality (digits)
+def quality(rungs: dict[str, tuple[Path, str]], seeds: list[int], per_class: int) -> dict[str, Any]:
+    from evar.eval.metrics import evaluate_digits
+    from evar.runtime.generator import Generator
+
+    labels = np.repeat(np.arange(10), per_class)
+    out: dict[str, Any] = {}
+    for name, (art, device) in rungs.items():
+        if name == "eager":
+            continue  # the ORT fp32 dense graph gives the same tokens (parity-checked at export)
+        gen = Generator(art, "cpu", threads=1)
+        acc, fd, tokens = [], [], []
+        for seed in seeds:
+            g = gen.generate(labels, seed=seed, cfg=CFG)
+            q = evaluate_digits(g.images, labels).to_dict()
+            acc.append(q["class_accuracy"])
+            fd.append(q["frechet_distance"])
+            tokens.append(g.tokens)
+        gen.close()
+        out[name] = {"class_accuracy": _ms(acc), "frechet_distance": _ms(fd), "per_seed": {"class_accuracy": acc,
+                                                                                          "frechet_distance": fd},
+                     "tokens_seed0": tokens[0]}
+    out["eager"] = {**out["ort-fp32"], "note": "identical tokens to ort-fp32 (export parity)"}
+    return out
+
+
+def _ms(v: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def guided_log_probs(model, labels, tokens: list[np.ndarray], trim_at: int | None):
+    """Teacher-forced log-probabilities of the sampling distribution (CFG ramp; off from trim_at) → (N, L, V)."""
+    import torch
+
+    from evar.models.sampling import apply_cfg, cfg_ratio
+
+    idx = [torch.from_numpy(t) for t in tokens]
+    lab = torch.from_numpy(labels)
+    S = model.config.var.num_scales
+    with torch.no_grad():
+        x = model.vqvae.idx_to_var_input(idx)
+        cond = model.var(lab, x)
+        uncond = model.var(torch.full_like(lab, model.config.var.num_classes), x)
+        parts = []
+        for si, (b, e) in enumerate(model.config.var.scale_ranges()):
+            t = 0.0 if trim_at is not None and si >= trim_at else cfg_ratio(CFG, si, S)
+            parts.append(apply_cfg(cond[:, b:e], uncond[:, b:e], t))
+        return torch.cat(parts, 1).log_softmax(-1)
+
+
+def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: int) -> dict[str, float | None]:
+    """Mean per-token KL(dense ‖ rung) on the dense graph's seed-0 samples (see the module doc)."""
+    from evar import zoo
+    from evar.contract import load_artifact
+
+    labels = np.repeat(np.arange(10), per_class)
+    dense, pruned = zoo.load(fam["dense"]), zoo.load(fam["pruned"])
+    ref = guided_log_probs(dense, labels, dense_tokens, None)
+
+    def kl(lp) -> float:
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    gate = load_artifact(fam["artifacts"]["+int8"][0]).data["parity"]["checks"]
+    gate_kl = [c["value"] for c in gate if c["name"].startswith("int8 vs fp32 export: mean token KL")]
+    return {"eager": 0.0, "ort-fp32": 0.0, "+prune40": kl(guided_log_probs(pruned, labels, dense_tokens, None)),
+            "+int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
+            "+cfg-trim": kl(guided_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))}
+
+
+# ---------------------------------------------------------------- report
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for fam_name, fam in result["families"].items():
+        lat = fam["latency"]
+        la = "/".join(f"{x:.1f}" for x in lat["load_average_before"])
+        lines += [f"**{fam_name}** ({fam['what']}; {lat['settings']['iters']} timed runs per rung after "
+                  f"{lat['settings']['warmup']} warm-up, alternating; threads {lat['settings']['threads'] or 'all'}; "
+                  f"load average {la} before):", "",
+                  "| rung | end to end ms (median) | speedup vs eager | transformer (all scales) ms | speedup vs eager "
+                  "| CPU-time speedup e2e / scales |" + (" class accuracy | Fréchet distance | KL to dense |"
+                                                         if "quality" in fam else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|---|" if "quality" in fam else "")]
+        for rung in RUNGS:
+            r = lat["rungs"].get(rung)
+            if r is None:
+                continue
+            sp = r["speedup_vs_eager"]
+            row = (f"| {rung} | {r['end_to_end']['median_ms']:.0f} | {sp['end_to_end']:.2f}× | "
+                   f"{r['scales']['median_ms']:.0f} | {sp['scales']:.2f}× | {sp['cpu_end_to_end']:.2f}× / "
+                   f"{sp['cpu_scales']:.2f}× |")
+            if "quality" in fam:
+                q = fam["quality"][rung]
+                kl = fam["kl"].get(rung)
+                kl_text = f"{kl:.3f}" if kl is not None else \
+                    f"(gate vs fp32 graph ≤ {fam['kl']['+int8_gate_vs_fp32_graph_max_scale']:.4f})"
+                row += (f" {100 * q['class_accuracy']['mean']:.1f}% | {q['frechet_distance']['mean']:.1f} ± "
+                        f"{q['frechet_distance']['std']:.1f} | {kl_text} |")
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(result["families"].items())
+    fig, axes = plt.subplots(1, len(fams), figsize=(6 * len(fams), 4), squeeze=False)
+    for ax, (name, fam) in zip(axes[0], fams):
+        rungs = [r for r in RUNGS if r in fam["latency"]["rungs"]]
+        e2e = [fam["latency"]["rungs"][r]["speedup_vs_eager"]["end_to_end"] for r in rungs]
+        sc = [fam["latency"]["rungs"][r]["speedup_vs_eager"]["scales"] for r in rungs]
+        x = np.arange(len(rungs))
+        ax.bar(x - 0.2, e2e, 0.4, label="end to end")
+        ax.bar(x + 0.2, sc, 0.4, label="transformer (all scales)")
+        ax.set_xticks(x, rungs, fontsize=8)
+        ax.set_ylabel("speedup over PyTorch eager dense (×)")
+        ax.set_title(f"{name}: load average {result['families'][name]['latency']['load_average_before'][0]:.1f}",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(path, figure_png(fig))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ladder")
+    ap.add_argument("--quick", action="store_true", help="1 timed d16 run, 5 digits runs, 2 seeds × 20 per digit")
+    ap.add_argument("--skip-d16", action="store_true")
+    ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--d16-iters", type=int, default=3)
+    ap.add_argument("--digits-iters", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--d16-threads", type=int, default=None, help="default: every core")
+    ap.add_argument("--digits-threads", type=int, default=1,
+                    help="a 1.3M-parameter graph gains nothing from a second intra-op thread (per-node sync)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.d16_iters, args.digits_iters, args.seeds, args.per_class = 1, 5, 2, 20
+    result: dict[str, Any] = {"command": " ".join(sys.argv), "machine": rb.machine(), "cfg": CFG, "top_k": TOP_K,
+                              "top_p": TOP_P, "families": {}}
+    if not args.skip_digits:
+        fam = build(args.work, "digits", "builtin:digits",
+                    [["evar", "prune", "--model", "builtin:digits", "--sparsity", "0.4", "--method", "obs", "pruned"],
+                     ["evar", "distill", "--teacher", "builtin:digits", "--student", "{prev}", "distilled"]], trim_at=4)
+        settings = rb.BenchSettings(iters=args.digits_iters, warmup=2, threads=args.digits_threads)
+        lat = latency(fam["artifacts"], settings, "builtin:digits")
+        q = quality(fam["artifacts"], list(range(args.seeds)), args.per_class)
+        kls = token_kls(fam, q["ort-fp32"]["tokens_seed0"], args.per_class)
+        for r in q.values():
+            r.pop("tokens_seed0", None)
+        host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
+        result["families"]["builtin:digits"] = {
+            "what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens)",
+            "latency": lat, "quality": q, "kl": kls, "per_class": args.per_class, "seeds": list(range(args.seeds)),
+            "host_overhead_outside_graph": host,
+            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at")}}
+    if not args.skip_d16:
+        fam = build(args.work, "d16", str(args.work / "d16" / "models" / "dense"),
+                    [["evar", "convert", "--model", "random:d16", "dense"],
+                     ["evar", "prune", "--model", "{prev}", "--sparsity", "0.4", "--method", "magnitude", "p40"]],
+                    trim_at=8)
+        settings = rb.BenchSettings(iters=args.d16_iters, warmup=1 if not args.quick else 0, threads=args.d16_threads)
+        result["families"]["random:d16"] = {
+            "what": "random weights (latency only); pruned = magnitude 40%; CFG trimmed from scale 8 of 10 "
+                    "(13², 16²: 425 of 680 tokens)",
+            "latency": latency(fam["artifacts"], settings, fam["dense"]),
+            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at")}}
+    result["load_average_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    md = table(result)
+    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    plot(result, args.out.with_suffix(".png"))
+    print(md)
+    print(f"→ {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""int8 ONNX step graphs: onnxruntime's dynamic quantization of the transformer's linear layers.
+
+`evar-export onnx --quantize int8` exports the fp32 step graph (parity-checked against PyTorch as always),
+then rewrites it with `onnxruntime.quantization.quantize_dynamic`: int8 weights (per output channel by
+default), activations quantized per tensor at run time (uint8), integer matmuls (MatMulInteger, fused by
+onnxruntime into DynamicQuantizeMatMul). Which layers are quantized is decided by weight, not by node name
+(onnxsim renames and fuses nodes): every initializer is matched to the PyTorch `nn.Linear` it came from.
+Only the blocks' attention and FFN linears are candidates by default; the AdaLN projections and the head
+(`--int8-fp32`) stay fp32, as do word_embed, the resize/Phi constants and the whole sampling tail.
+
+A quantized graph no longer gives the reference's tokens, so its gate is statistical: the int8 graph runs
+scale by scale on the fp32 graph's own inputs (`parity.drive(..., teacher=)`) over several seeds, and each
+scale's mean per-token KL(fp32 ‖ int8) of the guided logits and its token agreement must stay within the
+thresholds the manifest states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from evar.checkpoints import Model
+from evar.errors import EvarError
+from evar.export import parity as pt
+from evar.export.interface import StepInterface
+
+QUANTIZE_CHOICES = ("none", "int8")
+# layer groups `--int8-fp32` may keep in fp32; the blocks' attention/FFN linears are always quantized
+FP32_GROUPS = {"adaln": "AdaLN projections (blocks and head_nm)", "head": "the output head"}
+GATE_SEEDS = (11, 12, 13)
+GATE_BATCH = 3
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    keep_fp32: tuple[str, ...] = ("adaln", "head")
+    per_channel: bool = True
+    max_kl: float = 0.05  # mean per-token KL(fp32 || int8) of the guided logits, per scale
+    min_token_agreement: float = 0.85  # per scale, on the fp32 graph's inputs
+
+    def validate(self) -> None:
+        bad = [g for g in self.keep_fp32 if g not in FP32_GROUPS]
+        if bad:
+            raise EvarError(f"--int8-fp32 takes a comma list of {', '.join(FP32_GROUPS)} (or none), got '{bad[0]}'")
+        if not self.max_kl > 0:
+            raise EvarError(f"the int8 KL threshold must be > 0, got {self.max_kl}")
+        if not 0 < self.min_token_agreement <= 1:
+            raise EvarError(f"the int8 token agreement threshold must be in (0, 1], got {self.min_token_agreement}")
+
+
+def parse_fp32_groups(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    return () if items in ((), ("none",)) else items
+
+
+# ---------------------------------------------------------------- which nodes
+def candidate_linears(model: Model, keep_fp32: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """module name → weight (out, in) of every linear layer to quantize."""
+    out = {}
+    for name, module in model.var.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        adaln = "ada_lin" in name
+        head = name == "head"
+        if not (name.startswith("blocks.") or head) or (adaln and "adaln" in keep_fp32) or (head and "head" in keep_fp32):
+            continue
+        out[name] = module.weight.detach().float().numpy()
+    return out
+
+
+def _initializers(graph) -> dict[str, Any]:
+    return {t.name: t for t in graph.initializer}
+
+
+def match_nodes(onnx_model, linears: dict[str, np.ndarray]) -> dict[str, str]:
+    """node name → module name for every MatMul/Gemm whose constant weight is one of `linears` (W or Wᵀ, bit equal)."""
+    from onnx import numpy_helper
+
+    inits = _initializers(onnx_model.graph)
+    by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for name, w in linears.items():
+        by_shape.setdefault(w.T.shape, []).append((name, w.T))
+        by_shape.setdefault(w.shape, []).append((name, w))
+    found = {}
+    for node in onnx_model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        b = numpy_helper.to_array(inits[node.input[1]])
+        for module, w in by_shape.get(b.shape, []):
+            if np.array_equal(b, w):
+                found[node.name] = module
+                break
+    return found
+
+
+def gemm_to_matmul(onnx_model, node_names: set[str]) -> None:
+    """Rewrite the named Gemm nodes as MatMul (+ Add of the bias) in place: onnxruntime's dynamic quantizer
+    quantizes MatMul, not Gemm (onnxsim fuses MatMul + Add into Gemm)."""
+    from onnx import helper, numpy_helper
+
+    graph = onnx_model.graph
+    inits = _initializers(graph)
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Gemm" or node.name not in node_names:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            nodes.append(node)
+            continue
+        b = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[b]).T.copy()
+            b = b + "__t"
+            graph.initializer.append(numpy_helper.from_array(w, b))
+        mm_out = node.output[0] + ("__mm" if len(node.input) > 2 and node.input[2] else "")
+        nodes.append(helper.make_node("MatMul", [node.input[0], b], [mm_out], name=node.name))
+        if mm_out != node.output[0]:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "__bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def quantize_step(model: Model, src: Path, dst: Path, options: Int8Options, external: bool) -> dict[str, Any]:
+    """src (fp32 step graph) → dst (int8); → the manifest's compression details."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src), load_external_data=True)
+    linears = candidate_linears(model, options.keep_fp32)
+    matched = match_nodes(proto, linears)
+    missing = sorted(set(linears) - set(matched.values()))
+    if missing:
+        raise EvarError(f"int8: the exported step graph has no matmul for {missing[0]} "
+                        f"({len(missing)} layers unmatched); re-export without --quantize")
+    gemm_to_matmul(proto, set(matched))
+    tmp = dst.with_name(dst.name + ".pre.onnx")
+    onnx.save_model(proto, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=tmp.name + ".data", size_threshold=1024)
+    del proto
+    quantize_dynamic(str(tmp), str(dst), weight_type=QuantType.QInt8, per_channel=options.per_channel,
+                     nodes_to_quantize=sorted(matched), op_types_to_quantize=["MatMul"],
+                     use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    return {"scheme": "dynamic int8: int8 weights" + (" per output channel" if options.per_channel else " per tensor")
+                      + ", uint8 activations per tensor at run time, integer matmuls",
+            "quantized_layers": len(matched), "quantized": sorted(set(matched.values())),
+            "kept_fp32": [FP32_GROUPS[g] for g in options.keep_fp32] +
+                         ["word_embed, resize/Phi constants, class embedding, sampling tail"],
+            "gate": {"against": "the fp32 export of the same model", "seeds": list(GATE_SEEDS), "batch": GATE_BATCH,
+                     "cfg": pt.PARITY_CFG, "max_mean_token_kl_per_scale": options.max_kl,
+                     "min_token_agreement_per_scale": options.min_token_agreement}}
+
+
+# ---------------------------------------------------------------- the gate
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def token_kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    """Mean over tokens of KL(softmax(ref) ‖ softmax(got))."""
+    lp, lq = _log_softmax(ref_logits), _log_softmax(got_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def int8_gate(report: pt.ParityReport, num_scales: int, run_fp32: Callable[..., pt.Run],
+              run_int8: Callable[..., pt.Run], options: Int8Options, num_classes: int) -> None:
+    """Per scale over GATE_SEEDS: mean token KL and token agreement of the int8 graphs run on the fp32 graphs'
+    inputs. run_fp32(labels, seed) drives the fp32 graphs freely; run_int8(labels, seed, teacher) scale by scale."""
+    kls = np.zeros((len(GATE_SEEDS), num_scales))
+    agree = np.zeros_like(kls)
+    for i, seed in enumerate(GATE_SEEDS):
+        labels = (np.arange(GATE_BATCH) * 3 + seed) % num_classes
+        ref = run_fp32(labels, seed)
+        got = run_int8(labels, seed, ref)
+        for si, (r, g) in enumerate(zip(ref.outputs, got.outputs)):
+            kls[i, si] = token_kl(r["logits"], g["logits"])
+            agree[i, si] = float((r["idx"].astype(np.int64) == g["idx"].astype(np.int64)).mean())
+    for si in range(num_scales):
+        kl, ag = float(kls[:, si].mean()), float(agree[:, si].mean())
+        report.checks.append(pt.Check(f"int8 vs fp32 export: mean token KL scale {si}", kl <= options.max_kl,
+                                      "mean_token_kl", kl, options.max_kl))
+        report.checks.append(pt.Check(f"int8 vs fp32 export: tokens scale {si}", ag >= options.min_token_agreement,
+                                      "token_agreement", ag, options.min_token_agreement))
