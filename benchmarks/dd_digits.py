@@ -169,6 +169,7 @@ def main() -> None:
                   "seconds": prov.get("pairs_record", {}).get("seconds")},
         "training": {"steps": prov.get("recipe", {}).get("schedule", {}).get("steps"),
                      "seconds": prov.get("run", {}).get("train_seconds")},
+        "recorded_times": prov.get("times"),  # the shipped model's own account (pairs made in two runs)
         "teacher_var_sha256": prov.get("teacher_var_sha256"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_average": os.getloadavg(), "threads": torch.get_num_threads()},
