@@ -104,7 +104,8 @@ def plot(result: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    names = [r["name"].replace(" (", "\n(") for r in rows]
+    names = [r["name"].replace("teacher-involved (teacher scales ", "teacher-involved\n(scales ").replace(" (6", "\n(6")
+             for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     fd = [r["quality"]["frechet_mean"] for r in rows]
     a.bar(names, fd, yerr=[r["quality"]["frechet_std"] for r in rows], color="tab:blue", capsize=4)
@@ -168,6 +169,7 @@ def main() -> None:
                   "seconds": prov.get("pairs_record", {}).get("seconds")},
         "training": {"steps": prov.get("recipe", {}).get("schedule", {}).get("steps"),
                      "seconds": prov.get("run", {}).get("train_seconds")},
+        "recorded_times": prov.get("times"),  # the shipped model's own account (pairs made in two runs)
         "teacher_var_sha256": prov.get("teacher_var_sha256"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_average": os.getloadavg(), "threads": torch.get_num_threads()},

@@ -58,3 +58,17 @@ def test_bad_input_is_one_error_and_nothing_is_written(dirs, tmp_path, args, wor
     assert words in str(result.exception) and len(str(result.exception).splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
+
+
+def test_builtin_dd_student_ships_with_its_recipe():
+    from evar import zoo
+    from evar.dd.model import DDModel
+    from evar.errors import ModelRefError
+
+    model = zoo.load_family("builtin:digits-dd", ("dd",))
+    assert isinstance(model, DDModel) and model.config.var == zoo.load("builtin:digits").config.var
+    prov = model.provenance
+    assert prov["commands"][0].startswith("evar dd pairs --teacher builtin:digits")
+    assert len(prov["teacher_var_sha256"]) == 64 and prov["times"]["pairs_wall_seconds"] > 0
+    with pytest.raises(ModelRefError, match="needs a VAR generator"):
+        zoo.load("builtin:digits-dd")
