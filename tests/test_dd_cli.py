@@ -72,3 +72,13 @@ def test_builtin_dd_student_ships_with_its_recipe():
     assert len(prov["teacher_var_sha256"]) == 64 and prov["times"]["pairs_wall_seconds"] > 0
     with pytest.raises(ModelRefError, match="needs a VAR generator"):
         zoo.load("builtin:digits-dd")
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(dirs, tmp_path):
+    """Same architecture, other tokenizer weights (a retrained teacher): its tokens would mean other things."""
+    _, dd_dir = dirs
+    other = save_model_dir(tiny_model(seed=1), tmp_path / "other")
+    out = tmp_path / "out"
+    result = invoke("sample", "--model", str(dd_dir), "--teacher", str(other), "--teacher-scales", "1", "--out", str(out))
+    assert isinstance(result.exception, EvarError) and "does not share the DD model's tokenizer" in str(result.exception)
+    assert not out.exists()

@@ -166,9 +166,13 @@ def _decode(model: DDModel, vectors: Tensor, cfg) -> Tensor:
 
 
 def _check_teacher(model: DDModel, teacher: Model) -> None:
-    if teacher.config.var.patch_nums != model.config.var.patch_nums or teacher.config.vqvae != model.config.vqvae:
+    """The teacher's tokens must mean what the student's mean: the same scales and the same tokenizer weights
+    (a retrained tokenizer of the same shape has other codebook vectors)."""
+    same_tokenizer = teacher.config.vqvae == model.config.vqvae and all(
+        torch.equal(a, b) for a, b in zip(teacher.vqvae.state_dict().values(), model.vqvae.state_dict().values()))
+    if teacher.config.var.patch_nums != model.config.var.patch_nums or not same_tokenizer:
         raise EvarError("--teacher does not share the DD model's tokenizer and scales: its tokens would mean "
-                        "other things")
+                        "other things (teacher-involved sampling needs the teacher the student was distilled from)")
 
 
 @torch.no_grad()
