@@ -227,8 +227,8 @@ def quantize_onnx_steps(model: Model, tmp: Path, steps: list[ox.OnnxGraph], opti
         graphs.append(ox.OnnxGraph(step.file, external, step.simplified, len(nodes)))
     staging.rmdir()
     notes.append(f"int8: {details['quantized_layers']} linear layers quantized per step graph; gated against the fp32 "
-                 f"graphs (mean token KL <= {options.int8.max_kl} per scale, token agreement >= "
-                 f"{options.int8.min_token_agreement} over all tokens)")
+                 f"graphs (per scale: mean token KL <= {options.int8.max_kl}, token agreement 1 - TV >= "
+                 f"{options.int8.min_token_agreement})")
     return graphs, {"method": "int8", "tool": "onnxruntime.quantization.quantize_dynamic", "details": details}
 
 

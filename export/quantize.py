@@ -10,10 +10,12 @@ Only the blocks' attention and FFN linears are candidates by default; the AdaLN 
 
 A quantized graph no longer gives the reference's tokens, so its gate is statistical: the int8 graph runs
 scale by scale on the fp32 graph's own inputs (`parity.drive(..., teacher=)`) over several seeds: each
-scale's mean per-token KL(fp32 ‖ int8) of the guided logits, and the token agreement over all tokens, must
-stay within the thresholds the manifest states. Agreement is pooled because a coarse scale's few tokens (9 at
-digits' third scale, 81 over the gate's 9 images) make a per-scale rate too noisy to gate on: a near-tie in
-the sampler flips a token without the distribution moving, which the per-scale KL measures directly.
+scale's mean per-token KL(fp32 ‖ int8) of the guided logits, and its token agreement, must stay within the
+thresholds the manifest states. The agreement is that of the best coupling of the two distributions, 1 − TV
+(total variation), averaged over tokens: the share of tokens two samplers sharing their randomness can keep.
+Counting equal sampled tokens instead measures the sampler as much as the model: inverse-CDF draws of a flat
+distribution (the retrained digits model's finest scale has perplexity ~250) flip at every shifted CDF
+boundary, and 0.84 was counted there with the KL under 0.01.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class Int8Options:
     keep_fp32: tuple[str, ...] = ("adaln", "head")
     per_channel: bool = True
     max_kl: float = 0.05  # mean per-token KL(fp32 || int8) of the guided logits, per scale
-    min_token_agreement: float = 0.85  # over all tokens of every scale, on the fp32 graph's inputs
+    min_token_agreement: float = 0.85  # per scale: mean over tokens of 1 − TV(fp32, int8)
 
     def validate(self) -> None:
         bad = [g for g in self.keep_fp32 if g not in FP32_GROUPS]
@@ -164,7 +166,8 @@ def quantize_step(model: Model, src: Path, dst: Path, options: Int8Options, exte
                          ["word_embed, resize/Phi constants, class embedding, sampling tail"],
             "gate": {"against": "the fp32 export of the same model", "seeds": list(GATE_SEEDS), "batch": GATE_BATCH,
                      "cfg": pt.PARITY_CFG, "max_mean_token_kl_per_scale": options.max_kl,
-                     "min_token_agreement_all_tokens": options.min_token_agreement}}
+                     "min_token_agreement_per_scale": options.min_token_agreement,
+                     "token_agreement": "mean over tokens of 1 - total variation (best coupling)"}}
 
 
 # ---------------------------------------------------------------- the gate
@@ -185,20 +188,24 @@ def int8_gate(report: pt.ParityReport, num_scales: int, run_fp32: Callable[..., 
     """Per scale over GATE_SEEDS: mean token KL and token agreement of the int8 graphs run on the fp32 graphs'
     inputs. run_fp32(labels, seed) drives the fp32 graphs freely; run_int8(labels, seed, teacher) scale by scale."""
     kls = np.zeros((len(GATE_SEEDS), num_scales))
-    same = total = 0
+    agree = np.zeros_like(kls)
     for i, seed in enumerate(GATE_SEEDS):
         labels = (np.arange(GATE_BATCH) * 3 + seed) % num_classes
         ref = run_fp32(labels, seed)
         got = run_int8(labels, seed, ref)
         for si, (r, g) in enumerate(zip(ref.outputs, got.outputs)):
             kls[i, si] = token_kl(r["logits"], g["logits"])
-            same += int((r["idx"].astype(np.int64) == g["idx"].astype(np.int64)).sum())
-            total += r["idx"].size
+            agree[i, si] = token_agreement(r["logits"], g["logits"])
     for si in range(num_scales):
-        kl = float(kls[:, si].mean())
+        kl, ag = float(kls[:, si].mean()), float(agree[:, si].mean())
         report.checks.append(pt.Check(f"int8 vs fp32 export: mean token KL scale {si}", kl <= options.max_kl,
                                       "mean_token_kl", kl, options.max_kl))
-    agree = same / total
-    report.checks.append(pt.Check(f"int8 vs fp32 export: tokens, all scales ({total} tokens)",
-                                  agree >= options.min_token_agreement, "token_agreement", agree,
-                                  options.min_token_agreement))
+        report.checks.append(pt.Check(f"int8 vs fp32 export: token agreement (1 - TV) scale {si}",
+                                      ag >= options.min_token_agreement, "token_agreement", ag,
+                                      options.min_token_agreement))
+
+
+def token_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    """Mean over tokens of 1 − TV(softmax(ref), softmax(got)): the best coupling's share of equal tokens."""
+    p, q = np.exp(_log_softmax(ref_logits)), np.exp(_log_softmax(got_logits))
+    return float(1.0 - 0.5 * np.abs(p - q).sum(-1).mean())

@@ -41,7 +41,7 @@ def test_int8_graph_has_integer_matmuls_and_says_so(int8_artifact):
     assert comp["method"] == "int8" and comp["details"]["quantized_layers"] == 4 * depth
     assert not any("ada_lin" in name or name == "head" for name in comp["details"]["quantized"])
     gate = [c for c in a.data["parity"]["checks"] if c["name"].startswith("int8 vs fp32")]
-    assert len(gate) == a.num_scales + 1 and all(c["passed"] for c in gate)  # KL per scale, agreement pooled
+    assert len(gate) == 2 * a.num_scales and all(c["passed"] for c in gate)
     assert {c["tolerance"] for c in gate} == {Int8Options().max_kl, Int8Options().min_token_agreement}
     assert not [p for p in int8_artifact.iterdir() if p.name.startswith(".")]  # staging removed
 
@@ -95,3 +95,12 @@ def test_bad_int8_options_are_one_line_and_write_nothing(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_token_agreement_is_one_minus_total_variation():
+    from evar.export.quantize import token_agreement
+
+    ref = np.log(np.array([[0.5, 0.3, 0.2]]))
+    got = np.log(np.array([[0.4, 0.4, 0.2]]))
+    assert token_agreement(ref, ref) == pytest.approx(1.0)
+    assert token_agreement(ref, got) == pytest.approx(0.9)  # TV = (0.1 + 0.1) / 2
