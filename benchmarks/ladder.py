@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,22 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from evar.files import atomic_write_bytes, atomic_write_json, figure_png  # noqa: E402
 from evar.runtime import bench as rb  # noqa: E402
+from latency import sh, tool  # noqa: E402  (beside this script: how both run the CLIs)
 
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
 RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim")
-
-
-def sh(args: list[str]) -> None:
-    print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(args, check=True, cwd=ROOT)
-    print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
-
-
-def tool(name: str) -> str:
-    return str(BIN / name) if (BIN / name).exists() else name
 
 
 def ensure(out: Path, args: list[str]) -> Path:

@@ -17,17 +17,23 @@ from evar.contract import DECODER_GRAPH, STEP_GRAPH, Artifact, step_feeds
 CT_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
 
 
+def load_coremltools(artifact: Artifact, device: str):
+    """coremltools, once the platform and the artifact's format allow a Core ML run (both Core ML backends)."""
+    require_macos(f"--device {device}")
+    require_format(artifact.format, "coreml", device)
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise BackendUnavailable("coremltools is not installed: pip install coremltools") from None
+    return ct
+
+
 class CoremlBackend:
     name = "coreml"
     threads = None  # Core ML schedules its own threads
 
     def __init__(self, artifact: Artifact, compute_units: str = "cpuAndNeuralEngine", device: str = "ane"):
-        require_macos(f"--device {device}")
-        require_format(artifact.format, "coreml", device)
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise BackendUnavailable("coremltools is not installed: pip install coremltools") from None
+        ct = load_coremltools(artifact, device)
         self.artifact, self.compute_units = artifact, compute_units
         units = getattr(ct.ComputeUnit, CT_UNITS[compute_units])
         step = artifact.graph(STEP_GRAPH)

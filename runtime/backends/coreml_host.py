@@ -14,9 +14,7 @@ import numpy as np
 
 from evar.contract import DECODER_GRAPH, FHAT_GRAPH, NP_DTYPES, STEP_GRAPH, Artifact
 from evar.contract.host_sampling import HostSampledLoop
-from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-
-CT_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
+from evar.runtime.backends.coreml import CT_UNITS, load_coremltools
 
 
 def graph_units(artifact: Artifact, role: str, device_units: str) -> str:
@@ -29,12 +27,7 @@ class CoremlHostBackend:
     threads = None  # Core ML schedules its own threads
 
     def __init__(self, artifact: Artifact, compute_units: str = "cpuAndNeuralEngine", device: str = "ane"):
-        require_macos(f"--device {device}")
-        require_format(artifact.format, "coreml", device)
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise BackendUnavailable("coremltools is not installed: pip install coremltools") from None
+        ct = load_coremltools(artifact, device)
         self.artifact, self.compute_units = artifact, compute_units
         self.stage_units = {role: graph_units(artifact, role, compute_units) for role in (STEP_GRAPH, FHAT_GRAPH, DECODER_GRAPH)}
         self.stage_units["sampling"] = "host"
