@@ -9,7 +9,8 @@ A family adapter wraps a loaded model and says
     the layers masked so far, so every layer is calibrated on the already sparsified ones before it;
   - `distance(teacher, recipe, work)` → `fn(gen)`: learnable masks' KL to the dense teacher on a drawn batch;
   - `check_teacher(teacher)`, `save(out, provenance)`: the family's own rules and model directory.
-Adapters: `var_family.VARSparse` (VAR blocks), `vit_family.ViTSparse` (ViT blocks).
+Adapters: `var_family.VARSparse` (VAR blocks), `vit_family.ViTSparse` (ViT blocks), `dit_family.DiTSparse`
+(DiT blocks).
 """
 from __future__ import annotations
 
@@ -44,13 +45,18 @@ class SparseFamily(Protocol):
 
 
 def family_for(model: Any) -> SparseFamily:
-    """The adapter of a loaded model (a VAR generator or a ViT classifier)."""
+    """The adapter of a loaded model (a VAR generator, a ViT classifier or a DiT)."""
+    from evar.dit.checkpoint import DiTModel
     from evar.vit.checkpoint import ViTModel
 
     if isinstance(model, ViTModel):
         from evar.sparsity.vit_family import ViTSparse
 
         return ViTSparse(model)
+    if isinstance(model, DiTModel):
+        from evar.sparsity.dit_family import DiTSparse
+
+        return DiTSparse(model)
     from evar.sparsity.var_family import VARSparse
 
     return VARSparse(model)

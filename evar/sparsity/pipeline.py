@@ -1,5 +1,5 @@
 """`evar sparsify`: load → check the layers → one-shot masks, or learnt ones from a one-shot prior → a model
-directory with the masks beside the weights. The model is a VAR generator or a ViT classifier; what differs
+directory with the masks beside the weights. The model is a VAR generator, a ViT classifier or a DiT; what differs
 between them is their adapter's (`evar.sparsity.family`)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from evar.sparsity.recipe import LEARNABLE, SparsifyRecipe
 from evar.sparsity.storage import Sparsity
 from evar.sparsity.targets import linear
 
-KINDS = ("var", "vit")  # the families evar sparsify takes
+KINDS = ("var", "vit", "dit")  # the families evar sparsify takes
 
 
 def run(model_ref: str, recipe: SparsifyRecipe, out: Path, work: Path, var_ckpt=None, vae_ckpt=None,
