@@ -116,6 +116,14 @@ def test_convert_vit_takes_a_timm_checkpoint_and_refuses_another_shape(tmp_path,
                          "--arch", "vit_small_patch16_224", "--img-size", "32", "--num-classes", "5")
     assert code == 2 and err.count("\n") == 1 and "tiny.safetensors: key 'cls_token' has shape (1, 1, 192)" in err, err
     assert not (tmp_path / "vs").exists()
+    (tmp_path / "model.pth").write_bytes(b"x")
+    for args, words in ((["--ckpt", "model.pth"], "expected a .safetensors file"),
+                        (["--ckpt", "tiny.safetensors", "--arch", "vit_huge"], "unknown ViT architecture 'vit_huge'")):
+        code, _, err = _evar(monkeypatch, capsys, tmp_path, "convert-vit", "--out", "vx", *args)
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "vx").exists()
+    code, _, err = _evar(monkeypatch, capsys, tmp_path, "sample", "--model", "vt", "--out", "imgs")
+    assert code == 2 and "is a ViT classifier" in err and not (tmp_path / "imgs").exists(), err
 
 
 # ---------------------------------------------------------------- 2:4 on the blocks
@@ -162,8 +170,11 @@ def test_sparsify_command_writes_a_vit_directory_that_eval_and_info_load(tmp_pat
     assert loaded.sparsity.method == "sparsegpt" and loaded.provenance["parent"] == "dense"
     code, out, _ = _evar(monkeypatch, capsys, tmp_path, "info", "--model", "sparse")
     assert "sparsity: 2:4 (sparsegpt), 8 masked layers" in out and "blocks.1.mlp.fc2" in out
-    code, out, err = _evar(monkeypatch, capsys, tmp_path, "eval", "--model", "sparse")
+    code, out, err = _evar(monkeypatch, capsys, tmp_path, "eval", "--model", "sparse", "--out", "r.json")
     assert code in (0, None) and "top-1" in out and "test split (450 images)" in out, err
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == 450
 
 
 @pytest.mark.parametrize("args,words", [
