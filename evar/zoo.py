@@ -2,6 +2,7 @@
 
     builtin:digits                     the embedded default, shipped inside the package
     builtin:dit-digits                 a small DiT trained on the same digits (a second family)
+    builtin:vit-digits                 a small ViT classifier of the same digits (timm's layout)
     official:d16|d20|d24|d30           FoundationVision release files, given --var-ckpt and --vae-ckpt
     random:d16|d20|d24|d30|digits      random weights of those shapes (latency work, tests)
     PATH                               an EVAR model directory (config.json + *.safetensors)
@@ -29,6 +30,7 @@ BUILTIN = {
     "digits": ASSETS / "digits",
     "digits-dd": ASSETS / "digits-dd",  # a DD student of digits
     "dit-digits": ASSETS / "dit-digits",  # a DiT trained on the same digits
+    "vit-digits": ASSETS / "vit-digits",  # a ViT classifier of the same digits (timm's layout)
 }
 VAR_FORMAT = "evar-model"
 
@@ -44,8 +46,9 @@ FAMILIES = {
     VAR_FORMAT: Family("var", "a VAR generator (VAR + VQVAE)", "evar.checkpoints:load_model_dir"),
     "evar-dd-model": Family("dd", "a Distilled Decoding student (evar dd train)", "evar.dd.model:load_dd_dir"),
     "evar-dit": Family("dit", "a diffusion transformer (DiT)", "evar.dit.checkpoint:load_dit_dir"),
+    "evar-vit": Family("vit", "a ViT classifier", "evar.vit.checkpoint:load_vit_dir"),
 }
-REF_FORMS = ("builtin:digits|digits-dd|dit-digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), "
+REF_FORMS = ("builtin:digits|digits-dd|dit-digits|vit-digits, official:d16|d20|d24|d30 (with --var-ckpt/--vae-ckpt), "
              "random:d16|…|digits, or a model directory")
 
 

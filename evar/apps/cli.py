@@ -28,6 +28,13 @@ def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path]):
 @app.command()
 def info(model: ModelOpt = "builtin:digits", var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None) -> None:
     """Print a model's config, parameter counts and provenance."""
+    from evar import zoo
+
+    if zoo.kind_of(model) == "vit":  # a classifier: evar.vit says what it is
+        from evar.vit.commands import describe_and_sparsity
+
+        print(describe_and_sparsity(zoo.load_family(model, ("vit",))))
+        return
     m = _load_generator(model, var_ckpt, vae_ckpt)
     if _is_dit(m):
         from evar.dit.commands import describe
@@ -181,7 +188,7 @@ def evaluate(
     steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
 ) -> None:
     """Quality of a digits model (VAR, DD or DiT): class accuracy, classifier-feature Fréchet distance and
-    precision/recall vs held-out digits."""
+    precision/recall vs held-out digits; of a ViT classifier: top-1 on the held-out digits."""
     from evar.dd.sampler import DDRequest
     from evar.samples import SamplingSettings
 
@@ -191,11 +198,16 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         if out is not None:
             stack.enter_context(claim_output(out, "file", overwrite=overwrite, inputs=[model, teacher]))
+        from evar import zoo
         from evar.dd.sampler import load_sampler
         from evar.quality import evaluate_model
 
         dd = DDRequest(steps, t_list, teacher, teacher_scales)
-        if _names_dit(model, dd):
+        if zoo.kind_of(model) == "vit":  # a classifier: top-1 on the held-out digits
+            from evar.vit.commands import evaluate_vit
+
+            report = evaluate_vit(zoo.load_family(model, ("vit",)), source=model)
+        elif _names_dit(model, dd):
             from evar.dit.commands import evaluate_dit, settings_for
 
             report = evaluate_dit(_load_generator(model, var_ckpt, vae_ckpt), settings_for(guidance, ddim_steps, seed),
@@ -212,6 +224,9 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
+    if report.get("task") == "classification":  # a ViT: top-1, not sample quality
+        print(f"top-1 {report['top1'] * 100:.2f}% on the digits {report['split']} split ({report['images']} images)")
+        return
     q = report["quality"]
     how = ", ".join(f"{k.replace('_', '-').replace('guidance', 'cfg')} {v}" for k, v in report["sampling"].items()
                     if k != "seed")
@@ -366,6 +381,10 @@ app.command("train-dit")(_dit.train_dit_cmd)
 app.command("convert-dit")(_dit.convert_dit)
 app.command("prune-dit")(_dit.prune_dit_cmd)
 app.command("distill-dit")(_dit.distill_dit_cmd)
+from evar.vit import commands as _vit  # noqa: E402  (a classifier family: ViT in timm's layout)
+
+app.command("train-vit")(_vit.train_vit_cmd)
+app.command("convert-vit")(_vit.convert_vit)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from evar.config import ConfigError, _build
 from evar.dit.model import DiT, DiTConfig
 from evar.errors import CheckpointError, EvarError
 from evar.files import atomic_dir, atomic_write_json, read_versioned_json
+from evar.sparsity import storage as sparse_masks
 
 DIT_FORMAT, DIT_FORMAT_VERSION, DIT_FILE = "evar-dit", 1, "dit.safetensors"
 # The paper's sizes (depth, hidden, heads); patch 2, 4 or 8 on SD-VAE latents (4 channels, image/8 side).
@@ -28,6 +29,7 @@ class DiTModel:
     config: DiTConfig
     dit: DiT
     provenance: dict[str, Any] = field(default_factory=dict)
+    sparsity: Any = None  # evar.sparsity.storage.Sparsity of a masked DiT (evar sparsify), else None
 
     def eval(self) -> DiTModel:
         self.dit.eval()
@@ -68,13 +70,17 @@ def load_dit_dir(model_dir: str | Path) -> DiTModel:
     config, provenance = read_dit_config(model_dir)
     dit = build_dit(config)
     load_strict(dit, read_safetensors(model_dir / DIT_FILE), str(model_dir / DIT_FILE))
-    return DiTModel(config, dit, provenance).eval()
+    return DiTModel(config, dit, provenance, sparse_masks.load(model_dir, dit)).eval()
 
 
 def save_dit_dir(model: DiTModel, out: str | Path) -> Path:
     with atomic_dir(out) as tmp:
+        extra = {}
+        if model.sparsity is not None:  # masks re-applied and stored beside the weights (evar sparsify)
+            model.sparsity.apply(model.dit)
+            extra[sparse_masks.SECTION] = sparse_masks.save(model.sparsity, tmp)
         save_file({k: v.contiguous() for k, v in model.dit.state_dict().items()}, str(tmp / DIT_FILE))
-        atomic_write_json(tmp / CONFIG_FILE, config_to_dict(model.config, model.provenance))
+        atomic_write_json(tmp / CONFIG_FILE, {**config_to_dict(model.config, model.provenance), **extra})
     return Path(out)
 
 

@@ -128,10 +128,15 @@ def distill_dit_cmd(
 def describe(model) -> str:
     c = model.config
     params = sum(p.numel() for p in model.dit.parameters())
+    sparse = ""
+    if model.sparsity is not None:
+        from evar.sparsity.report import sparsity_lines
+
+        sparse = "\n" + "\n".join(sparsity_lines(model))
     return (f"DiT: depth {c.depth}, width {c.hidden_size}, heads {list(c.num_heads)}, FFN {list(c.ffn_dims)}, "
             f"patch {c.patch_size} on {c.in_channels}×{c.input_size}² ({c.num_patches} tokens), "
             f"{c.num_classes} classes, {c.diffusion_steps} diffusion steps\nparams: {params / 1e6:.2f}M\n"
-            f"provenance: {json.dumps(model.provenance)}")
+            f"provenance: {json.dumps(model.provenance)}" + sparse)
 
 
 def settings_for(guidance: float, ddim_steps: int, seed: int):

@@ -20,11 +20,13 @@ def sparsify(
     method: Annotated[str, typer.Option(help="magnitude | wanda | sparsegpt | learnable")] = "sparsegpt",
     update: Annotated[bool, typer.Option("--update/--no-update", help="SparseGPT: compensate the kept weights")] = True,
     calib_samples: Annotated[int, typer.Option(help="calibration sequences (wanda, sparsegpt, a prior)")] = 128,
-    calib_data: Annotated[str, typer.Option(help="'teacher' (the model's own generations), 'digits' or an image folder")] = "teacher",
+    calib_data: Annotated[str, typer.Option(help="'teacher' (a VAR: its own generations; a ViT: its training data; a DiT: "
+                                                "digits), 'digits' or an image folder")] = "teacher",
     calib_batch: Annotated[int, typer.Option(help="calibration sequences per mini-batch")] = 8,
     blocksize: Annotated[int, typer.Option(help="SparseGPT: columns per lazy block")] = 128,
     percdamp: Annotated[float, typer.Option(help="SparseGPT: damping, a fraction of mean(diag H)")] = 0.01,
-    include_head: Annotated[bool, typer.Option("--include-head", help="also the head's AdaLN and output layer")] = False,
+    include_head: Annotated[bool, typer.Option("--include-head", help="also the head (VAR: its AdaLN and output "
+                                                                      "layer; ViT: head; DiT: final layer)")] = False,
     include_embed: Annotated[bool, typer.Option("--include-embed", help="also word_embed (and a shared AdaLN)")] = False,
     teacher: Annotated[Optional[str], typer.Option(help="learnable: the dense model the masks learn to imitate "
                                                         "(the --model itself, or its parent before structured "
@@ -43,8 +45,8 @@ def sparsify(
     seed: Annotated[int, typer.Option(help="seed of the calibration and training data")] = 0,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
-    """Zero weights of every Linear in the VAR blocks in an N:M or unstructured pattern (magnitude, Wanda,
-    SparseGPT, or masks learnt against the dense model); the masks are stored with the model."""
+    """Zero weights of every Linear in the blocks of a VAR, a ViT or a DiT in an N:M or unstructured pattern
+    (magnitude, Wanda, SparseGPT, or masks learnt against the dense model); the masks are stored with the model."""
     from evar.sparsity.recipe import SparsifyRecipe, parse_pair
 
     recipe = SparsifyRecipe(pattern=pattern, sparsity=sparsity, method=method, update=update, blocksize=blocksize,

@@ -8,40 +8,36 @@ with the temperature annealed from tau₀ to tau₁ and the scale rising linearl
 so early samples explore and late ones are nearly one-hot. The weights stay frozen; only the gates learn.
 The gates start from a one-shot mask (the prior): with σ the spread of the random initial gates,
     gate += (overlap − 1) · σ · prior_strength,      overlap = |candidate ∧ prior| / 2 ∈ {0, ½, 1},
-so the prior's candidate starts ahead. Loss: the per-token KL(teacher ‖ student) on teacher-forced
-sequences of the teacher's own generations (the distillation trainer's data path, with CFG's label drop),
-minus λ·Σ‖W ⊙ M‖² (keeping large weights is rewarded). The final mask is each group's argmax candidate.
+so the prior's candidate starts ahead. Loss: the family's KL(teacher ‖ student) (`evar.sparsity.family`:
+a VAR's per-token KL on teacher-forced sequences of the teacher's own generations, with CFG's label drop; a
+ViT's KL on class logits of training images), minus λ·Σ‖W ⊙ M‖² (keeping large weights is rewarded). The final mask is each group's argmax candidate.
 Training runs on EVAR's loop (`evar.train._run`): resumable from OUT.partial/.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from evar.calibration import TokenSet, token_set
-from evar.checkpoints import Model, load_saved_state
-from evar.distill.losses import token_kl
-from evar.distill.trainer import teacher_forcing_inputs
 from evar.errors import EvarError
-from evar.files import atomic_write_bytes, atomic_write_json, read_json
-from evar.samples import SamplingSettings
+from evar.files import atomic_write_json, read_json
 from evar.sparsity.recipe import SparsifyRecipe
 from evar.sparsity.targets import linear
-from evar.train import Schedule, _run, draw_batch, drop_labels
+from evar.train import Schedule, _run
 
 GROUP = 4
 CANDIDATES = torch.tensor([[1.0 if j in keep else 0.0 for j in range(GROUP)]
                            for keep in itertools.combinations(range(GROUP), 2)])  # (6, 4)
 INIT_STD = 0.1  # spread of the random initial gates, so that scale·σ·prior_strength ≈ 3 logits at scale 10
-DATA_FILE, RECORD_FILE = "mask_data.pt", "mask_run.json"
+RECORD_FILE = "mask_run.json"
 
 
 def prior_gates(prior: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +74,7 @@ class GumbelMask(nn.Module):
 
 @dataclass
 class MaskRun:
-    """The gates of every layer, attached to the student VAR as weight parametrizations."""
+    """The gates of every layer, attached to the student's Linears as weight parametrizations."""
 
     layers: dict[str, GumbelMask]
 
@@ -117,47 +113,45 @@ def schedule_at(step: int, steps: int, start: float, end: float) -> float:
 
 
 class MaskLoss:
-    """`loss_fn(gen, step)` for `evar.train._run`: KL to the teacher on a drawn batch, minus the weight reward."""
+    """`loss_fn(gen, step)` for `evar.train._run`: the family's KL to the teacher on a drawn batch, minus the
+    weight reward."""
 
-    def __init__(self, recipe: SparsifyRecipe, teacher: nn.Module, student: nn.Module, run: MaskRun,
-                 data: TokenSet, x: torch.Tensor):
-        self.recipe, self.teacher, self.student, self.run, self.data, self.x = recipe, teacher, student, run, data, x
-        self.cfg = student.cfg
+    def __init__(self, recipe: SparsifyRecipe, student: nn.Module, run: MaskRun,
+                 kl_fn: Callable[[torch.Generator], torch.Tensor]):
+        self.recipe, self.student, self.run, self.kl_fn = recipe, student, run, kl_fn
 
     def __call__(self, gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         r = self.recipe
         tau, scale = schedule_at(step, r.steps, *r.tau), schedule_at(step, r.steps, *r.scale)
         self.run.anneal(tau, scale)
-        pick = draw_batch(len(self.data), r.batch_size, gen)
-        labels = drop_labels(self.data.labels[pick], self.cfg.cond_drop_rate, self.cfg.num_classes, gen)
-        with torch.no_grad():
-            t_logits = self.teacher(labels, self.x[pick])
-        s_logits = self.student(labels, self.x[pick])
-        kl = token_kl(s_logits, t_logits, 1.0).mean()
+        kl = self.kl_fn(gen)
         kept = sum((linear(self.student, name).weight ** 2).sum() for name in self.run.layers)
         loss = kl - r.weight_reg * kept
         return {"loss": loss, "kl": kl.detach(), "kept_sq": kept.detach(), "tau": torch.tensor(tau),
                 "scale": torch.tensor(scale)}
 
 
-def learn_masks(teacher: Model, student: Model, priors: dict[str, torch.Tensor], recipe: SparsifyRecipe,
+def learn_masks(teacher: Any, student: Any, priors: dict[str, torch.Tensor], recipe: SparsifyRecipe,
                 work: Path, record: dict) -> dict[str, torch.Tensor]:
-    """Train the gates of `student.var` (its weights frozen) against `teacher.var`; state kept in `work`
-    (rerun with the same recipe to continue). Returns the final masks; the student's weights are unchanged."""
+    """Train the gates of the student's blocks (its weights frozen) against the dense teacher (both loaded
+    models of one family); state kept in `work` (rerun with the same recipe to continue). Returns the final
+    masks; the student's weights are unchanged."""
+    from evar.sparsity.family import family_for
+
     _check_record(work, record)
-    data = _data(teacher, recipe, work)
-    x = teacher_forcing_inputs(teacher, data.tokens)
-    teacher.var.eval().requires_grad_(False)
-    student.var.requires_grad_(False)
-    run = MaskRun.attach(student.var, priors, recipe.prior_strength, recipe.seed)
+    t_family, s_family = family_for(teacher), family_for(student)
+    kl_fn = s_family.distance(t_family, recipe, work)
+    t_family.root.eval().requires_grad_(False)
+    s_family.root.requires_grad_(False)
+    run = MaskRun.attach(s_family.root, priors, recipe.prior_strength, recipe.seed)
     modules = run.modules()
-    student.var.eval()  # no dropout in VAR; the gates sample because their modules are in train mode
+    s_family.root.eval()  # no dropout; the gates sample because their modules are in train mode
     modules.train()
     sched = Schedule(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=0.0,
                      warmup=min(20, recipe.steps), ckpt_every=recipe.ckpt_every, seed=recipe.seed)
-    _run(work, sched, list(modules.parameters()), {"gates": modules},
-         MaskLoss(recipe, teacher.var, student.var, run, data, x), "learnable masks")
-    return run.detach(student.var)
+    _run(work, sched, list(modules.parameters()), {"gates": modules}, MaskLoss(recipe, s_family.root, run, kl_fn),
+         "learnable masks")
+    return run.detach(s_family.root)
 
 
 def _check_record(work: Path, record: dict) -> None:
@@ -172,17 +166,3 @@ def _check_record(work: Path, record: dict) -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record)
-
-
-def _data(teacher: Model, recipe: SparsifyRecipe, work: Path) -> TokenSet:
-    """The teacher's own generations (as `evar distill` makes its data), made once and kept in `work`."""
-    path = work / DATA_FILE
-    if path.exists():
-        saved = load_saved_state(path, f"delete {path} and rerun to make the data again")
-        return TokenSet(saved["labels"], saved["tokens"], saved["source"])
-    data = token_set(teacher, recipe.calib_data, recipe.data_samples, SamplingSettings(seed=recipe.seed + 1),
-                     seed=recipe.seed + 1)
-    buf = io.BytesIO()
-    torch.save({"labels": data.labels, "tokens": data.tokens, "source": data.source}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return data
