@@ -12,6 +12,7 @@ Everything is written inside `atomic_dir`: a breach raises one ParityError and l
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def check_onnx_options(options: ox.OnnxOptions) -> None:
 
 
 def routes_to_dd(model_ref: str, t_list: str | None, var_flags: list[str]) -> bool:
-    """Whether `evar-export onnx` exports a DD student; the flags of the other kind are refused in one line,
+    """Whether `evar-export onnx|coreml` exports a DD student; the flags of the other kind are refused in one line,
     before anything is loaded or written. `var_flags`: VAR-only flags given on the command line."""
     from evar import zoo
 
@@ -57,13 +58,14 @@ def routes_to_dd(model_ref: str, t_list: str | None, var_flags: list[str]) -> bo
         return False
     if var_flags:
         raise EvarError(f"{', '.join(var_flags)}: VAR export options; '{model_ref}' is a Distilled Decoding model "
-                        "(its passes are exported at fp32 with argmax tokens; choose them with --t-list)")
+                        "(its passes are exported with argmax tokens; choose them with --t-list)")
     return True
 
 
-def onnx_command(model_ref: str, out: Path, options: ox.OnnxOptions, t_list: str | None, var_ckpt, vae_ckpt,
-                 overwrite: bool, command: str | None) -> dict:
-    """The body of `evar-export onnx --model DD_DIR`: claim OUT, load, export, check, write the manifest."""
+def export_command(model_ref: str, out: Path, t_list: str | None, var_ckpt, vae_ckpt, overwrite: bool,
+                   bytes_per_param: float, build: Callable[[DDModel, tuple[int, ...]], dict]) -> dict:
+    """The body of `evar-export onnx|coreml --model DD_DIR`: claim OUT, load, `build(model, t_values)` (export,
+    check, write the manifest)."""
     from evar import zoo
     from evar.outputs import check_space, claim_output
 
@@ -73,8 +75,8 @@ def onnx_command(model_ref: str, out: Path, options: ox.OnnxOptions, t_list: str
         model = zoo.load_family(model_ref, ("dd",))
         t_values = export_t_list(model, t_list)
         params = sum(p.numel() for p in model.student.parameters()) + sum(p.numel() for p in model.vqvae.parameters())
-        check_space(out, int(2.5 * 4 * params * len(t_values)))
-        return build_dd_onnx(model, model_ref, out, options, t_values, command)
+        check_space(out, int(2.5 * bytes_per_param * params * len(t_values)))
+        return build(model, t_values)
 
 
 def _export_pass(model: DDModel, iface: PassInterface, wrapper: StudentPass, tmp: Path, options: ox.OnnxOptions,
@@ -147,13 +149,13 @@ def dd_parity(model: DDModel, tmp: Path, t_values: tuple[int, ...], files: dict[
     return report
 
 
-def _manifest(model: DDModel, model_ref: str, command: str | None, graphs: dict[str, Any], t_values: tuple[int, ...],
-              report: pt.ParityReport) -> dict[str, Any]:
+def manifest_body(model: DDModel, model_ref: str, command: str | None, graphs: dict[str, Any],
+                  t_values: tuple[int, ...], report: pt.ParityReport, backend: str = "onnx") -> dict[str, Any]:
     c = model.config
     passes = [{"t": t, "given_tokens": PassInterface(model, t).given, "graph": pass_role(t)} for t in t_values]
     noise = {"rng": rng.RNG_NAME, "method": "box_muller", "input": "noise",
              "shape": ["batch", c.var.seq_len, c.var.cvae], "dtype": "float32", "stream": few_step.DESCRIPTION}
-    return {"family": "dd", "backend": "onnx", "model": c.model.to_dict(), "patch_nums": list(c.var.patch_nums),
+    return {"family": "dd", "backend": backend, "model": c.model.to_dict(), "patch_nums": list(c.var.patch_nums),
             "image_size": c.vqvae.image_size, "batch": {"mode": "dynamic", "size": None, "cfg_doubled": False},
             "graphs": graphs,
             "few_step": {"passes": passes, "default_t_list": [0], "continuous_from": c.continuous_from, "noise": noise,
@@ -188,5 +190,5 @@ def build_dd_onnx(model: DDModel, model_ref: str, out: Path, options: ox.OnnxOpt
         export_s = time.perf_counter() - t0
         report = dd_parity(model, tmp, t_values, files, dec.file, wrappers)
         report.raise_if_failed(f"ONNX export of {model_ref}")
-        contract.write(tmp, _manifest(model, model_ref, command, graphs, t_values, report))
+        contract.write(tmp, manifest_body(model, model_ref, command, graphs, t_values, report))
     return {"export_seconds": export_s, "total_seconds": time.perf_counter() - t0, "parity": report}

@@ -48,11 +48,13 @@ def pass_role(t: int) -> str:
 
 @dataclass(frozen=True)
 class PassInterface:
-    """Names, shapes and roles of the pass given `t` scales. `batch` None = symbolic (ONNX)."""
+    """Names, shapes and roles of the pass given `t` scales. `batch` None = symbolic (ONNX); Core ML has no int64
+    features, so its labels and tokens are int32."""
 
     model: DDModel
     t: int
     batch: int | None = None
+    index_dtype: str = "int64"
 
     @property
     def given(self) -> int:
@@ -63,14 +65,14 @@ class PassInterface:
         c = self.model.config.var
         b: Dim = BATCH if self.batch is None else self.batch
         L, C, H = c.seq_len, c.cvae, c.patch_nums[-1]
-        ins = [TensorSpec("labels", (b,), "int64", "labels"),
+        ins = [TensorSpec("labels", (b,), self.index_dtype, "labels"),
                TensorSpec("noise", (b, L, C), "float32", "noise", doc=few_step.DESCRIPTION)]
         if self.t:
-            ins += [TensorSpec("given_tokens", (b, L), "int64", "given_tokens",
+            ins += [TensorSpec("given_tokens", (b, L), self.index_dtype, "given_tokens",
                                doc=f"the previous pass's tokens; the first {self.given} are kept"),
                     TensorSpec("given_vectors", (b, L, C), "float32", "given_vectors",
                                doc=f"the previous pass's vectors; the first {self.given} are the student's data input")]
-        outs = (TensorSpec("tokens", (b, L), "int64", "tokens", doc="argmax tokens, scales coarse to fine"),
+        outs = (TensorSpec("tokens", (b, L), self.index_dtype, "tokens", doc="argmax tokens, scales coarse to fine"),
                 TensorSpec("vectors", (b, L, C), "float32", "vectors",
                            doc="per token: its codebook vector (or the regression head's from continuous_from on)"),
                 TensorSpec("f_hat", (b, C, H, H), "float32", "f_hat", doc="input of the vqvae_decoder graph"))
@@ -86,8 +88,9 @@ class PassInterface:
 class StudentPass(nn.Module):
     """One student pass given `t` scales, with `dd_generate`'s decisions (`pass_outputs`, `fhat_of_vectors`)."""
 
-    def __init__(self, model: DDModel, t: int):
+    def __init__(self, model: DDModel, t: int, index_dtype: torch.dtype = torch.int64):
         super().__init__()
+        self.index_dtype = index_dtype
         self.student, self.quant, self.cfg = model.student, model.vqvae.quantize, model.config.var
         self.given = self.cfg.scale_ranges()[t][0]
         self.split = regression_split(model.config)
@@ -101,6 +104,8 @@ class StudentPass(nn.Module):
         x = noise if not g else torch.cat((given_vectors[:, :g], noise[:, g:]), dim=1)
         logits, regressed = self.student(labels, x, self.is_data.expand(noise.shape[0], -1))
         idx, vectors = pass_outputs(logits, regressed, self.quant.embedding.weight, self.split)
+        if self.index_dtype != idx.dtype:
+            idx = idx.to(self.index_dtype)
         if g:
             idx = torch.cat((given_tokens[:, :g], idx[:, g:]), dim=1)
             vectors = torch.cat((given_vectors[:, :g], vectors[:, g:]), dim=1)

@@ -123,7 +123,8 @@ def test_manifest_family_fields(dirs):
     ("export", ["onnx", "--model", "DD", "--top-k", "5"], "--top-k: VAR export options"),
     ("export", ["onnx", "--model", "DD", "--t-list", "0,4"], "goes beyond the model's scales"),
     ("export", ["onnx", "--model", "DD", "--t-list", "1"], "must start at 0"),
-    ("export", ["coreml", "--model", "DD"], "this command needs a VAR generator"),
+    ("export", ["coreml", "--model", "DD", "--compress", "palettize6"], "--compress: VAR export options"),
+    ("export", ["coreml", "--model", "VAR", "--t-list", "0"], "--t-list goes with a Distilled Decoding model"),
     ("evar", ["sample", "--artifact", "ART", "--t-list", "0,1"], "t-lists drawn from t = 0,2"),
     ("evar", ["sample", "--artifact", "ART", "--teacher", "VAR", "--teacher-scales", "1"], "go with --model"),
 ])
@@ -135,3 +136,20 @@ def test_bad_input_is_one_error_and_nothing_is_written(dirs, tmp_path, app, args
     assert isinstance(result.exception, EvarError), result.output
     assert words in str(result.exception) and len(str(result.exception).splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_coreml_passes_are_one_multifunction_package(tmp_path):
+    pytest.importorskip("coremltools")
+    from evar.export.coreml import CoremlOptions, package_functions
+    from evar.export.dd_coreml import PACKAGE, build_dd_coreml
+
+    result = build_dd_coreml(_student(), "tiny", tmp_path / "art", CoremlOptions(batch=2), (0, 2))
+    a = load_artifact(tmp_path / "art")
+    assert a.family == "dd" and a.format == "coreml" and a.static_batch == 2 and result["parity"].passed
+    assert sorted(package_functions(tmp_path / "art" / PACKAGE)) == ["pass_t0", "pass_t2"]
+    inputs = a.function("dd_pass_t2")["inputs"]
+    assert [(t["name"], t["dtype"]) for t in inputs] == [("labels", "int32"), ("noise", "float32"),
+                                                          ("given_tokens", "int32"), ("given_vectors", "float32")]
+    with pytest.raises(EvarError, match="runs onnx artifacts"):
+        Generator(tmp_path / "art", "cpu")

@@ -161,6 +161,8 @@ def pass_outputs(logits: Tensor, vectors: Tensor, codebook: Tensor, split: int) 
     """A student pass's (tokens (B, L), per-token vectors (B, L, Cvae)): the argmax token everywhere; its codebook
     vector before `split`, the regression head's from `split` on (the sampler and the exported graphs share it)."""
     idx = logits.argmax(-1)
+    if split >= vectors.shape[1] or split <= 0:  # no full slice: Core ML cannot convert the alias it traces to
+        return idx, codebook[idx] if split > 0 else vectors
     return idx, torch.cat((codebook[idx[:, :split]], vectors[:, split:]), dim=1)
 
 
