@@ -106,6 +106,9 @@ def test_a_graph_that_disagrees_is_refused_and_nothing_is_written(tmp_path, monk
 
 
 def test_manifest_family_fields(dirs):
+    from evar.export.inspect import report
+
+    assert "Distilled Decoding: passes given t = [0, 2]" in report(dirs[2])
     data = json.loads((dirs[2] / "manifest.json").read_text())
     for edit, words in ((lambda m: m.pop("few_step"), "few_step"),
                         (lambda m: m["few_step"]["passes"][1].update(graph="nope"), "names graph 'nope'"),
