@@ -138,7 +138,8 @@ class Generator:
                   ) -> tuple[np.ndarray, list[np.ndarray], Timing]:
         """One batch through the backend, timed per scale and for the decode (what evar-bench measures)."""
         if self.artifact.family == "dd":
-            return self._few_step_batch(labels, seed, first_sample, list(t_list or [0]))
+            default = self.artifact.data["few_step"]["default_t_list"]
+            return self._few_step_batch(labels, seed, first_sample, list(default if t_list is None else t_list))
         b = self.backend
         B = len(labels)
         wall, cpu = time.perf_counter, time.process_time
