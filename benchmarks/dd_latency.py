@@ -1,6 +1,6 @@
 """Distilled Decoding latency on the d16 architecture: 1 and 2 student passes against the 10-scale teacher, ONNX.
 
-    python benchmarks/dd_latency.py                 # --iters 5 --work runs/dd_latency
+    python benchmarks/dd_latency.py                 # --iters 7 --work runs/dd_latency
 
 Stages (each skipped when its output exists under --work):
   1. a DD student built from `random:d16` (the teacher's weights copied in, no training: latency does not depend
@@ -122,7 +122,7 @@ def plot(rows: dict[str, dict]) -> bytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "dd_latency")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -137,20 +137,24 @@ def main() -> None:
     base = "teacher (10 scales, cfg 1.5)"
     for name, row in rows.items():
         row["macs"] = counted[name]
+        for kind in ("end_to_end", "no_decoder"):  # round by round: both ran within seconds of each other
+            row[f"paired_speedup_{kind}"] = round(statistics.median(
+                t / v for t, v in zip(rows[base][f"{kind}_ms"], row[f"{kind}_ms"])), 2)
         row["speedup_end_to_end"] = round(rows[base]["median_end_to_end_ms"] / row["median_end_to_end_ms"], 2)
         row["speedup_no_decoder"] = round(rows[base]["median_no_decoder_ms"] / row["median_no_decoder_ms"], 2)
         row["mac_ratio_end_to_end"] = round(counted[base]["end_to_end"] / counted[name]["end_to_end"], 2)
         row["mac_ratio_transformer"] = round(counted[base]["transformer"] / counted[name]["transformer"], 2)
-        print(f"{name}: {row['median_end_to_end_ms']:.0f} ms ({row['speedup_end_to_end']}x; MACs {row['mac_ratio_end_to_end']}x), "
-              f"without decoder {row['median_no_decoder_ms']:.0f} ms ({row['speedup_no_decoder']}x; transformer MACs "
-              f"{row['mac_ratio_transformer']}x)")
+        print(f"{name}: {row['median_end_to_end_ms']:.0f} ms ({row['speedup_end_to_end']}x, paired "
+              f"{row['paired_speedup_end_to_end']}x; MACs {row['mac_ratio_end_to_end']}x), without decoder "
+              f"{row['median_no_decoder_ms']:.0f} ms ({row['speedup_no_decoder']}x, paired {row['paired_speedup_no_decoder']}x; "
+              f"transformer MACs {row['mac_ratio_transformer']}x)")
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "dd_latency.json", {
         "format": "evar-benchmark", "benchmark": "dd_latency", "command": "python benchmarks/dd_latency.py "
         + " ".join(sys.argv[1:]),
         "what": "d16 architecture with random weights (DD student built from random:d16, untrained); onnxruntime CPU "
                 "execution provider, 1 intra-op thread for every variant, batch 1; variants alternate, order rotating "
-                "per round, one warm-up each; medians. Teacher = VAR's ONNX export (per-scale KV-cached step graph, "
+                "per round, one warm-up each; medians; speedup = ratio of the medians, paired_speedup = median over rounds of the round's teacher time / the variant's. Teacher = VAR's ONNX export (per-scale KV-cached step graph, "
                 "CFG batch of 2 rows, top-k 900, top-p 0.96, cfg 1.5). Without decoder = end to end minus the "
                 "VQVAE decoder graph's time (the DD time includes the host's noise).",
         "settings": {"iters": args.iters, "threads": 1, "batch": 1, "t_list": list(T_LIST), "cfg": CFG},
