@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evar.export import coreml as cm
+from evar.export import parity as pt
+from evar.export.dd_export import PARITY_FIRST_SAMPLE, _torch_call, manifest_body
+from evar.export.dd_graphs import PassInterface, StudentPass, decoder_model, export_ready, pass_role
 
 from evar import contract, rng
 from evar.contract import DECODER_GRAPH, few_step
 from evar.dd.model import DDModel
 from evar.dd.sampler import FewStep, dd_generate
 from evar.errors import EvarError
-from evar.export import coreml as cm
-from evar.export import parity as pt
-from evar.export.dd_export import PARITY_FIRST_SAMPLE, _torch_call, manifest_body
-from evar.export.dd_graphs import PassInterface, StudentPass, decoder_model, export_ready, pass_role
 from evar.files import atomic_dir
 
 PACKAGE = "dd_passes.mlpackage"
@@ -129,8 +129,8 @@ def build_dd_coreml(model: DDModel, model_ref: str, out: Path, options: cm.Corem
         graphs = {pass_role(t): {**common, "file": PACKAGE, "functions": [{**ifaces[t].function().to_json(),
                                                                               "name": function_name(t)}],
                                  "default_function": function_name(t),
-                                 "notes": [f"student pass given {t} scales; function {function_name(t)} of the "
-                                           "multifunction package (weights stored once for every pass)"]}
+                                 "notes": [(f"student pass given {t} scales; function {function_name(t)} of the "
+                                            "multifunction package (weights stored once for every pass)")]}
                   for t in t_values}
         graphs[DECODER_GRAPH] = {**common, "file": f"{DECODER_GRAPH}.mlpackage",
                                  "functions": [diface.function().to_json()], "default_function": "main", "notes": []}

@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from evar.export import onnx as ox
+from evar.export import parity as pt
+from evar.export.artifact import provenance
+from evar.export.dd_graphs import PassInterface, StudentPass, decoder_model, export_ready, pass_role
 
 from evar import contract, rng
 from evar.contract import DECODER_GRAPH, few_step
 from evar.dd.model import DDModel
 from evar.dd.sampler import FewStep, dd_generate, plan
 from evar.errors import EvarError
-from evar.export import onnx as ox
-from evar.export import parity as pt
-from evar.export.artifact import provenance
-from evar.export.dd_graphs import PassInterface, StudentPass, decoder_model, export_ready, pass_role
 from evar.files import atomic_dir
 
 PARITY_FIRST_SAMPLE = 5  # the parity batch is samples 5, 6, 7 of PARITY_SEED (the trace: samples 0, 1 of seed 0)

@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from evar.export.interface import BATCH, Dim, FunctionSpec, TensorSpec
 from torch import Tensor, nn
 
 from evar.checkpoints import Model
 from evar.contract import few_step
 from evar.dd.model import DDModel, DDStudent
 from evar.dd.sampler import fhat_of_vectors, pass_outputs, regression_split
-from evar.export.interface import BATCH, Dim, FunctionSpec, TensorSpec
 
 
 def export_ready(model: DDModel) -> DDModel:

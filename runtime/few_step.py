@@ -11,9 +11,9 @@ import os
 import time
 
 import numpy as np
+from evar.runtime.backends.base import BackendUnavailable, require_format
 
 from evar.contract import DECODER_GRAPH, Artifact, few_step
-from evar.runtime.backends.base import BackendUnavailable, require_format
 
 
 class FewStepOrt:

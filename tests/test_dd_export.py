@@ -8,6 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from evar.export import dd_export
+from evar.export.cli import app as export_app
+from evar.export.onnx import OnnxOptions
+from evar.export.parity import ParityError
+from evar.runtime import Generator
 from typer.testing import CliRunner
 
 from evar.apps.cli import app as evar_app
@@ -16,11 +21,6 @@ from evar.contract import ManifestError, load_artifact, validate
 from evar.dd.model import from_teacher, save_dd_dir
 from evar.dd.sampler import FewStep, dd_generate
 from evar.errors import EvarError
-from evar.export import dd_export
-from evar.export.cli import app as export_app
-from evar.export.onnx import OnnxOptions
-from evar.export.parity import ParityError
-from evar.runtime import Generator
 from tests.conftest import tiny_model
 
 
@@ -85,6 +85,9 @@ def test_regression_head_passes_three_steps(tmp_path):
     out = Generator(tmp_path / "art", "cpu", threads=1).generate(labels, seed=5, t_list=[0, 1, 3])
     images, tokens = dd_generate(model, torch.tensor(labels), FewStep((0, 1, 3)), 5)
     assert np.array_equal(np.concatenate(out.tokens, axis=1), tokens.numpy())
+    from evar.data import to_uint8_nhwc
+
+    assert np.abs(out.images.astype(int) - to_uint8_nhwc(images).astype(int)).max() <= 1  # regressed vectors too
     with pytest.raises(EvarError, match="t-lists drawn from t = 0,1,3"):
         Generator(tmp_path / "art", "cpu", threads=1).generate(labels, t_list=[0, 2])
 
