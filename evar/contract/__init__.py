@@ -51,7 +51,10 @@ def validate(manifest: dict[str, Any]) -> None:
     """Raise ManifestError naming every schema violation (path: message), then what the schema cannot say."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema())
+    root = schema()
+    if manifest.get("family") == "dd":  # its own node: the root (and EVARKit's Manifest) stay VAR's, unchanged
+        root = {k: root[k] for k in ("$schema", "$id", "$defs")} | {"$ref": "#/$defs/dd_manifest"}
+    validator = jsonschema.Draft202012Validator(root)
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         shown = "; ".join(f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:160]}" for e in errors[:5])
