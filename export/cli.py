@@ -28,6 +28,12 @@ def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path], out: P
     return loaded
 
 
+def _explicit(ctx: typer.Context, *names: str) -> list[str]:
+    """The flags among `names` given on the command line (not left at their defaults), as --flag-names."""
+    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") != "DEFAULT"]
+    return ["--" + n.replace("_", "-") for n in given]
+
+
 def _summary(out: Path, result: dict) -> None:
     from evar.contract import load_artifact
 
@@ -41,7 +47,7 @@ def _summary(out: Path, result: dict) -> None:
 
 @app.command()
 def onnx(
-    model: ModelOpt, out: OutOpt,
+    ctx: typer.Context, model: ModelOpt, out: OutOpt,
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 weights, fp32 compute)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 17,
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxsim when it shrinks the graph")] = True,
@@ -53,8 +59,11 @@ def onnx(
     cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run without guidance, "
                                                                 "conditional rows only (batch B, not 2B)")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
+    t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
+                                                       "graph each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
 ) -> None:
-    """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
+    """One decoder-step graph for every scale + the VQVAE decoder (a DD model: one graph per student pass),
+    parity-checked with onnxruntime."""
     from evar.export.onnx import OnnxOptions
     from evar.export.quantize import Int8Options, parse_fp32_groups
 
@@ -62,6 +71,15 @@ def onnx(
                           top_k=top_k, top_p=top_p, quantize=quantize,
                           int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale)
     options.validate()  # before loading a model: a bad option costs nothing
+    from evar.export.dd_export import routes_to_dd
+
+    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "int8_fp32", "precision", "quantize", "cfg_until_scale")):
+        from evar.export.dd_export import build_dd_onnx, export_command
+
+        command = command_line("evar-export")
+        _summary(out, export_command(model, out, t_list, var_ckpt, vae_ckpt, overwrite, 4,
+                                     lambda m, ts: build_dd_onnx(m, model, out, options, ts, command)))
+        return
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
         from evar.export.artifact import build_onnx
 
@@ -72,7 +90,7 @@ def onnx(
 
 @app.command()
 def coreml(
-    model: ModelOpt, out: OutOpt,
+    ctx: typer.Context, model: ModelOpt, out: OutOpt,
     precision: Annotated[str, typer.Option(help="fp16 | fp32 compute")] = "fp16",
     target: Annotated[str, typer.Option(help="iOS18 (KV cache as state) | iOS17 (KV as inputs/outputs) | ane (Neural Engine layout, fp16, KV state padded to 32, sampling on the host; iOS18)")] = "iOS18",
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
@@ -82,13 +100,27 @@ def coreml(
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
+    t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
+                                                       "function each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
 ) -> None:
-    """One mlprogram function per scale sharing weights + the VQVAE decoder; structure and wrapper parity on Linux."""
+    """One mlprogram function per scale sharing weights + the VQVAE decoder (a DD model: one function per student
+    pass); structure and wrapper parity on Linux."""
     from evar.export.coreml import CoremlOptions
 
     options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
                             batch=batch, top_k=top_k, top_p=top_p)
     options.validate()
+    from evar.export.dd_export import routes_to_dd
+
+    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "target", "compress")):
+        from evar.export.dd_coreml import build_dd_coreml
+        from evar.export.dd_export import export_command
+
+        command = command_line("evar-export")
+        _summary(out, export_command(model, out, t_list, var_ckpt, vae_ckpt, overwrite,
+                                     2 if precision == "fp16" else 4,
+                                     lambda m, ts: build_dd_coreml(m, model, out, options, ts, command)))
+        return
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
         from evar.export.artifact import build_coreml
 

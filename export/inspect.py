@@ -67,7 +67,7 @@ def coreml_ops(root: Path, graph: dict[str, Any]) -> dict[str, list[dict[str, An
 
 def ane_risks(manifest: dict[str, Any], root: Path) -> list[str]:
     risks: list[str] = []
-    kv = manifest["kv_cache"]
+    kv = manifest.get("kv_cache") or {"max_length": 0, "head_dim": 0, "mode": "none"}  # DD artifacts have no cache
     if "padded_length" in kv:  # ANE layout: the states' own dims are judged per function (ane_lint)
         kv = {**kv, "max_length": kv["padded_length"], "head_dim": ANE_MULTIPLE}
     bad_dims = {}
@@ -128,6 +128,13 @@ def _coreml_findings(ops: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+def _few_step_lines(m: dict[str, Any]) -> list[str]:
+    f = m["few_step"]
+    return [f"Distilled Decoding: passes given t = {[p['t'] for p in f['passes']]} scales (default t-list "
+            f"{f['default_t_list']}), argmax tokens, regression vectors from scale {f['continuous_from']}; noise: "
+            f"{f['noise']['method']} on {f['noise']['rng']} uniforms, computed on the host; no KV cache, no CFG"]
+
+
 def report(root: str | Path, verify_files: bool = True) -> str:
     root = Path(root)
     m = load_artifact(root, verify_hashes=verify_files).data
@@ -136,9 +143,10 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              f"model: {m['provenance']['model_ref']} depth {var['depth']}, width {var['embed_dim']}, heads {var['num_heads']}, "
              f"FFN {var['ffn_dims']}, vocab {var['vocab_size']}, patch_nums {m['patch_nums']}, image {m['image_size']}px",
              f"batch: {m['batch']['mode']}" + (f" {m['batch']['size']}" if m['batch'].get('size') else "")
-             + "; CFG batch formed in-graph (KV has 2*batch rows)",
+             + ("; CFG batch formed in-graph (KV has 2*batch rows)" if m["batch"].get("cfg_doubled", True) else ""),
              f"precision: weights {m['precision']['weights']}, compute {m['precision']['compute']}; "
              f"compression: {m['compression']['method']}",
+             ] + (_few_step_lines(m) if m.get("family") == "dd" else [
              (f"sampling: {m['sampling']['method']} from {m['sampling']['rng']} uniforms, top_k {m['sampling']['top_k']}, "
               f"top_p {m['sampling']['top_p']} (baked), cfg input '{m['sampling']['cfg']['input']}'"
               if m["sampling"].get("where") != "host" else
@@ -147,7 +155,7 @@ def report(root: str | Path, verify_files: bool = True) -> str:
              f"KV cache: {m['kv_cache']['mode']}, {m['kv_cache']['layout']}, dims {m['kv_cache']['dims']}, "
              f"max_length {m['kv_cache']['max_length']}"
              + (f" (state padded to {m['kv_cache']['padded_length']}, masked)" if "padded_length" in m["kv_cache"] else "")
-             + f", heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"]
+             + f", heads per layer {[l['heads'] for l in m['kv_cache']['layers']]}"])
     lines += _sparse_storage(m, root)
     parity = m.get("parity")
     if parity:

@@ -98,6 +98,10 @@ def load_target(artifact: str | Path, device: str, settings: BenchSettings, io_b
     before = memory.rss_mb()
     gen = Generator(artifact, device, threads=settings.threads, io_binding=io_binding, model=model,
                     verify_hashes=verify_hashes, batch_size=settings.batch)
+    if gen.artifact.family == "dd":  # its passes are not scales: the per-scale report would mislabel them
+        gen.close()
+        raise EvarError(f"evar-bench measures VAR artifacts; {gen.artifact.name} is a Distilled Decoding export "
+                        "(time it with benchmarks/dd_latency.py, or Generator(...).generate(..., t_list=...))")
     after = memory.rss_mb()
     return Target(device, gen, None if before is None or after is None else max(0.0, after - before))
 

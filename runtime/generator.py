@@ -73,7 +73,12 @@ class Generator:
             raise EvarError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = static or batch_size or 64
         t0 = time.perf_counter()
-        self.backend = backends.create(backend, self.artifact, threads, io_binding, model)
+        if self.artifact.family == "dd":  # Distilled Decoding: a chain of student passes (evar.runtime.few_step)
+            from evar.runtime.few_step import FewStepOrt
+
+            self.backend = FewStepOrt(self.artifact, backend, threads)
+        else:
+            self.backend = backends.create(backend, self.artifact, threads, io_binding, model)
         self.load_ms = (time.perf_counter() - t0) * 1e3
 
     # ---- what a request may ask
@@ -88,6 +93,8 @@ class Generator:
             raise EvarError(f"seed must be in [0, 2**64), got {seed}")
         if not (math.isfinite(cfg) and cfg >= 0):
             raise EvarError(f"cfg must be a finite number >= 0, got {cfg}")
+        if a.family == "dd":  # the student learnt the teacher's guided, filtered tokens: nothing to bake or pass
+            return top_k or 0, top_p or 0.0
         top_k = a.top_k if top_k is None else top_k
         top_p = a.top_p if top_p is None else top_p
         if a.sampling_where == "host":  # the host samples: the artifact's values are defaults, not constants
@@ -100,19 +107,26 @@ class Generator:
         return top_k, top_p
 
     def generate(self, labels: Sequence[int] | np.ndarray, seed: int = 0, cfg: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, first_sample: int = 0) -> GeneratedImages:
+                 top_k: int | None = None, top_p: float | None = None, first_sample: int = 0,
+                 t_list: Sequence[int] | None = None) -> GeneratedImages:
         """Images for `labels`, split into batches of `batch_size` (numbered from `first_sample`, so splitting
-        never changes an image). cfg None = the manifest's default; top-k/top-p None = the baked values."""
+        never changes an image). cfg None = the manifest's default; top-k/top-p None = the baked values.
+        A Distilled Decoding artifact takes `t_list` (None: its default; cfg, top-k, top-p do not apply)."""
         labels = np.asarray(labels, dtype=np.int64)
         cfg = self.artifact.cfg_default if cfg is None else float(cfg)
         top_k, top_p = self._check(labels, seed, cfg, top_k, top_p)
+        if self.artifact.family == "dd":
+            t_list = list(self.artifact.data["few_step"]["default_t_list"] if t_list is None else t_list)
+            self.artifact.few_step_graphs(t_list)  # refused here, before any batch runs
+        elif t_list is not None:
+            raise EvarError(f"a t-list goes with a Distilled Decoding artifact; {self.artifact.name} is a VAR export")
         images, tokens, timings = [], [], []
         for start in range(0, len(labels), self.batch_size):
             chunk = labels[start:start + self.batch_size]
             real = len(chunk)
             if self.artifact.static_batch and real < self.batch_size:  # pad; padded samples are dropped
                 chunk = np.concatenate((chunk, np.full(self.batch_size - real, chunk[-1])))
-            img, tok, timing = self.run_batch(chunk, seed, cfg, top_k, top_p, first_sample + start)
+            img, tok, timing = self.run_batch(chunk, seed, cfg, top_k, top_p, first_sample + start, t_list)
             images.append(img[:real])
             tokens.append([t[:real] for t in tok])
             timings.append(timing)
@@ -120,8 +134,12 @@ class Generator:
         return GeneratedImages(np.concatenate(images), per_scale, labels, timings)
 
     def run_batch(self, labels: np.ndarray, seed: int, cfg: float, top_k: int, top_p: float,
-                  first_sample: int = 0) -> tuple[np.ndarray, list[np.ndarray], Timing]:
+                  first_sample: int = 0, t_list: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, list[np.ndarray], Timing]:
         """One batch through the backend, timed per scale and for the decode (what evar-bench measures)."""
+        if self.artifact.family == "dd":
+            default = self.artifact.data["few_step"]["default_t_list"]
+            return self._few_step_batch(labels, seed, first_sample, list(default if t_list is None else t_list))
         b = self.backend
         B = len(labels)
         wall, cpu = time.perf_counter, time.process_time
@@ -142,3 +160,24 @@ class Generator:
 
     def close(self) -> None:
         self.backend.close()
+
+    def _few_step_batch(self, labels: np.ndarray, seed: int, first_sample: int, t_list: list[int]
+                        ) -> tuple[np.ndarray, list[np.ndarray], Timing]:
+        """A DD artifact's batch: noise (part of the first pass's time), the passes, the decode. `scale_ms` holds one
+        entry per pass."""
+        from evar.contract.few_step import sequence_noise
+
+        var = self.artifact.var
+        wall, cpu = time.perf_counter, time.process_time
+        w_start, c_start = wall(), cpu()
+        noise = sequence_noise(seed, first_sample, len(labels), var["patch_nums"], var["cvae"])
+        noise_ms = (wall() - w_start) * 1e3
+        out, pass_ms = self.backend.passes(labels, noise, t_list)
+        pass_ms[0] += noise_ms
+        w0, c0 = wall(), cpu()
+        images = to_uint8(self.backend.decode(out["f_hat"]))
+        w_end, c_end = wall(), cpu()
+        bounds = np.cumsum([0] + [pn * pn for pn in var["patch_nums"]])
+        tokens = [out["tokens"][:, lo:hi].astype(np.int64) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return images, tokens, Timing(pass_ms, (w_end - w0) * 1e3, (w_end - w_start) * 1e3, [], (c_end - c0) * 1e3,
+                                      (c_end - c_start) * 1e3)

@@ -104,12 +104,13 @@ def sample(
     if artifact is not None and (model is not None or var_ckpt or vae_ckpt):
         raise EvarError("--artifact and --model exclude each other: the artifact is the model")
     dd = DDRequest(steps, t_list, teacher, teacher_scales)
-    if artifact is not None and dd.given():
-        raise EvarError("--steps, --t-list, --teacher and --teacher-scales go with --model (a DD model directory)")
+    if artifact is not None and (teacher is not None or teacher_scales is not None):
+        raise EvarError("--teacher and --teacher-scales go with --model (a DD model directory); an exported DD "
+                        "artifact takes --steps / --t-list")
     with claim_output(out, "dir", overwrite=overwrite, inputs=[artifact, model, teacher]):
         if artifact is not None:
             images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
-                                                    batch_size, verify_hashes)
+                                                    batch_size, verify_hashes, dd)
         else:
             images, labels, what, settings = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes,
                                                            per_class, settings, batch_size, dd, ddim_steps)
@@ -160,7 +161,7 @@ def _names_dit(model: str, dd) -> bool:
 
 
 def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int, settings, batch_size: int,
-                     verify_hashes: bool):
+                     verify_hashes: bool, dd=None):
     """The exported graphs: same seed, same tokens as the PyTorch path at fp32."""
     import numpy as np
 
@@ -171,9 +172,14 @@ def _sample_artifact(artifact: Path, backend: str, classes: str, per_class: int,
     art = load_artifact(artifact, verify_hashes=verify_hashes)
     gen = Generator(art, backend, batch_size=None if art.static_batch else batch_size)  # static: the artifact's
     labels = np.repeat(parse_classes(classes, gen.artifact.num_classes), per_class)
+    t_list = None
+    if dd is not None and dd.given():  # an exported DD student's passes (the Generator refuses them for a VAR)
+        from evar.dd.sampler import plan
+
+        t_list = list(plan(art.num_scales, dd.steps, dd.t_list, None).t_list)
     t0 = time.perf_counter()
     images = gen.generate(labels, seed=settings.seed, cfg=settings.guidance, top_k=settings.top_k,
-                          top_p=settings.top_p).images
+                          top_p=settings.top_p, t_list=t_list).images
     return images, labels, (f"{len(images)} images from {artifact} on {backend} in {time.perf_counter() - t0:.1f}s "
                             f"(load {gen.load_ms / 1e3:.1f}s)")
 

@@ -20,11 +20,12 @@ from evar.errors import EvarError
 from evar.files import atomic_write_json, read_versioned_json, sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT, FORMAT_VERSION = "evar-artifact", 2
+FORMAT, FORMAT_VERSION = "evar-artifact", 3
 # Version 2 = a manifest that older readers cannot drive: its graphs leave sampling to the host
-# (sampling.where "host": raw logits out, no uniforms input). Everything else is written as version 1, so
-# an older EVAR keeps reading it; this EVAR reads both.
-HOST_SAMPLING_VERSION = 2
+# (sampling.where "host": raw logits out, no uniforms input). Version 3 = family "dd" (Distilled Decoding
+# passes, no decoder_step). Everything else is written as version 1, so an older EVAR keeps reading it; this
+# EVAR reads all three.
+HOST_SAMPLING_VERSION, FEW_STEP_VERSION = 2, 3
 SCHEMA_PATH = Path(__file__).resolve().with_name("manifest.schema.json")
 
 # graph roles (the keys of manifest["graphs"])
@@ -50,7 +51,10 @@ def validate(manifest: dict[str, Any]) -> None:
     """Raise ManifestError naming every schema violation (path: message), then what the schema cannot say."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema())
+    root = schema()
+    if manifest.get("family") == "dd":  # its own node: the root (and EVARKit's Manifest) stay VAR's, unchanged
+        root = {k: root[k] for k in ("$schema", "$id", "$defs")} | {"$ref": "#/$defs/dd_manifest"}
+    validator = jsonschema.Draft202012Validator(root)
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         shown = "; ".join(f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:160]}" for e in errors[:5])
@@ -65,15 +69,39 @@ def _check_structure(data: dict[str, Any]) -> None:
     formats = {g["format"] for g in data["graphs"].values()}
     if len(formats) != 1 or (data.get("backend") and data["backend"] not in formats):
         problems.append(f"graphs mix formats {sorted(formats)} (backend {data.get('backend')})")
+    if data["patch_nums"] != data["model"]["var"]["patch_nums"]:
+        problems.append("patch_nums differ from model.var.patch_nums")
+    if data.get("family") == "dd":
+        problems += _few_step_problems(data)
+    else:
+        problems += _step_problems(data)
+    if problems:
+        raise ManifestError("manifest is inconsistent: " + "; ".join(problems))
+
+
+def _few_step_problems(data: dict[str, Any]) -> list[str]:
+    """Every pass names a graph; its t is a scale; the default t-list starts at 0 and uses the passes' t."""
+    passes, problems = data["few_step"]["passes"], []
+    ts = [p["t"] for p in passes]
+    for p in passes:
+        if p["graph"] not in data["graphs"]:
+            problems.append(f"few_step pass t={p['t']} names graph '{p['graph']}', which is not in graphs")
+    if ts != sorted(set(ts)) or ts[0] != 0 or ts[-1] >= len(data["patch_nums"]):
+        problems.append(f"few_step passes have t {ts}: they must increase from 0 and stay below the scale count")
+    default = data["few_step"]["default_t_list"]
+    if default[0] != 0 or any(t not in ts for t in default) or default != sorted(set(default)):
+        problems.append(f"few_step default_t_list {default} is not an increasing list from 0 of the passes' t {ts}")
+    return problems
+
+
+def _step_problems(data: dict[str, Any]) -> list[str]:
+    problems = []
     scales = [f.get("scale_index") for f in data["graphs"][STEP_GRAPH]["functions"]]
     if sorted(s for s in scales if s is not None) != list(range(len(data["patch_nums"]))):
         problems.append(f"decoder_step functions cover scales {scales}, patch_nums has {len(data['patch_nums'])} scales")
     if len(data["kv_cache"]["layers"]) != data["model"]["var"]["depth"]:
         problems.append(f"kv_cache has {len(data['kv_cache']['layers'])} layers, the model {data['model']['var']['depth']}")
-    if data["patch_nums"] != data["model"]["var"]["patch_nums"]:
-        problems.append("patch_nums differ from model.var.patch_nums")
-    if problems:
-        raise ManifestError("manifest is inconsistent: " + "; ".join(problems))
+    return problems
 
 
 # ---------------------------------------------------------------- writing
@@ -91,7 +119,8 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 def write(root: Path, manifest: dict[str, Any]) -> Path:
     """List and hash the files under `root`, validate, write `root/manifest.json` atomically."""
     # through JSON first, so tuples become lists exactly as a reader will see them
-    version = HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
+    version = FEW_STEP_VERSION if manifest.get("family") == "dd" else \
+        HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
     manifest = json.loads(json.dumps({"format": FORMAT, "format_version": version, **manifest,
                                       "files": file_entries(root)}))
     validate(manifest)
@@ -114,7 +143,20 @@ class Artifact:
     @property
     def format(self) -> str:
         """'onnx' or 'coreml': the format of every graph."""
-        return self.data["graphs"][STEP_GRAPH]["format"]
+        return self.data["graphs"][DECODER_GRAPH]["format"]
+
+    @property
+    def family(self) -> str:
+        """'var' (scale by scale, decoder_step) or 'dd' (Distilled Decoding passes, `few_step`)."""
+        return self.data.get("family", "var")
+
+    def few_step_graphs(self, t_list: list[int]) -> list[str]:
+        """The graph roles of a t-list's passes; EvarError naming the t values this artifact has otherwise."""
+        passes = {p["t"]: p["graph"] for p in self.data["few_step"]["passes"]}
+        if not t_list or t_list[0] != 0 or list(t_list) != sorted(set(t_list)) or any(t not in passes for t in t_list):
+            raise EvarError(f"artifact {self.name} runs t-lists drawn from t = {','.join(map(str, passes))} that start "
+                            f"at 0 and increase, got {','.join(map(str, t_list))}: re-export with --t-list to add passes")
+        return [passes[t] for t in t_list]
 
     @property
     def model_ref(self) -> str:
@@ -167,7 +209,9 @@ class Artifact:
 
     @property
     def cfg_default(self) -> float:
-        return float(self.data["sampling"]["cfg"].get("default", 1.5))
+        """The guidance scale a generation uses unless given (0 for a DD artifact: its student has no guidance)."""
+        sampling = self.data.get("sampling")
+        return float(sampling["cfg"].get("default", 1.5)) if sampling else 0.0
 
     @property
     def precision(self) -> str:

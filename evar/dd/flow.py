@@ -10,39 +10,29 @@ deterministic map that pushes N(0, I) onto Σ_k p_k δ(c_k): the same noise alwa
 noise drawn at random gives tokens distributed as p. The token is the code holding the posterior at the last
 evaluated time (where x lands). Euler steps on a uniform grid; the last step lands on E[c | x] exactly.
 
-The noise itself comes from EVAR's portable random source (Box–Muller on `evar.rng` uniforms), one stream per
-scale, numbered by sample, so sample i's noise is the same in any batch, on any rank, in any run.
+The noise itself comes from EVAR's portable random source (`evar.contract.few_step`: Box–Muller on `evar.rng`
+uniforms, one stream per scale, numbered by sample), so sample i's noise is the same in any batch, on any rank,
+in any run, and in the torch-free runtime.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from evar import rng
+from evar.contract import few_step
 from evar.models.sampling import filter_logits
 
-# Noise streams are distinct from the sampling streams (which are the scale indices 0, 1, …).
-NOISE_STREAM = 1 << 32
 DEFAULT_ODE_STEPS = 32
 
 
 def token_noise(seed: int, si: int, first_sample: int, batch: int, tokens: int, dim: int) -> Tensor:
     """(batch, tokens, dim) float32 N(0, 1) for scale `si` of samples first_sample … first_sample + batch − 1."""
-    per_sample = 2 * tokens * dim  # two uniforms per normal (Box–Muller)
-    u = rng.uniforms(seed, NOISE_STREAM + si, batch * per_sample, start=first_sample * per_sample)
-    u = u.astype(np.float64).reshape(batch, tokens, dim, 2)
-    radius = np.sqrt(-2.0 * np.log1p(-u[..., 0]))  # 1 - u in (0, 1]: never log(0)
-    z = radius * np.cos(2.0 * math.pi * u[..., 1])
-    return torch.from_numpy(z.astype(np.float32))
+    return torch.from_numpy(few_step.token_noise(seed, si, first_sample, batch, tokens, dim))
 
 
 def sequence_noise(seed: int, first_sample: int, batch: int, patch_nums: tuple[int, ...], dim: int) -> Tensor:
     """(batch, L, dim): every scale's noise, scales concatenated coarse to fine."""
-    return torch.cat([token_noise(seed, si, first_sample, batch, pn * pn, dim) for si, pn in enumerate(patch_nums)],
-                     dim=1)
+    return torch.from_numpy(few_step.sequence_noise(seed, first_sample, batch, patch_nums, dim))
 
 
 @torch.no_grad()

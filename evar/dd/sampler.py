@@ -101,16 +101,14 @@ def dd_generate(model: DDModel, labels: Tensor, few: FewStep = FewStep(), seed: 
     B, ranges = len(labels), cfg.scale_ranges()
     noise = sequence_noise(seed, first_sample, B, cfg.patch_nums, cfg.cvae)
     codebook = quant.embedding.weight
-    split = cfg.seq_len if model.config.continuous_from is None else ranges[model.config.continuous_from][0]
+    split = regression_split(model.config)
     x, is_data = noise.clone(), torch.zeros(B, cfg.seq_len, dtype=torch.bool)
     tokens = torch.zeros(B, cfg.seq_len, dtype=torch.long)
     given = 0  # tokens [0, given) are decided (data)
 
     def predict() -> None:
-        logits, vec = model.student(labels, x, is_data)
-        out = codebook[logits.argmax(-1)]
-        out[:, split:] = vec[:, split:]
-        tokens[:, given:] = logits.argmax(-1)[:, given:]
+        idx, out = pass_outputs(*model.student(labels, x, is_data), codebook, split)
+        tokens[:, given:] = idx[:, given:]
         x[:, given:] = out[:, given:]  # the prediction; only the decided part is marked as data below
 
     def decide(end: int) -> None:
@@ -153,16 +151,33 @@ def _teacher_scales(teacher: Model, labels: Tensor, tokens: Tensor, x: Tensor, a
             x[:, lo:hi] = codebook[idx]
 
 
-def _decode(model: DDModel, vectors: Tensor, cfg) -> Tensor:
-    """f_hat from per-token vectors (codebook vectors or regressed ones), scale by scale, then the decoder."""
-    quant = model.vqvae.quantize
-    H = cfg.patch_nums[-1]
-    f_hat = vectors.new_zeros(len(vectors), cfg.cvae, H, H)
+def regression_split(config) -> int:
+    """The first token whose vector comes from the regression head (L: none does)."""
+    c = config.var
+    return c.seq_len if config.continuous_from is None else c.scale_ranges()[config.continuous_from][0]
+
+
+def pass_outputs(logits: Tensor, vectors: Tensor, codebook: Tensor, split: int) -> tuple[Tensor, Tensor]:
+    """A student pass's (tokens (B, L), per-token vectors (B, L, Cvae)): the argmax token everywhere; its codebook
+    vector before `split`, the regression head's from `split` on (the sampler and the exported graphs share it)."""
+    idx = logits.argmax(-1)
+    if split >= vectors.shape[1] or split <= 0:  # no full slice: Core ML cannot convert the alias it traces to
+        return idx, codebook[idx] if split > 0 else vectors
+    return idx, torch.cat((codebook[idx[:, :split]], vectors[:, split:]), dim=1)
+
+
+def fhat_of_vectors(quant, vectors: Tensor, cfg) -> Tensor:
+    """f_hat (B, Cvae, H, H) from per-token vectors (codebook vectors or regressed ones), scale by scale."""
+    f_hat = None  # no batch size is read anywhere: the exported graphs keep a symbolic batch
     for si, (lo, hi) in enumerate(cfg.scale_ranges()):
         pn = cfg.patch_nums[si]
-        h = vectors[:, lo:hi].transpose(1, 2).reshape(len(vectors), cfg.cvae, pn, pn)
-        f_hat = f_hat + quant.scale_residual(si, h)
-    return model.vqvae.fhat_to_img(f_hat)
+        residual = quant.scale_residual(si, vectors[:, lo:hi].transpose(1, 2).unflatten(2, (pn, pn)))
+        f_hat = residual if f_hat is None else f_hat + residual
+    return f_hat
+
+
+def _decode(model: DDModel, vectors: Tensor, cfg) -> Tensor:
+    return model.vqvae.fhat_to_img(fhat_of_vectors(model.vqvae.quantize, vectors, cfg))
 
 
 def _check_teacher(model: DDModel, teacher: Model) -> None:

@@ -31,6 +31,30 @@ def _ort():
     return onnxruntime
 
 
+def open_session(ort, artifact: Artifact, role: str, providers: list[Any], threads: int):
+    """The session of one graph role, sequential, `threads` intra-op threads; its inputs and outputs must be the
+    manifest's (a graph file from another export is refused)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    path = artifact.graph_path(role)
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise ManifestError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+    graph = artifact.graph(role)
+    declared = graph.get("signature") or graph["functions"][0]
+    for kind, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        want, got = [t["name"] for t in declared[kind]], [t.name for t in actual]
+        if want != got:
+            raise ManifestError(f"{path.name}: the graph's {kind} {got[:4]}… differ from the manifest's {want[:4]}…; "
+                                "the graph file does not belong to this manifest")
+    return sess
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -64,25 +88,7 @@ class OrtBackend:
         self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
 
     def _session(self, ort, role: str, providers: list[Any]):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        path = self.artifact.graph_path(role)
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
-            raise ManifestError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
-        graph = self.artifact.graph(role)
-        declared = graph.get("signature") or graph["functions"][0]
-        for kind, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
-            want, got = [t["name"] for t in declared[kind]], [t.name for t in actual]
-            if want != got:
-                raise ManifestError(f"{path.name}: the graph's {kind} {got[:4]}… differ from the manifest's {want[:4]}…; "
-                                    "the graph file does not belong to this manifest")
-        return sess
+        return open_session(ort, self.artifact, role, providers, self.threads)
 
     # ---- one generation
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
