@@ -171,9 +171,9 @@ def test_host_sampled_manifests_are_version_2_and_older_ones_still_load(tmp_path
     from evar.files import read_versioned_json
     from evar.contract import FORMAT, FORMAT_VERSION
 
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3  # 3: scale split artifacts (evar.export.split)
     path = tmp_path / "manifest.json"
-    for version, ok in ((1, True), (2, True), (3, False)):
+    for version, ok in ((1, True), (2, True), (3, True), (4, False)):
         path.write_text(json.dumps({"format": FORMAT, "format_version": version}))
         if ok:
             assert read_versioned_json(path, FORMAT, FORMAT_VERSION, "artifact manifest", ManifestError)

@@ -179,8 +179,8 @@ def _edit_manifest(path: Path, edit) -> None:
 
 def test_newer_format_version_is_refused_with_upgrade_hint(art, tmp_path):
     path = copy_artifact(art[1], tmp_path / "a")
-    _edit_manifest(path, lambda m: m.update(format_version=3, new_field={"x": 1}))
-    with pytest.raises(ManifestError, match=r"newer EVAR \(format_version 3\).*reads format_version 2.*upgrade"):
+    _edit_manifest(path, lambda m: m.update(format_version=4, new_field={"x": 1}))
+    with pytest.raises(ManifestError, match=r"newer EVAR \(format_version 4\).*reads format_version 3.*upgrade"):
         load_artifact(path)
 
 
