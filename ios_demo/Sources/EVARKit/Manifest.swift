@@ -151,10 +151,32 @@ extension Manifest {
         /// CFG trimming: scales from this index run the conditional rows only.
         public var cfgUntilScale: Int?
         public var unguidedGraph: String?
+        /// Scale split: scales before this index run `earlyGraph` (another model's weights), then `prefillGraph`
+        /// builds the step graph's cache. Such manifests are format_version 3, which this EVARKit refuses.
+        public var splitScale: Int?
+        public var earlyGraph: String?
+        public var prefillGraph: String?
+        public var earlyModel: EarlyModel?
 
         enum CodingKeys: String, CodingKey {
             case cfgUntilScale = "cfg_until_scale"
             case unguidedGraph = "unguided_graph"
+            case splitScale = "split_scale"
+            case earlyGraph = "early_graph"
+            case prefillGraph = "prefill_graph"
+            case earlyModel = "early_model"
+        }
+    }
+
+    /// The early model of a scale split.
+    /// Schema: #/$defs/generation/properties/early_model
+    public struct EarlyModel: Codable, Hashable, Sendable {
+        public var ref: String?
+        public var config: [String: JSONValue]?
+
+        enum CodingKeys: String, CodingKey {
+            case ref
+            case config = "var"
         }
     }
 
