@@ -56,6 +56,9 @@ def onnx(
                                                             "tokenizer) that generates the scales before --split-scale")] = None,
     split_scale: Annotated[Optional[int], typer.Option(help="scale split: the first scale --model generates (after "
                                                             "prefilling its cache from the early tokens in one pass)")] = None,
+    token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: SCALE:RATIO,… (e.g. 4:0.6,5:0.4): "
+                                                           "the transformer runs on that share of a scale's tokens (the "
+                                                           "highest-frequency ones), the rest are restored")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """One decoder-step graph for every scale + the VQVAE decoder, parity-checked with onnxruntime."""
@@ -65,7 +68,7 @@ def onnx(
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
                           top_k=top_k, top_p=top_p, quantize=quantize,
                           int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale,
-                          split_scale=split_scale, early_model=early_model)
+                          split_scale=split_scale, early_model=early_model, token_keep=token_keep)
     options.validate()  # before loading a model: a bad option costs nothing
     with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt, early_model]):
         from evar.export.artifact import build_onnx

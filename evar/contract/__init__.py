@@ -25,9 +25,9 @@ FORMAT, FORMAT_VERSION = "evar-artifact", 3
 # (sampling.where "host": raw logits out, no uniforms input). Everything else is written as version 1, so
 # an older EVAR keeps reading it; this EVAR reads both.
 HOST_SAMPLING_VERSION = 2
-# Version 3 = a scale split (generation.split_scale): an older reader would run the compressed model alone
-# at every scale, another recipe, so it must refuse ("upgrade") instead.
-SPLIT_VERSION = 3
+# Version 3 = a scale split or token pruning (generation.split_scale / token_keep): an older reader would run
+# the plain step graph at every scale, another recipe, so it must refuse ("upgrade") instead.
+GENERATION_VERSION = 3
 SCHEMA_PATH = Path(__file__).resolve().with_name("manifest.schema.json")
 
 # graph roles (the keys of manifest["graphs"])
@@ -36,6 +36,7 @@ FHAT_GRAPH = "fhat_update"  # host-sampled artifacts: (f_hat, idx) → next f_ha
 UNGUIDED_STEP_GRAPH = "decoder_step_unguided"  # CFG trimming: the conditional rows only (manifest "generation")
 EARLY_STEP_GRAPH = "decoder_step_early"  # scale split: the early model's step, scales < split_scale
 PREFILL_GRAPH = "prefill"  # scale split: the compressed model's KV cache from the early tokens, one pass
+PRUNED_STEP_GRAPH = "decoder_step_pruned"  # token pruning: scales from generation.cache_scale on
 # tensor roles of a step's inputs/outputs whose values cross from one scale to the next by name
 PAST_ROLES, PRESENT_ROLES = ("past_key", "past_value"), ("present_key", "present_value")
 # numpy dtypes of the manifest's dtype names
@@ -97,8 +98,9 @@ def write(root: Path, manifest: dict[str, Any]) -> Path:
     """List and hash the files under `root`, validate, write `root/manifest.json` atomically."""
     # through JSON first, so tuples become lists exactly as a reader will see them
     version = HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
-    if (manifest.get("generation") or {}).get("split_scale") is not None:
-        version = SPLIT_VERSION
+    generation = manifest.get("generation") or {}
+    if generation.get("split_scale") is not None or generation.get("token_keep"):
+        version = GENERATION_VERSION
     manifest = json.loads(json.dumps({"format": FORMAT, "format_version": version, **manifest,
                                       "files": file_entries(root)}))
     validate(manifest)
@@ -201,6 +203,17 @@ class Artifact:
     @property
     def early_model_ref(self) -> str | None:
         return ((self.data.get("generation") or {}).get("early_model") or {}).get("ref")
+
+    @property
+    def token_keep(self) -> dict[int, int]:
+        """Token pruning: scale → static keep count (empty: every token runs the transformer)."""
+        counts = (self.data.get("generation") or {}).get("token_keep_counts") or {}
+        return {int(si): int(k) for si, k in counts.items()}
+
+    @property
+    def cache_scale(self) -> int | None:
+        """Token pruning: the scale whose hidden map restores the pruned tokens (the pruned graph runs from it)."""
+        return (self.data.get("generation") or {}).get("cache_scale")
 
     def kv_links(self, role: str) -> dict[str, str]:
         """present output name → past input name of one step graph, from its own tensors' roles and layers

@@ -111,6 +111,7 @@ class DecodeState:
     tokens: list[Tensor] = field(default_factory=list)
     raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
     cfg_until_scale: int | None = None  # CFG trimming: from this scale on only the conditional rows run
+    cached_hidden: Tensor | None = None  # token pruning: the cache scale's final hidden map (evar.models.token_keep)
 
     @property
     def guided(self) -> bool:
@@ -134,9 +135,16 @@ class Decoder:
     """Eager decoding of one model: `begin` a batch, `step` each scale in order (the loop is the caller's)."""
 
     def __init__(self, var: VAR, vqvae: torch.nn.Module, *, top_k: int = 0, top_p: float = 0.0,
-                 keep_logits: bool = False, pick: TokenPicker = sample_tokens):
+                 keep_logits: bool = False, pick: TokenPicker = sample_tokens, token_keep: dict[int, int] | None = None):
         self.var, self.vqvae, self.ops = var, vqvae, EagerOps(var, vqvae)
         self.top_k, self.top_p, self.keep_logits, self.pick = top_k, top_p, keep_logits, pick
+        # token pruning: keep counts by scale; the scales from the cache scale on run `decode_pruned_scale`
+        self.token_keep = token_keep or {}
+        if self.token_keep:
+            from evar.models.token_keep import KeepOps, cache_scale
+
+            self.cache_si = cache_scale(self.token_keep)
+            self.keep_ops = KeepOps(var, self.cache_si).to(next(var.parameters()).device)
 
     @torch.no_grad()
     def begin(self, labels: Tensor, guidance: float, cfg_until_scale: int | None = None) -> DecodeState:
@@ -161,13 +169,32 @@ class Decoder:
         guided = state.guided_at(si)
         if state.guided and not guided:
             state.drop_unconditional()
-        out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
-                           state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
+        if self.token_keep and si >= self.cache_si:
+            out = self._pruned(state, si, uniforms.to(state.f_hat.device), guided)
+        else:
+            out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
+                               state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
         state.f_hat, state.past = out.f_hat, out.presents
         state.tokens.append(out.idx)
         if self.keep_logits:
             state.raw_logits.append(out.raw_logits)
         return out.idx
+
+
+    def _pruned(self, state: DecodeState, si: int, uniforms: Tensor, guided: bool) -> StepOutput:
+        from evar.models.token_keep import decode_pruned_scale
+
+        n = uniforms.shape[1]
+        cached = state.cached_hidden
+        if si == self.cache_si:  # run in full; its hidden map is what later pruned tokens are restored from
+            cached = state.f_hat.new_zeros(state.cond_BD.shape[0], n, self.var.cfg.embed_dim)
+        out, full = decode_pruned_scale(self.var, self.ops, self.keep_ops, si, torch.tensor([si], device=uniforms.device),
+                                        state.cond_BD, state.f_hat, uniforms, state.guidance, state.past or
+                                        [None] * len(self.var.blocks), self.top_k, self.top_p,
+                                        self.token_keep.get(si, n), cached, guided, self.pick)
+        if si == self.cache_si:
+            state.cached_hidden = full
+        return out
 
 
 @dataclass
@@ -225,7 +252,7 @@ def prefill(var: VAR, vqvae: torch.nn.Module, cond_BD: Tensor, tokens: list[Tens
 def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: float = 1.5, top_k: int = 0,
              top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
              decode: bool = True, cfg_until_scale: int | None = None, early: VAR | None = None,
-             split_scale: int | None = None) -> Generation:
+             split_scale: int | None = None, token_keep: dict[int, int] | None = None) -> Generation:
     """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
 
     Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
@@ -236,11 +263,13 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     `cfg_until_scale` N (CFG trimming): scales >= N run the conditional rows only (guidance off there).
     `early` with `split_scale` N (scale split): the `early` model (sharing `vqvae`) generates scales < N, then
     `var` prefills its cache from those tokens in one pass (`prefill`) and generates scales >= N.
+    `token_keep` {scale: K} (late-scale token pruning, `evar.models.token_keep`): `var` runs its transformer on K
+    tokens of those scales and restores the rest from the cache scale's hidden map.
     """
     if (early is None) != (split_scale is None):
         raise EvarError("a scale split needs both the early model and --split-scale")
     check_split_scale(split_scale, var.cfg.num_scales)
-    decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
+    decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits, token_keep=token_keep)
     first = decoder if early is None else Decoder(early, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
     state = first.begin(labels, guidance, cfg_until_scale)
     B = len(labels)

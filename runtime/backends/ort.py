@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, Artifact,
-                           ManifestError, step_feeds)
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
+                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError, step_feeds)
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
 
@@ -64,6 +64,10 @@ class OrtBackend:
         self.early = self._session(ort, EARLY_STEP_GRAPH, providers) if self.split is not None else None
         self.prefill = self._session(ort, PREFILL_GRAPH, providers) if self.split is not None else None
         self.early_links = artifact.kv_links(EARLY_STEP_GRAPH) if self.split is not None else {}
+        # token pruning: from the cache scale on the pruned graph runs with its static keep count
+        self.keep, self.cache_si = artifact.token_keep, artifact.cache_scale
+        self.pruned = self._session(ort, PRUNED_STEP_GRAPH, providers) if self.keep else None
+        self.pruned_outputs = [o.name for o in self.pruned.get_outputs()] if self.pruned is not None else []
         self.step_outputs = [o.name for o in self.step.get_outputs()]
         self.early_outputs = [o.name for o in self.early.get_outputs()] if self.early is not None else []
         self.past_of = artifact.past_of_present()
@@ -116,6 +120,8 @@ class OrtBackend:
             return idx
         if si == self.split:
             self.past = self._prefill()
+        if self.keep and si >= self.cache_si:
+            return self._pruned(si, uniforms)
         role, sess = STEP_GRAPH, self.step
         if self.cfg_until is not None and si >= self.cfg_until:
             role, sess = UNGUIDED_STEP_GRAPH, self.unguided
@@ -123,6 +129,18 @@ class OrtBackend:
                 self.past = {name: np.ascontiguousarray(_array(value)[: self.batch]) for name, value in self.past.items()}
         return self._run(role, sess, self.step_outputs, self.past_of, si, uniforms,
                          lambda t: self.artifact.empty_past(t, self.batch))
+
+    def _pruned(self, si: int, uniforms: np.ndarray) -> np.ndarray:
+        n = uniforms.shape[1]
+        if si == self.cache_si:  # zeros: every token of the cache scale runs and overwrites them
+            var = self.artifact.var
+            self.values["cached_hidden"] = np.zeros((2 * self.batch, n, var["embed_dim"]), np.float32)
+        self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
+        idx = self._run(PRUNED_STEP_GRAPH, self.pruned, self.pruned_outputs, self.past_of, si, uniforms,
+                        lambda t: self.artifact.empty_past(t, self.batch))
+        if si == self.cache_si:
+            self.values["cached_hidden"] = self._hidden
+        return idx
 
     def _run(self, role: str, sess, output_names: list[str], past_of: dict[str, str], si: int, uniforms: np.ndarray,
              empty) -> np.ndarray:
@@ -145,6 +163,7 @@ class OrtBackend:
             outs = dict(zip(output_names, binding.get_outputs()))
             idx = outs[self.roles["idx"]].numpy()
         self.values["f_hat"] = outs[self.roles["f_hat"]]
+        self._hidden = outs.get("hidden")
         self.past = {past_of[name]: value for name, value in outs.items() if name in past_of}
         return idx.astype(np.int64, copy=False)
 
@@ -154,5 +173,5 @@ class OrtBackend:
         return self.decoder.run(None, {self.dec_in: f_hat})[0]
 
     def close(self) -> None:
-        self.step = self.decoder = self.unguided = self.early = self.prefill = None
+        self.step = self.decoder = self.unguided = self.early = self.prefill = self.pruned = None
         self.values, self.past = {}, {}

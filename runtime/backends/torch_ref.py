@@ -55,7 +55,8 @@ class TorchBackend:
                                          f"('{artifact.early_model_ref}'): {err}") from None
 
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
-        self.decoder = Decoder(self.model.var, self.model.vqvae, top_k=top_k, top_p=top_p)
+        self.decoder = Decoder(self.model.var, self.model.vqvae, top_k=top_k, top_p=top_p,
+                               token_keep=self.artifact.token_keep)
         self.first = self.decoder if self.early is None else Decoder(self.early.var, self.model.vqvae, top_k=top_k,
                                                                      top_p=top_p)
         self.labels = torch.from_numpy(labels.astype(np.int64))

@@ -157,6 +157,11 @@ extension Manifest {
         public var earlyGraph: String?
         public var prefillGraph: String?
         public var earlyModel: EarlyModel?
+        /// Token pruning (format_version 3 as well): keep ratio and static keep count by scale index.
+        public var tokenKeep: [String: Double]?
+        public var tokenKeepCounts: [String: Int]?
+        public var cacheScale: Int?
+        public var prunedGraph: String?
 
         enum CodingKeys: String, CodingKey {
             case cfgUntilScale = "cfg_until_scale"
@@ -165,6 +170,10 @@ extension Manifest {
             case earlyGraph = "early_graph"
             case prefillGraph = "prefill_graph"
             case earlyModel = "early_model"
+            case tokenKeep = "token_keep"
+            case tokenKeepCounts = "token_keep_counts"
+            case cacheScale = "cache_scale"
+            case prunedGraph = "pruned_graph"
         }
     }
 
