@@ -2,9 +2,9 @@
 
 The ordinary step graph runs the scales before the cache scale (the scale before the first pruned one); from the
 cache scale on a second graph, `decoder_step_pruned` (`PrunedStep`), runs every scale: it takes the static keep
-count K of its scale (`keep_count`, pn² where nothing is pruned) and the cache scale's final hidden map
+count K of its scale (`keep_count`, pn² where nothing is pruned) and the previous scale's final hidden map
 (`cached_hidden`; zeros at the cache scale itself), runs the transformer on the K selected tokens only and returns
-the full hidden map (`hidden`: the runtime keeps the cache scale's). A pruned scale appends K, not pn², entries
+this scale's full hidden map (`hidden`: the next scale's `cached_hidden`). A pruned scale appends K, not pn², entries
 to the KV cache, so every later scale's past is shorter: the manifest's per-scale function entries state each
 static shape. What is selected and restored: `evar.models.token_keep`. Parity: tokens identical to
 `generate(..., token_keep=counts)` at fp32.
@@ -30,7 +30,7 @@ from evar.models.decoding import cfg_labels, generate
 from evar.models.sampling import apply_cfg, cfg_ratio
 from evar.models.token_keep import KeepOps, cache_scale, decode_pruned_scale, keep_counts, parse_token_keep
 
-CACHE = "cache_length"
+PREVIOUS = "previous_length"
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,19 @@ class PrunedInterface:
         pns = self.step.var.patch_nums
         return sum(self.keep.keep(s, pns[s] ** 2) for s in range(si))
 
-    def _extra(self, n: Any, nc: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def _extra(self, n: Any, n_prev: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         C = self.step.var.embed_dim
         ins = [TensorSpec("keep_count", (1,), "int64", "keep_count",
                           doc="K: the tokens of this scale the transformer runs on (pn² where nothing is pruned)"),
-               TensorSpec("cached_hidden", (CFG_BATCH, nc, C), "float32", "cached_hidden",
-                          doc="the cache scale's `hidden` output; zeros at the cache scale itself")]
+               TensorSpec("cached_hidden", (CFG_BATCH, n_prev, C), "float32", "cached_hidden",
+                          doc="the previous scale's `hidden` output; zeros at the cache scale itself")]
         outs = [TensorSpec("hidden", (CFG_BATCH, n, C), "float32", "hidden",
                            doc="final hidden map of this scale (kept tokens computed, the rest restored)")]
         return ins, outs
 
     def signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         ins, outs = self.step.signature()
-        e_in, e_out = self._extra(SEQ, CACHE)
+        e_in, e_out = self._extra(SEQ, PREVIOUS)
         k = len(self.step._fixed_inputs(SEQ))
         return ins[:k] + e_in + ins[k:], outs[:3] + e_out + outs[3:]
 
@@ -111,9 +111,9 @@ class PrunedInterface:
 
     def function(self, si: int) -> FunctionSpec:
         v = self.step.var
-        n, nc = v.patch_nums[si] ** 2, v.patch_nums[self.keep.cache_si] ** 2
+        n, n_prev = v.patch_nums[si] ** 2, v.patch_nums[si - 1] ** 2
         past, K = self.past_length(si), self.keep.keep(si, n)
-        e_in, e_out = self._extra(n, nc)
+        e_in, e_out = self._extra(n, n_prev)
         fixed_in, fixed_out = self.step._fixed_inputs(n), self.step._fixed_outputs(n)
         ins = fixed_in + e_in + self.step.kv_inputs(past)
         outs = fixed_out + e_out + self.step.kv_outputs(past + K)
@@ -165,7 +165,7 @@ class KeepPipeline:
         B = len(labels)
         f_hat = np.zeros((B, c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
         kv: dict[str, np.ndarray] = {}
-        cached = np.zeros((2 * B, c.patch_nums[keep.cache_si] ** 2, c.embed_dim), np.float32)
+        cached = np.zeros((2 * B, c.patch_nums[keep.cache_si - 1] ** 2, c.embed_dim), np.float32)
         run = pt.Run([], [])
         for si in range(c.num_scales):
             pruned = si >= keep.cache_si
@@ -178,7 +178,7 @@ class KeepPipeline:
             out = steps[PRUNED_STEP_GRAPH if pruned else STEP_GRAPH](si, feeds)
             run.inputs.append(feeds)
             run.outputs.append(out)
-            if si == keep.cache_si:
+            if pruned:
                 cached = out["hidden"]
             f_hat, kv = out["next_f_hat"], pt.next_kv(self.step, si, out)
         return run
@@ -261,8 +261,8 @@ def manifest_parts(model: Model, keep: KeepPlan, graph: ox.OnnxGraph, iface: Pru
     ins, outs = iface.signature()
     notes.append(f"token pruning: scales {keep.cache_si} … {S - 1} run this graph with keep_count K per scale "
                  f"({', '.join(f'scale {si}: {k}' for si, k in keep.counts.items())}; pn² elsewhere); the transformer "
-                 f"runs on K tokens, the others take scale {keep.cache_si}'s hidden map upsampled; feed scale "
-                 f"{keep.cache_si}'s `hidden` output as `cached_hidden` (zeros at scale {keep.cache_si})")
+                 f"runs on K tokens, the others take the previous scale's hidden map upsampled; feed each scale's `hidden` "
+                 f"output as the next scale's `cached_hidden` (zeros at scale {keep.cache_si})")
     entry = {**ox.graph_entry(graph, [iface.function(si).to_json() for si in range(keep.cache_si, S)],
                               {"inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]},
                               opset, notes), "scale_selection": "scale_index_input"}

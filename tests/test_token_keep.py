@@ -77,7 +77,7 @@ def test_pruned_graph_has_the_stated_static_shapes(keep_artifact):
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     for t in fns[3]["outputs"]:
         assert list(outs[t["name"]].shape) == [dims.get(d, d) for d in t["shape"]], t["name"]
-    assert outs["present.0.key"].shape[2] == 17
+    assert outs["present.0.key"].shape[2] == 17 and outs["hidden"].shape[1] == 16
     checks = [c for c in a.data["parity"]["checks"] if c["name"].startswith("token keep")]
     assert checks and all(c["passed"] for c in checks)
 

@@ -111,7 +111,7 @@ class DecodeState:
     tokens: list[Tensor] = field(default_factory=list)
     raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
     cfg_until_scale: int | None = None  # CFG trimming: from this scale on only the conditional rows run
-    cached_hidden: Tensor | None = None  # token pruning: the cache scale's final hidden map (evar.models.token_keep)
+    cached_hidden: Tensor | None = None  # token pruning: the previous scale's final hidden map (evar.models.token_keep)
 
     @property
     def guided(self) -> bool:
@@ -186,14 +186,14 @@ class Decoder:
 
         n = uniforms.shape[1]
         cached = state.cached_hidden
-        if si == self.cache_si:  # run in full; its hidden map is what later pruned tokens are restored from
-            cached = state.f_hat.new_zeros(state.cond_BD.shape[0], n, self.var.cfg.embed_dim)
+        if si == self.cache_si:  # run in full; from its hidden map on, pruned tokens are restored
+            prev = self.var.cfg.patch_nums[si - 1] ** 2
+            cached = state.f_hat.new_zeros(state.cond_BD.shape[0], prev, self.var.cfg.embed_dim)
         out, full = decode_pruned_scale(self.var, self.ops, self.keep_ops, si, torch.tensor([si], device=uniforms.device),
                                         state.cond_BD, state.f_hat, uniforms, state.guidance, state.past or
                                         [None] * len(self.var.blocks), self.top_k, self.top_p,
                                         self.token_keep.get(si, n), cached, guided, self.pick)
-        if si == self.cache_si:
-            state.cached_hidden = full
+        state.cached_hidden = full
         return out
 
 
@@ -264,7 +264,7 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     `early` with `split_scale` N (scale split): the `early` model (sharing `vqvae`) generates scales < N, then
     `var` prefills its cache from those tokens in one pass (`prefill`) and generates scales >= N.
     `token_keep` {scale: K} (late-scale token pruning, `evar.models.token_keep`): `var` runs its transformer on K
-    tokens of those scales and restores the rest from the cache scale's hidden map.
+    tokens of those scales and restores the rest from the previous scale's hidden map.
     """
     if (early is None) != (split_scale is None):
         raise EvarError("a scale split needs both the early model and --split-scale")

@@ -6,8 +6,9 @@ At a pruned scale si with keep count K = ceil(ratio · pn²) (static per scale, 
      that differ most from the previous scale's prediction upsampled;
   2. run the transformer on the K highest-scoring tokens only (row-major order kept; the same positions for the
      conditional and unconditional rows), attending to the cache as usual; their K keys/values are cached;
-  3. every other token takes its hidden state from FastVAR's cached restoration: the final hidden map of the
-     *cache scale* (the scale before the first pruned one, run in full) bicubic-upsampled to this scale;
+  3. every other token takes its hidden state from the cached restoration (FastVAR's idea): the previous scale's
+     final hidden map bicubic-upsampled to this scale (the scale before the first pruned one, the *cache scale*,
+     runs in full; each later scale's map is its kept tokens' states with the rest restored the same way);
   4. the head, guidance and the inverse-CDF draw then run on all pn² tokens as usual, so every token is a real
      token drawn with its own uniform, and f_hat accumulates them exactly as unpruned decoding does.
 The cost saved is the transformer blocks on pn² − K tokens; the head (one matmul) still runs on every token.
@@ -62,17 +63,17 @@ def cache_scale(counts: dict[int, int]) -> int:
 
 class KeepOps(nn.Module):
     """The scale-dependent matrices of a pruned scale, stacked over scales (zero-padded to H²) and picked by index:
-    `down` f_hat → this scale's input map, `lowpass` U·D (previous size and back), `restore` the cache scale's map
-    → this scale. Indexed by a (1,) int64 tensor in PyTorch and in the graph alike."""
+    `down` f_hat → this scale's input map, `lowpass` U·D (previous size and back), `restore` the previous scale's
+    map → this scale (bicubic). Indexed by a (1,) int64 tensor in PyTorch and in the graph alike."""
 
     def __init__(self, var: VAR, cache_si: int):
         super().__init__()
         pns = var.cfg.patch_nums
         H = pns[-1]
-        S, nc = len(pns), pns[cache_si] ** 2
+        S = len(pns)
         down = torch.zeros(S, H * H, H * H, dtype=torch.float64)
         low = torch.zeros_like(down)
-        restore = torch.zeros(S, H * H, nc, dtype=torch.float64)
+        restore = torch.zeros_like(down)
         for si, pn in enumerate(pns):
             n = pn * pn
             d = torch.eye(H, dtype=torch.float64) if pn == H else resize_matrix(H, pn, "area").double()
@@ -82,8 +83,8 @@ class KeepOps(nn.Module):
                 up = resize_matrix(pns[si - 1], pn, "bicubic").double()  # (pn, pn_prev)
                 low[si, :n, :n] = torch.kron(up @ dp, up @ dp)  # (n, n)
             if si > cache_si:
-                u = resize_matrix(pns[cache_si], pn, "bicubic").double()
-                restore[si, :n] = torch.kron(u, u)  # (n, nc)
+                u = resize_matrix(pns[si - 1], pn, "bicubic").double()
+                restore[si, :n, : pns[si - 1] ** 2] = torch.kron(u, u)  # (n, n_prev)
         self.register_buffer("down", down.float(), persistent=False)
         self.register_buffer("lowpass", low.float(), persistent=False)
         self.register_buffer("restore", restore.float(), persistent=False)
@@ -108,8 +109,8 @@ def pruned_step(var: VAR, ops: KeepOps, scale_index: Tensor, cond_BD: Tensor, f_
                 ) -> tuple[Tensor, Tensor, Tensor, list[KV]]:
     """One pruned scale up to the logits: → (guided logits (B, n, V), raw logits (R, n, V), the full hidden map
     (R, n, C), presents).
-    R = 2B rows when guided; `cached_hidden` (R, n_cache, C) is the cache scale's hidden map (zeros at that scale,
-    where every token is kept and overwrites it); `ramp` is the guidance weight of this scale."""
+    R = 2B rows when guided; `cached_hidden` (R, n_prev, C) is the previous scale's full hidden map (zeros at the
+    cache scale, where every token is kept and overwrites it); `ramp` is the guidance weight of this scale."""
     x_in, kept = select_tokens(ops, scale_index, f_hat, n_tokens, keep)
     C = var.cfg.embed_dim
     x_k = torch.gather(x_in, 1, kept.unsqueeze(-1).expand(-1, -1, x_in.shape[-1]))

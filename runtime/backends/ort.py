@@ -134,12 +134,12 @@ class OrtBackend:
         n = uniforms.shape[1]
         if si == self.cache_si:  # zeros: every token of the cache scale runs and overwrites them
             var = self.artifact.var
-            self.values["cached_hidden"] = np.zeros((2 * self.batch, n, var["embed_dim"]), np.float32)
+            prev = var["patch_nums"][si - 1] ** 2
+            self.values["cached_hidden"] = np.zeros((2 * self.batch, prev, var["embed_dim"]), np.float32)
         self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
         idx = self._run(PRUNED_STEP_GRAPH, self.pruned, self.pruned_outputs, self.past_of, si, uniforms,
                         lambda t: self.artifact.empty_past(t, self.batch))
-        if si == self.cache_si:
-            self.values["cached_hidden"] = self._hidden
+        self.values["cached_hidden"] = self._hidden  # the next scale restores its pruned tokens from this map
         return idx
 
     def _run(self, role: str, sess, output_names: list[str], past_of: dict[str, str], si: int, uniforms: np.ndarray,
