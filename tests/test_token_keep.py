@@ -121,3 +121,15 @@ def test_token_keep_with_trimming_is_refused():
     with pytest.raises(EvarError, match="token-keep"):
         build_onnx(tiny_model(), "tests:tiny", __import__("pathlib").Path("/nonexistent/x"),
                    OnnxOptions(token_keep="3:0.5", cfg_until_scale=2))
+
+
+def test_macs_count_the_kept_tokens_and_the_split():
+    from evar.runtime import cost
+
+    var = tiny_model().config.to_dict()["var"]
+    full, kept = cost.generation_macs(var), cost.generation_macs(var, token_keep={3: 7})
+    assert kept["per_scale"][:3] == full["per_scale"][:3] and kept["per_scale"][3] < full["per_scale"][3]
+    assert kept["per_scale"][3] == cost.step_macs(var, 3, keep=7, past=14)["total"]
+    assert cost.generation_macs(var, token_keep={3: 16}) == full  # keep everything: the same work
+    same = cost.generation_macs(var, early_var=var, split_scale=2)
+    assert same["per_scale"][:2] == full["per_scale"][:2] and same["total"] > full["total"]  # + the prefill
