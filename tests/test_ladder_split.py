@@ -146,3 +146,18 @@ def test_bad_split_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
     err = _cli(monkeypatch, capsys, argv)
     assert what in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "small"]
+
+
+def test_evar_sample_split_with_one_model_gives_the_plain_images(tmp_path, monkeypatch):
+    from evar.apps import cli
+
+    model_dir = save_model_dir(tiny_model(), tmp_path / "m")
+    outs = {}
+    for name, extra in (("plain", []), ("split", ["--early-model", str(model_dir), "--split-scale", "2"])):
+        monkeypatch.setattr(sys, "argv", ["evar", "sample", "--model", str(model_dir), "--classes", "1,4",
+                                          "--per-class", "2", "--out", str(tmp_path / name), *extra])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code in (0, None)
+        outs[name] = np.load(tmp_path / name / "samples.npz")["images"]
+    assert np.array_equal(outs["plain"], outs["split"])
