@@ -321,7 +321,8 @@ def main() -> None:
     ap.add_argument("--digits-threads", type=int, default=1,
                     help="a 1.3M-parameter graph gains nothing from a second intra-op thread (per-node sync)")
     ap.add_argument("--digits-split", type=int, default=3, help="+split: the dense model generates scales < this")
-    ap.add_argument("--digits-token-keep", default="4:0.6,5:0.4")
+    ap.add_argument("--digits-token-keep", default="5:0.5",
+                    help="+token-keep on digits: SCALE:RATIO pairs (default: half of the last scale's 64 tokens)")
     ap.add_argument("--d16-split", type=int, default=6)
     ap.add_argument("--d16-token-keep", default="8:0.6,9:0.4")
     ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
