@@ -2,9 +2,9 @@
 
 The ordinary step graph runs the scales before the cache scale (the scale before the first pruned one); from the
 cache scale on a second graph, `decoder_step_pruned` (`PrunedStep`), runs every scale: it takes the static keep
-count K of its scale (`keep_count`, pn² where nothing is pruned) and the previous scale's final hidden map
-(`cached_hidden`; zeros at the cache scale itself), runs the transformer on the K selected tokens only and returns
-this scale's full hidden map (`hidden`: the next scale's `cached_hidden`). A pruned scale appends K, not pn², entries
+count K of its scale (`keep_count`, pn² where nothing is pruned) and the previous scale's update map
+(`cached_hidden`: final hidden − input embedding per token; zeros at the cache scale itself), runs the transformer
+on the K selected tokens only and returns this scale's update map (`hidden`: the next scale's `cached_hidden`). A pruned scale appends K, not pn², entries
 to the KV cache, so every later scale's past is shorter: the manifest's per-scale function entries state each
 static shape. What is selected and restored: `evar.models.token_keep`. Parity: tokens identical to
 `generate(..., token_keep=counts)` at fp32.
@@ -93,9 +93,10 @@ class PrunedInterface:
         ins = [TensorSpec("keep_count", (1,), "int64", "keep_count",
                           doc="K: the tokens of this scale the transformer runs on (pn² where nothing is pruned)"),
                TensorSpec("cached_hidden", (CFG_BATCH, n_prev, C), "float32", "cached_hidden",
-                          doc="the previous scale's `hidden` output; zeros at the cache scale itself")]
+                          doc="the previous scale's `hidden` output (its update map); zeros at the cache scale itself")]
         outs = [TensorSpec("hidden", (CFG_BATCH, n, C), "float32", "hidden",
-                           doc="final hidden map of this scale (kept tokens computed, the rest restored)")]
+                           doc="this scale's update map: final hidden − input embedding (kept tokens computed, the "
+                               "rest restored)")]
         return ins, outs
 
     def signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -261,7 +262,8 @@ def manifest_parts(model: Model, keep: KeepPlan, graph: ox.OnnxGraph, iface: Pru
     ins, outs = iface.signature()
     notes.append(f"token pruning: scales {keep.cache_si} … {S - 1} run this graph with keep_count K per scale "
                  f"({', '.join(f'scale {si}: {k}' for si, k in keep.counts.items())}; pn² elsewhere); the transformer "
-                 f"runs on K tokens, the others take the previous scale's hidden map upsampled; feed each scale's `hidden` "
+                 f"runs on K tokens, the others keep their input embedding plus the previous scale's update map "
+                 f"upsampled; feed each scale's `hidden` "
                  f"output as the next scale's `cached_hidden` (zeros at scale {keep.cache_si})")
     entry = {**ox.graph_entry(graph, [iface.function(si).to_json() for si in range(keep.cache_si, S)],
                               {"inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]},

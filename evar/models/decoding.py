@@ -111,7 +111,7 @@ class DecodeState:
     tokens: list[Tensor] = field(default_factory=list)
     raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
     cfg_until_scale: int | None = None  # CFG trimming: from this scale on only the conditional rows run
-    cached_hidden: Tensor | None = None  # token pruning: the previous scale's final hidden map (evar.models.token_keep)
+    cached_hidden: Tensor | None = None  # token pruning: the previous scale's update map (evar.models.token_keep)
 
     @property
     def guided(self) -> bool:
@@ -264,7 +264,7 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     `early` with `split_scale` N (scale split): the `early` model (sharing `vqvae`) generates scales < N, then
     `var` prefills its cache from those tokens in one pass (`prefill`) and generates scales >= N.
     `token_keep` {scale: K} (late-scale token pruning, `evar.models.token_keep`): `var` runs its transformer on K
-    tokens of those scales and restores the rest from the previous scale's hidden map.
+    tokens of those scales and restores the rest from the previous scale's update map.
     """
     if (early is None) != (split_scale is None):
         raise EvarError("a scale split needs both the early model and --split-scale")

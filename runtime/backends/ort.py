@@ -139,7 +139,7 @@ class OrtBackend:
         self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
         idx = self._run(PRUNED_STEP_GRAPH, self.pruned, self.pruned_outputs, self.past_of, si, uniforms,
                         lambda t: self.artifact.empty_past(t, self.batch))
-        self.values["cached_hidden"] = self._hidden  # the next scale restores its pruned tokens from this map
+        self.values["cached_hidden"] = self._hidden  # the next scale restores its pruned tokens from this update map
         return idx
 
     def _run(self, role: str, sess, output_names: list[str], past_of: dict[str, str], si: int, uniforms: np.ndarray,
