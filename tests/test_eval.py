@@ -150,9 +150,9 @@ def test_precision_recall_need_more_samples_than_k(real_test_digits):
 
 
 def test_real_training_digits_set_the_precision_recall_ceiling():
-    from evar.eval.metrics import real_data_precision_recall
+    from evar.eval.metrics import real_data_baseline
 
-    pr = real_data_precision_recall()
+    pr = real_data_baseline(10_000)
     assert 0.8 < pr.precision <= 1.0 and 0.8 < pr.recall <= 1.0
 
 
@@ -181,3 +181,27 @@ def test_evaluate_rejects_bad_inputs(real_test_digits):
         evaluate_digits(images[:3, :, :, :1], labels[:3])
     with pytest.raises(ValueError, match="integers"):
         evaluate_digits(images[:3], labels[:3].astype(np.float64))
+
+
+def test_real_data_floor_is_taken_at_the_sample_count():
+    """A Fréchet distance from fewer samples is biased upwards, so the floor beside it must use as many."""
+    from evar.eval.metrics import real_data_baseline
+
+    everything = real_data_baseline(10_000)
+    assert everything.samples == 1347 and everything.subsets == 1
+    few, many = real_data_baseline(200), real_data_baseline(900)
+    assert few.subsets == many.subsets > 1 and few.samples == 200
+    assert few.frechet_distance > many.frechet_distance > everything.frechet_distance
+    assert 0.5 < few.recall <= 1.0 and 0.5 < few.precision <= 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        real_data_baseline(1)
+
+
+def test_reports_carry_the_floor_at_their_own_count(real_test_digits):
+    from evar.eval.metrics import real_data_baseline
+
+    images, labels = real_test_digits
+    report = evaluate_digits(images[:300], labels[:300])
+    assert report.real_data_samples == 300
+    assert report.real_data_floor == real_data_baseline(300).frechet_distance
+    assert report.real_data_recall == real_data_baseline(300).recall

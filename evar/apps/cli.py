@@ -249,9 +249,12 @@ def _print_report(report: dict) -> None:
     q = report["quality"]
     how = ", ".join(f"{k.replace('_', '-').replace('guidance', 'cfg')} {v}" for k, v in report["sampling"].items()
                     if k != "seed")
-    pr = "" if q.get("recall") is None else f"  |  precision {q['precision']:.3f}, recall {q['recall']:.3f} (k={q['k']})"
-    print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f} "
-          f"(real held-out digits score {q['real_data_floor']:.2f}){pr}  |  {q['n_samples']} samples, {how}")
+    pr = "" if q.get("recall") is None else f", precision {q['precision']:.3f}, recall {q['recall']:.3f} (k={q['k']})"
+    real_pr = ("" if q.get("real_data_recall") is None else
+               f", precision {q['real_data_precision']:.3f}, recall {q['real_data_recall']:.3f}")
+    real = f"{q['real_data_samples']} real training digits" if q.get("real_data_samples") else "real training digits"
+    print(f"class accuracy {q['class_accuracy'] * 100:.1f}%  |  Fréchet distance {q['frechet_distance']:.2f}{pr}  |  "
+          f"{real}: Fréchet distance {q['real_data_floor']:.2f}{real_pr}  |  {q['n_samples']} samples, {how}")
 
 
 @app.command()

@@ -234,7 +234,7 @@ def write_report(plan: DemoPlan, seconds: dict[str, float], extra_sections: list
     lines = [f"# EVAR demo on `{plan.model}`", "",
              f"Prune {plan.sparsity:.0%} with {plan.method}, distil from the dense teacher, export, run the exported graphs.",
              "", "## Quality (`evar eval`: 50 samples per digit, cfg 1.5, top-k 900, top-p 0.96, seed 0)", "",
-             "| model | VAR params | class accuracy | Fréchet distance (real digits) | precision | recall |",
+             "| model | VAR params | class accuracy | Fréchet distance (as many real training digits) | precision | recall |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params_M']:.2f}M | {r['class_accuracy'] * 100:.1f}% | {r['frechet_distance']:.1f} "
               f"({_num(r['real_data_floor'], '.1f')}) | {_num(r['precision'], '.3f')} | {_num(r['recall'], '.3f')} |"

@@ -2,7 +2,10 @@
 
 The Fréchet distance is FID's formula with EVAR's digit classifier in place of Inception. Its
 absolute value means little on its own, so every report carries `real_data_floor`: the score
-real held-out digits get against the reference set.
+real training digits get against the same reference, with as many of them as there are samples.
+That matters: a Fréchet distance from n samples is biased upwards by roughly tr(covariance)/n, so 500 real
+digits score about 43 where all 1,347 score 26, and a floor at another count flatters or blames the model.
+Precision and recall have their own count dependence, so the report carries their real-digit values too.
 """
 from __future__ import annotations
 
@@ -73,13 +76,17 @@ class QualityReport:
     frechet_distance: float  # vs the `reference` split, in classifier feature space
     reference: str
     per_class_accuracy: list[float | None]
-    real_data_floor: float  # what real digits score: Fréchet distance of 'train' vs 'test'
+    real_data_floor: float  # Fréchet distance of min(n_samples, 1347) real 'train' digits vs 'test' (subset mean)
     # Improved precision / recall (k-NN manifolds, `evar.eval.manifold`) against the same reference:
     # recall is the share of real digits the samples' manifold covers, so a loss of diversity shows.
     # None with fewer than k + 1 samples (no k-th neighbour).
     precision: float | None = None
     recall: float | None = None
     k: int = DEFAULT_K
+    # What the same number of real training digits score (the ceiling for precision and recall).
+    real_data_precision: float | None = None
+    real_data_recall: float | None = None
+    real_data_samples: int = 0  # how many real digits each floor subset has
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,8 +95,23 @@ class QualityReport:
 @dataclass(frozen=True)
 class _Reference:
     test: GaussianStats
-    real_data_floor: float
+    real_data_floor: float  # all training digits
     test_feats: np.ndarray  # (N, D) float64, for precision / recall
+    train_feats: np.ndarray  # (N, D) float64, for the floor at a sample count
+
+
+@dataclass(frozen=True)
+class RealBaseline:
+    """What `samples` real training digits score against the reference: mean over `subsets` random draws."""
+
+    samples: int
+    subsets: int
+    frechet_distance: float
+    precision: float | None
+    recall: float | None
+
+
+FLOOR_SUBSETS = 8  # enough for the subset mean to move by well under 1 between seeds of the draw
 
 
 def _compute_reference(classifier: DigitClassifier) -> _Reference:
@@ -97,14 +119,42 @@ def _compute_reference(classifier: DigitClassifier) -> _Reference:
     test_feats, _ = run_classifier(classifier, load_digits("test", IMAGE_SIZE)[0])
     test = gaussian_stats(test_feats.numpy())
     floor = frechet_distance_from_stats(gaussian_stats(train_feats.numpy()), test)
-    return _Reference(test=test, real_data_floor=floor, test_feats=test_feats.numpy().astype(np.float64))
+    return _Reference(test=test, real_data_floor=floor, test_feats=test_feats.numpy().astype(np.float64),
+                      train_feats=train_feats.numpy().astype(np.float64))
 
 
-def real_data_precision_recall(classifier: DigitClassifier | None = None) -> PrecisionRecall:
-    """What real training digits score against the held-out reference: the ceiling to read a model's against."""
-    classifier, reference = _classifier_and_reference(classifier)
-    train_feats, _ = run_classifier(classifier, load_digits("train", IMAGE_SIZE)[0])
-    return precision_recall(reference.test_feats, train_feats.numpy())
+def _real_baseline(reference: _Reference, n: int) -> RealBaseline:
+    """The real-data floor at n samples: n ≥ the training split uses all of it once, else seeded subsets."""
+    total = len(reference.train_feats)
+    if n >= total:
+        picks = [np.arange(total)]
+    else:
+        rng = np.random.default_rng(0)
+        picks = [rng.choice(total, size=n, replace=False) for _ in range(FLOOR_SUBSETS)]
+    fds, prs = [], []
+    for pick in picks:
+        feats = reference.train_feats[pick]
+        fds.append(frechet_distance_from_stats(gaussian_stats(feats), reference.test))
+        if len(pick) > DEFAULT_K:
+            prs.append(precision_recall(reference.test_feats, feats))
+    mean = (lambda xs: float(np.mean(xs))) if prs else (lambda xs: None)
+    return RealBaseline(samples=min(n, total), subsets=len(picks), frechet_distance=float(np.mean(fds)),
+                        precision=mean([p.precision for p in prs]), recall=mean([p.recall for p in prs]))
+
+
+@lru_cache(maxsize=16)
+def _default_real_baseline(path: str, mtime_ns: int, n: int) -> RealBaseline:
+    return _real_baseline(_default_classifier_and_reference(path, mtime_ns)[1], n)
+
+
+def real_data_baseline(n: int, classifier: DigitClassifier | None = None) -> RealBaseline:
+    """Fréchet distance, precision and recall of n real training digits against the held-out reference."""
+    if n < 2:
+        raise ValueError(f"need at least 2 digits for a covariance, got {n}")
+    if classifier is not None:
+        return _real_baseline(_classifier_and_reference(classifier)[1], n)
+    path = Path(DEFAULT_PATH)
+    return _default_real_baseline(str(path), path.stat().st_mtime_ns if path.is_file() else 0, n)
 
 
 @lru_cache(maxsize=4)
@@ -164,7 +214,9 @@ def evaluate_digits(
     images = np.asarray(images_uint8_nhwc)
     labels = np.asarray(labels)
     _check_inputs(images, labels)
+    custom = classifier is not None
     classifier, reference = _classifier_and_reference(classifier)
+    real = _real_baseline(reference, len(images)) if custom else real_data_baseline(len(images))
     feats, logits = run_classifier(classifier, _to_classifier_input(images))
     correct = (logits.argmax(1).numpy() == labels)
     pr = precision_recall(reference.test_feats, feats.numpy()) if len(images) > DEFAULT_K else None
@@ -174,7 +226,10 @@ def evaluate_digits(
         frechet_distance=frechet_distance_from_stats(gaussian_stats(feats.numpy()), reference.test),
         reference=REFERENCE,
         per_class_accuracy=_per_class_accuracy(correct, labels),
-        real_data_floor=reference.real_data_floor,
+        real_data_floor=real.frechet_distance,
         precision=pr.precision if pr else None,
         recall=pr.recall if pr else None,
+        real_data_precision=real.precision,
+        real_data_recall=real.recall,
+        real_data_samples=real.samples,
     )
