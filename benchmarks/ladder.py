@@ -11,6 +11,11 @@ Rungs (each an `evar-export onnx` artifact, cumulative):
                    values; digits: OBS + `evar distill`, EVAR's recipe)
   +int8            `--quantize int8` (dynamic int8 of the blocks' linears; AdaLN and head fp32)
   +cfg-trim        `--cfg-until-scale N`: the last two scales run without the unconditional half
+  +split           + `--early-model DENSE --split-scale M`: the dense model (fp32) generates scales < M, the
+                   pruned int8 model prefills its cache from those tokens in one pass and generates the rest
+                   (CFG trimming as the rung before)
+  +token-keep      branches off +int8 (token pruning does not combine with trimming in one export yet):
+                   `--token-keep SCALE:RATIO,…`, the transformer runs on that share of the last scales' tokens
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
 top-k 900, top-p 0.96; medians of end to end and of the transformer scales alone (wall clock and process CPU
 time). Quality on builtin:digits, per rung: class accuracy and Fréchet distance (mean ± std over seeds, the
@@ -40,7 +45,7 @@ from latency import sh, tool  # noqa: E402  (beside this script: how both run th
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
-RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim")
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+token-keep")
 
 
 def ensure(out: Path, args: list[str]) -> Path:
@@ -52,7 +57,8 @@ def ensure(out: Path, args: list[str]) -> Path:
     return out
 
 
-def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], trim_at: int) -> dict[str, Any]:
+def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], trim_at: int, split_at: int,
+          token_keep: str) -> dict[str, Any]:
     """Model dirs and the four artifacts of one family → {rung: (artifact, device)}, plus the model dirs."""
     models, arts = work / name / "models", work / name / "artifacts"
     pruned = None
@@ -65,9 +71,16 @@ def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], t
     p_int8 = ensure(arts / "p40-int8", [*export, "--model", str(pruned), "--quantize", "int8"])
     p_trim = ensure(arts / f"p40-int8-trim{trim_at}",
                     [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at)])
+    p_split = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}",
+                     [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
+                      "--early-model", dense_ref, "--split-scale", str(split_at)])
+    p_keep = ensure(arts / f"p40-int8-keep{token_keep.replace(':', '_').replace(',', '-')}",
+                    [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
     return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
-                          "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu")},
-            "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at}
+                          "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu"), "+split": (p_split, "cpu"),
+                          "+token-keep": (p_keep, "cpu")},
+            "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at, "split_at": split_at,
+            "token_keep": token_keep}
 
 
 # ---------------------------------------------------------------- latency
@@ -109,12 +122,19 @@ def host_overhead(artifact: Path, runs: int = 20) -> dict[str, float]:
 
     gen = Generator(artifact, "cpu", threads=1)
     inside = [0.0]
-    for sess in filter(None, (gen.backend.step, gen.backend.unguided)):
+    for sess in filter(None, (gen.backend.step, gen.backend.unguided, gen.backend.early, gen.backend.pruned)):
         def timed(binding, _run=sess.run_with_iobinding):
             t0 = time.process_time()
             _run(binding)
             inside[0] += time.process_time() - t0
         sess.run_with_iobinding = timed
+    if gen.backend.prefill is not None:  # the prefill runs through `run`, once per image
+        def timed_run(*a, _run=gen.backend.prefill.run):
+            t0 = time.process_time()
+            out = _run(*a)
+            inside[0] += time.process_time() - t0
+            return out
+        gen.backend.prefill.run = timed_run
     outside = []
     for r in range(runs + 2):
         inside[0] = 0.0
@@ -175,6 +195,34 @@ def guided_log_probs(model, labels, tokens: list[np.ndarray], trim_at: int | Non
         return torch.cat(parts, 1).log_softmax(-1)
 
 
+def forced_log_probs(model, labels, tokens: list[np.ndarray], trim_at: int | None = None, early=None,
+                     split_at: int | None = None, keep: dict[int, int] | None = None):
+    """Teacher-forced log-probabilities of the sampling distribution of any recipe, scale by scale through
+    `Decoder` (the same code `generate` runs): after each scale the drawn tokens and f_hat are replaced by the
+    given ones, so each scale sees the given prefix. → (N, L, V)."""
+    import torch
+
+    from evar.models.decoding import Decoder
+    from evar.models.sampling import apply_cfg, cfg_ratio
+
+    lab, idx = torch.from_numpy(labels), [torch.from_numpy(t) for t in tokens]
+    S, B = model.config.var.num_scales, len(labels)
+    late = Decoder(model.var, model.vqvae, keep_logits=True, token_keep=keep)
+    first = late if early is None else Decoder(early.var, model.vqvae, keep_logits=True)
+    with torch.no_grad():
+        state = first.begin(lab, CFG, trim_at)
+        for si in range(S):
+            if si == split_at:
+                late.take_over(state, lab)
+            dec = first if split_at is not None and si < split_at else late
+            before = state.f_hat
+            dec.step(state, si, torch.zeros(B, idx[si].shape[1]))
+            state.tokens[-1], state.f_hat = idx[si], dec.ops.accumulate(si, before, idx[si])
+        parts = [apply_cfg(lg[:B], lg[B:], cfg_ratio(CFG, si, S)) if len(lg) == 2 * B else lg
+                 for si, lg in enumerate(state.raw_logits)]
+        return torch.cat(parts, 1).log_softmax(-1)
+
+
 def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: int) -> dict[str, float | None]:
     """Mean per-token KL(dense ‖ rung) on the dense graph's seed-0 samples (see the module doc)."""
     from evar import zoo
@@ -189,9 +237,17 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
 
     gate = load_artifact(fam["artifacts"]["+int8"][0]).data["parity"]["checks"]
     gate_kl = [c["value"] for c in gate if c["name"].startswith("int8 vs fp32 export: mean token KL")]
+    from evar.models.token_keep import keep_counts, parse_token_keep
+
+    pns = pruned.config.var.patch_nums
+    counts = keep_counts(parse_token_keep(fam["token_keep"], pns), pns)
+    trim = kl(guided_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
+    trim_stepped = kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
     return {"eager": 0.0, "ort-fp32": 0.0, "+prune40": kl(guided_log_probs(pruned, labels, dense_tokens, None)),
             "+int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
-            "+cfg-trim": kl(guided_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))}
+            "+cfg-trim": trim, "+cfg-trim_stepped_check": trim_stepped,
+            "+split": kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], dense, fam["split_at"])),
+            "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts))}
 
 
 # ---------------------------------------------------------------- report
@@ -264,6 +320,11 @@ def main() -> None:
     ap.add_argument("--d16-threads", type=int, default=None, help="default: every core")
     ap.add_argument("--digits-threads", type=int, default=1,
                     help="a 1.3M-parameter graph gains nothing from a second intra-op thread (per-node sync)")
+    ap.add_argument("--digits-split", type=int, default=3, help="+split: the dense model generates scales < this")
+    ap.add_argument("--digits-token-keep", default="5:0.5",
+                    help="+token-keep on digits: SCALE:RATIO pairs (default: half of the last scale's 64 tokens)")
+    ap.add_argument("--d16-split", type=int, default=6)
+    ap.add_argument("--d16-token-keep", default="8:0.6,9:0.4")
     ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
     args = ap.parse_args()
     if args.quick:
@@ -273,7 +334,8 @@ def main() -> None:
     if not args.skip_digits:
         fam = build(args.work, "digits", "builtin:digits",
                     [["evar", "prune", "--model", "builtin:digits", "--sparsity", "0.4", "--method", "obs", "pruned"],
-                     ["evar", "distill", "--teacher", "builtin:digits", "--student", "{prev}", "distilled"]], trim_at=4)
+                     ["evar", "distill", "--teacher", "builtin:digits", "--student", "{prev}", "distilled"]], trim_at=4,
+                    split_at=args.digits_split, token_keep=args.digits_token_keep)
         settings = rb.BenchSettings(iters=args.digits_iters, warmup=2, threads=args.digits_threads)
         lat = latency(fam["artifacts"], settings, "builtin:digits")
         q = quality(fam["artifacts"], list(range(args.seeds)), args.per_class)
@@ -282,21 +344,24 @@ def main() -> None:
             r.pop("tokens_seed0", None)
         host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
         result["families"]["builtin:digits"] = {
-            "what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens)",
+            "what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
+                    f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
+                    "(on +int8, untrimmed)",
             "latency": lat, "quality": q, "kl": kls, "per_class": args.per_class, "seeds": list(range(args.seeds)),
             "host_overhead_outside_graph": host,
-            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at")}}
+            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
     if not args.skip_d16:
         fam = build(args.work, "d16", str(args.work / "d16" / "models" / "dense"),
                     [["evar", "convert", "--model", "random:d16", "dense"],
                      ["evar", "prune", "--model", "{prev}", "--sparsity", "0.4", "--method", "magnitude", "p40"]],
-                    trim_at=8)
+                    trim_at=8, split_at=args.d16_split, token_keep=args.d16_token_keep)
         settings = rb.BenchSettings(iters=args.d16_iters, warmup=1 if not args.quick else 0, threads=args.d16_threads)
         result["families"]["random:d16"] = {
-            "what": "random weights (latency only); pruned = magnitude 40%; CFG trimmed from scale 8 of 10 "
+            "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
+                    f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
                     "(13², 16²: 425 of 680 tokens)",
             "latency": latency(fam["artifacts"], settings, fam["dense"]),
-            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at")}}
+            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
     result["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)

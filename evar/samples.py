@@ -57,14 +57,15 @@ def class_labels(classes: list[int], per_class: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model: Model, labels: torch.Tensor, settings: SamplingSettings, batch_size: int = 64,
-                  progress: bool = True) -> np.ndarray:
-    """uint8 (N, H, W, 3) images; chunking does not change them (randoms are numbered per sample)."""
+                  progress: bool = True, **recipe) -> np.ndarray:
+    """uint8 (N, H, W, 3) images; chunking does not change them (randoms are numbered per sample). `recipe`: the
+    generation modes of `generate` (early, split_scale, token_keep, cfg_until_scale)."""
     settings.validate()
     chunks = []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) < 2, dynamic_ncols=True):
         gen = generate(model.var, model.vqvae, labels[start:start + batch_size], guidance=settings.guidance,
-                       top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=start)
+                       top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, first_sample=start, **recipe)
         chunks.append(to_uint8_nhwc(gen.images))
     return np.concatenate(chunks)
 

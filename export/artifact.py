@@ -20,10 +20,13 @@ from evar.checkpoints import Model, build_model
 from evar.errors import EvarError
 from evar.files import atomic_dir
 from evar import contract
-from evar.contract import DECODER_GRAPH, FORMAT, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
+                           UNGUIDED_STEP_GRAPH)
 from evar.export import coreml as cm
 from evar.export import onnx as ox
 from evar.export import cfg_trim
+from evar.export import split as sp
+from evar.export import token_keep as tk
 from evar.export import parity as pt
 from evar.export import quantize as qz
 from evar.export.graphs import DynamicStep
@@ -121,13 +124,20 @@ def onnx_parity(model: Model, out: Path, step_file: str, decoder_file: str, opti
     return report
 
 
-def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions, command: str | None = None) -> dict:
+def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions, command: str | None = None,
+               early: Model | None = None) -> dict:
+    """`early` (with options.split_scale): the early model of a scale split (evar.export.split)."""
     options.validate()
     _check_options(options.top_k, options.top_p)
     model = export_ready(model)
     t0 = time.perf_counter()
     n = options.cfg_until_scale
     check_cfg_until_scale(n, model.config.var.num_scales)
+    split = options.split_scale
+    sp.check_plan(model, early, split, n)
+    keep = tk.plan(options.token_keep, model)
+    tk.check_combination(keep, n, split)
+    early = export_ready(early) if early is not None else None
     with atomic_dir(out) as tmp:
         step_notes: list[str] = []
         dec_notes: list[str] = []
@@ -136,17 +146,36 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
         unguided = ox.export_step(model, tmp, options, unguided_notes, guided=False, role=UNGUIDED_STEP_GRAPH) \
             if n is not None else None
         dec, diface = ox.export_decoder(model, tmp, options, dec_notes)
+        split_notes: tuple[list[str], list[str]] = ([], [])
+        if split is not None:
+            split_graphs = (ox.export_step(early, tmp, options, split_notes[0], role=EARLY_STEP_GRAPH)[0],
+                            sp.export_prefill(model, split, tmp, options, split_notes[1]))
+        keep_notes: list[str] = []
+        pruned = tk.export_pruned(model, keep, tmp, options, keep_notes) if keep is not None else None
         export_s = time.perf_counter() - t0
         report = onnx_parity(model, tmp, step.file, dec.file, options)
+        if pruned is not None:
+            tk.keep_parity(report, model, tmp, {STEP_GRAPH: step.file, PRUNED_STEP_GRAPH: pruned[0].file,
+                                                "decoder": dec.file}, options.top_k, options.top_p, keep)
         if unguided is not None:
             cfg_trim.trimmed_parity(report, model, tmp, step.file, unguided[0].file, dec.file, options.top_k,
                                     options.top_p, n)
+        if split is not None:
+            files = {STEP_GRAPH: step.file, EARLY_STEP_GRAPH: split_graphs[0].file, PREFILL_GRAPH: split_graphs[1].file,
+                     "decoder": dec.file, **({UNGUIDED_STEP_GRAPH: unguided[0].file} if unguided else {})}
+            sp.split_parity(report, early, model, tmp, files, options.top_k, options.top_p, split, n)
         report.raise_if_failed(f"ONNX export of {model_ref}")
         compression = {"method": "none", "tool": None, "details": {}}
         if options.quantize == "int8":
-            steps, compression = quantize_onnx_steps(model, tmp, [step] + ([unguided[0]] if unguided else []), options,
-                                                     report, step_notes, _gate_driver(model, iface, n))
-            step, unguided = steps[0], (steps[1], unguided[1]) if unguided else None
+            gate = _gate_driver(model, iface, n) if split is None else sp.gate_driver(early, model, tmp, split, n)
+            second = unguided or pruned
+            if pruned is not None:
+                gate = tk.gate_driver(model, keep)
+            steps, compression = quantize_onnx_steps(model, tmp, [step] + ([second[0]] if second else []), options,
+                                                     report, step_notes, gate)
+            step = steps[0]
+            unguided = (steps[1], unguided[1]) if unguided else None
+            pruned = (steps[1], pruned[1]) if pruned else None
             report.raise_if_failed(f"int8 ONNX export of {model_ref}")
         ins, outs = iface.signature()
         step_notes.append("one graph for every scale: scale-dependent constants (resize operators, Phi, positions, "
@@ -169,11 +198,22 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
                 {"inputs": [t.to_json() for t in uins], "outputs": [t.to_json() for t in uouts]}, options.opset,
                 unguided_notes)
             extra["generation"] = {"cfg_until_scale": n, "unguided_graph": UNGUIDED_STEP_GRAPH}
+        if pruned is not None:
+            keep_entries, generation = tk.manifest_parts(model, keep, *pruned, options.opset, keep_notes)
+            extra["generation"] = generation
+        if split is not None:
+            split_entries, generation = sp.manifest_parts(early, options.early_model, model, split, *split_graphs,
+                                                          options.opset, *split_notes)
+            extra["generation"] = {**extra.get("generation", {}), **generation}
         for g in graphs.values():
             g["scale_selection"] = None
         graphs[STEP_GRAPH]["scale_selection"] = "scale_index_input"
         if unguided is not None:
             graphs[UNGUIDED_STEP_GRAPH]["scale_selection"] = "scale_index_input"
+        if split is not None:
+            graphs.update(split_entries)
+        if pruned is not None:
+            graphs.update(keep_entries)
         manifest = {**_base(model, "onnx", model_ref, command, iface), **extra, "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
                     "precision": precision_entry(options),

@@ -58,6 +58,13 @@ def onnx(
     int8_fp32: Annotated[str, typer.Option(help="with --quantize int8: layer groups kept fp32 (adaln, head; or none)")] = "adaln,head",
     cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run without guidance, "
                                                                 "conditional rows only (batch B, not 2B)")] = None,
+    early_model: Annotated[Optional[str], typer.Option(help="scale split: the model (e.g. the dense one, same "
+                                                            "tokenizer) that generates the scales before --split-scale")] = None,
+    split_scale: Annotated[Optional[int], typer.Option(help="scale split: the first scale --model generates (after "
+                                                            "prefilling its cache from the early tokens in one pass)")] = None,
+    token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: SCALE:RATIO,… (e.g. 4:0.6,5:0.4): "
+                                                           "the transformer runs on that share of a scale's tokens (the "
+                                                           "highest-frequency ones), the rest are restored")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
                                                        "graph each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
@@ -69,22 +76,25 @@ def onnx(
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
                           top_k=top_k, top_p=top_p, quantize=quantize,
-                          int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale)
+                          int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale,
+                          split_scale=split_scale, early_model=early_model, token_keep=token_keep)
     options.validate()  # before loading a model: a bad option costs nothing
     from evar.export.dd_export import routes_to_dd
 
-    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "int8_fp32", "precision", "quantize", "cfg_until_scale")):
+    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "int8_fp32", "precision", "quantize", "cfg_until_scale",
+                                             "early_model", "split_scale", "token_keep")):
         from evar.export.dd_export import build_dd_onnx, export_command
 
         command = command_line("evar-export")
         _summary(out, export_command(model, out, t_list, var_ckpt, vae_ckpt, overwrite, 4,
                                      lambda m, ts: build_dd_onnx(m, model, out, options, ts, command)))
         return
-    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt, early_model]):
         from evar.export.artifact import build_onnx
 
         loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
-        result = build_onnx(loaded, model, out, options, command_line("evar-export"))
+        early = _load(early_model, None, None, out, 4) if early_model is not None else None
+        result = build_onnx(loaded, model, out, options, command_line("evar-export"), early=early)
     _summary(out, result)
 
 

@@ -45,6 +45,9 @@ class OnnxOptions:
     quantize: str = "none"  # none | int8 (the step graph's transformer linears, see evar.export.quantize)
     int8: Int8Options = field(default_factory=Int8Options)
     cfg_until_scale: int | None = None  # CFG trimming (evar.export.cfg_trim): scales >= N run unguided, batch B
+    split_scale: int | None = None  # scale split (evar.export.split): the early model runs scales < N
+    early_model: str | None = None  # its reference, as given
+    token_keep: str | None = None  # late-scale token pruning (evar.export.token_keep): "4:0.6,5:0.4"
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -59,6 +62,13 @@ class OnnxOptions:
             raise EvarError(f"opset {self.opset} is too old: the step graph needs opset >= 17 (LayerNormalization)")
         if self.external_data not in ("auto", "always", "never"):
             raise EvarError(f"--external-data must be auto, always or never, got '{self.external_data}'")
+        if (self.split_scale is None) != (self.early_model is None):
+            raise EvarError("a scale split needs both --early-model and --split-scale")
+        if (self.split_scale is not None or self.token_keep) and self.precision != "fp32":
+            raise EvarError("--split-scale and --token-keep export fp32 graphs (checked token for token): "
+                            "drop --precision fp16")
+        if self.split_scale is not None and self.precision != "fp32":
+            raise EvarError("--split-scale exports fp32 graphs (checked token for token): drop --precision fp16")
 
 
 @dataclass

@@ -148,7 +148,9 @@ def macs_per_image(target: Target, cfg: float) -> dict[str, Any]:
 
     a = target.artifact
     rows = 1 if target.device == "torch-cpu" and cfg == 0 else 2  # graphs always run the CFG pair
-    out = cost.generation_macs(a.var, batch=1, cfg_rows=rows, cfg_until_scale=a.cfg_until_scale)
+    early = ((a.data.get("generation") or {}).get("early_model") or {}).get("var")
+    out = cost.generation_macs(a.var, batch=1, cfg_rows=rows, cfg_until_scale=a.cfg_until_scale,
+                               token_keep=a.token_keep, early_var=early, split_scale=a.split_scale)
     try:
         out["vqvae_decoder"] = cost.onnx_macs(a.graph_path(DECODER_GRAPH)) if a.format == "onnx" else None
     except Exception as err:  # shape inference can fail on exotic graphs: report, don't crash the bench

@@ -39,15 +39,21 @@ def var_params(var: dict[str, Any]) -> int:
     return count + 2 * C * C + 2 * C + var["vocab_size"] * C + var["vocab_size"]
 
 
-def step_macs(var: dict[str, Any], si: int, batch: int = 1, cfg_rows: int = 2) -> dict[str, int]:
+def step_macs(var: dict[str, Any], si: int, batch: int = 1, cfg_rows: int = 2, keep: int | None = None,
+              past: int | None = None) -> dict[str, int]:
     """MACs of the decoder step at scale si for `batch` images (`cfg_rows` transformer rows per image).
 
     transformer: AdaLN conditions, input word embedding, blocks (qkv, proj, FFN, attention products), head;
     resample: the graph's f_hat bookkeeping (area downsample, bicubic upsample as matrices, Phi conv).
+    Token pruning: the blocks run on `keep` tokens attending to a `past` shortened by earlier pruned scales
+    (the head still runs on every token).
     """
     C, V, Cv, H = var["embed_dim"], var["vocab_size"], var["cvae"], var["patch_nums"][-1]
     pn = var["patch_nums"][si]
     n, (begin, end) = pn * pn, scale_ranges(var)[si]
+    head_tokens = n
+    if keep is not None:
+        n, end = keep, (begin if past is None else past) + keep
     rows = batch * cfg_rows
     depth = len(var["num_heads"])
     adaln = rows * (6 * C * C * (1 if var["shared_aln"] else depth) + 2 * C * C)
@@ -57,7 +63,7 @@ def step_macs(var: dict[str, Any], si: int, batch: int = 1, cfg_rows: int = 2) -
         a = heads * var["head_dim"]
         linear += rows * n * (3 * a * C + a * C + 2 * hidden * C)
         attention += rows * 2 * a * n * end  # q·kᵀ and p·v over the past and this scale
-    head = rows * n * C * V
+    head = rows * head_tokens * C * V
     resample = batch * (2 * Cv * H * H * n + H * H * Cv * Cv * 9)
     transformer = adaln + embed + linear + attention + head
     return {"adaln": adaln, "embed": embed, "linear": linear, "attention": attention, "head": head,
@@ -65,12 +71,25 @@ def step_macs(var: dict[str, Any], si: int, batch: int = 1, cfg_rows: int = 2) -
 
 
 def generation_macs(var: dict[str, Any], batch: int = 1, cfg_rows: int = 2,
-                    cfg_until_scale: int | None = None) -> dict[str, Any]:
-    """Every scale's MACs; with CFG trimming the scales from `cfg_until_scale` on run one row per image."""
+                    cfg_until_scale: int | None = None, token_keep: dict[int, int] | None = None,
+                    early_var: dict[str, Any] | None = None, split_scale: int | None = None) -> dict[str, Any]:
+    """Every scale's MACs; with CFG trimming the scales from `cfg_until_scale` on run one row per image; with
+    token pruning the blocks of the scales in `token_keep` run on K tokens; with a scale split the scales before
+    `split_scale` are `early_var`'s, and the prefill (the blocks over those tokens, no head) is added at the split."""
     def rows(si: int) -> int:
         return 1 if cfg_until_scale is not None and si >= cfg_until_scale else cfg_rows
 
-    per_scale = [step_macs(var, si, batch, rows(si)) for si in range(len(var["patch_nums"]))]
+    keep, per_scale, past = token_keep or {}, [], 0
+    for si, pn in enumerate(var["patch_nums"]):
+        model = early_var if split_scale is not None and si < split_scale else var
+        step = step_macs(model, si, batch, rows(si), keep.get(si), past if keep else None)
+        if si == split_scale:
+            for s in range(si):
+                pre = step_macs(var, s, batch, rows(s))
+                step["transformer"] += pre["transformer"] - pre["head"]
+                step["total"] += pre["transformer"] - pre["head"]
+        per_scale.append(step)
+        past += keep.get(si, pn * pn)
     return {"per_scale": [s["total"] for s in per_scale],
             "transformer": sum(s["transformer"] for s in per_scale),
             "resample": sum(s["resample"] for s in per_scale),

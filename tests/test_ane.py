@@ -171,7 +171,7 @@ def test_host_sampled_manifests_are_version_2_and_older_ones_still_load(tmp_path
     from evar.files import read_versioned_json
     from evar.contract import FORMAT, FORMAT_VERSION
 
-    assert FORMAT_VERSION == 3  # 3: Distilled Decoding artifacts (family dd)
+    assert FORMAT_VERSION == 3  # 3: Distilled Decoding artifacts (family dd), scale split / token pruning
     path = tmp_path / "manifest.json"
     for version, ok in ((1, True), (2, True), (3, True), (4, False)):
         path.write_text(json.dumps({"format": FORMAT, "format_version": version}))

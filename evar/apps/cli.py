@@ -89,6 +89,11 @@ def sample(
     verify_hashes: VerifyHashes = False,
     overwrite: Overwrite = False,
     steps: DDSteps = None, t_list: DDTList = None, teacher: DDTeacher = None, teacher_scales: DDTeacherScales = None,
+    early_model: Annotated[Optional[str], typer.Option(help="scale split (with --split-scale): this model (same "
+                                                            "tokenizer) generates the scales before it")] = None,
+    split_scale: Annotated[Optional[int], typer.Option(help="scale split: the first scale --model generates")] = None,
+    token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: SCALE:RATIO,… (as evar-export "
+                                                           "onnx --token-keep)")] = None,
 ) -> None:
     """Generate images scale by scale with the KV cache (VAR's sampler), or in 1-2 steps with a DD model, and
     write them with a grid."""
@@ -104,6 +109,10 @@ def sample(
     if artifact is not None and (model is not None or var_ckpt or vae_ckpt):
         raise EvarError("--artifact and --model exclude each other: the artifact is the model")
     dd = DDRequest(steps, t_list, teacher, teacher_scales)
+    recipe = (early_model, split_scale, token_keep)
+    if any(r is not None for r in recipe) and (artifact is not None or dd.given()):
+        raise EvarError("--early-model, --split-scale and --token-keep go with --model (a VAR); an artifact states "
+                        "its own recipe (evar-export onnx takes the same flags)")
     if artifact is not None and (teacher is not None or teacher_scales is not None):
         raise EvarError("--teacher and --teacher-scales go with --model (a DD model directory); an exported DD "
                         "artifact takes --steps / --t-list")
@@ -111,6 +120,9 @@ def sample(
         if artifact is not None:
             images, labels, what = _sample_artifact(artifact, backend or "cpu", classes, per_class, settings,
                                                     batch_size, verify_hashes, dd)
+        elif any(r is not None for r in recipe):
+            images, labels, what = _sample_recipe(model or "builtin:digits", var_ckpt, vae_ckpt, classes, per_class,
+                                                  settings, batch_size, *recipe)
         else:
             images, labels, what, settings = _sample_model(model or "builtin:digits", var_ckpt, vae_ckpt, classes,
                                                            per_class, settings, batch_size, dd, ddim_steps)
@@ -146,6 +158,28 @@ def _sample_model(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, 
         labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
         images = sample_images(m, labels, settings, batch_size)
     return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s", settings
+
+
+def _sample_recipe(model: str, var_ckpt, vae_ckpt, classes: str, per_class: int, settings, batch_size: int,
+                   early_model: str | None, split_scale: int | None, token_keep: str | None):
+    """A VAR with a scale split and/or token pruning: `generate`'s PyTorch reference of those export options."""
+    from evar import zoo
+    from evar.export.split import check_plan
+    from evar.models.token_keep import keep_counts, parse_token_keep
+    from evar.samples import class_labels, parse_classes, sample_images
+
+    if zoo.kind_of(model) != "var" or (early_model is not None and zoo.kind_of(early_model) != "var"):
+        raise EvarError("--early-model, --split-scale and --token-keep take VAR generators")
+    t0 = time.perf_counter()
+    m = zoo.load(model, var_ckpt, vae_ckpt)
+    early = zoo.load(early_model) if early_model is not None else None
+    check_plan(m, early, split_scale, None)
+    pns = m.config.var.patch_nums
+    counts = keep_counts(parse_token_keep(token_keep, pns), pns) or None
+    labels = class_labels(parse_classes(classes, m.config.var.num_classes), per_class)
+    images = sample_images(m, labels, settings, batch_size, early=early.var if early is not None else None,
+                           split_scale=split_scale, token_keep=counts)
+    return images, labels, f"{len(images)} images in {time.perf_counter() - t0:.1f}s"
 
 
 def _names_dit(model: str, dd) -> bool:

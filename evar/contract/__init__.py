@@ -22,16 +22,20 @@ from evar.files import atomic_write_json, read_versioned_json, sha256_file
 MANIFEST = "manifest.json"
 FORMAT, FORMAT_VERSION = "evar-artifact", 3
 # Version 2 = a manifest that older readers cannot drive: its graphs leave sampling to the host
-# (sampling.where "host": raw logits out, no uniforms input). Version 3 = family "dd" (Distilled Decoding
-# passes, no decoder_step). Everything else is written as version 1, so an older EVAR keeps reading it; this
-# EVAR reads all three.
-HOST_SAMPLING_VERSION, FEW_STEP_VERSION = 2, 3
+# (sampling.where "host": raw logits out, no uniforms input). Version 3 = a manifest whose recipe an older
+# reader would silently change: family "dd" (Distilled Decoding passes, no decoder_step), or a scale split /
+# token pruning (generation.split_scale / token_keep: an older reader would run the plain step graph at every
+# scale). Everything else is written as version 1, so an older EVAR keeps reading it; this EVAR reads all three.
+HOST_SAMPLING_VERSION, FEW_STEP_VERSION, GENERATION_VERSION = 2, 3, 3
 SCHEMA_PATH = Path(__file__).resolve().with_name("manifest.schema.json")
 
 # graph roles (the keys of manifest["graphs"])
 STEP_GRAPH, DECODER_GRAPH = "decoder_step", "vqvae_decoder"
 FHAT_GRAPH = "fhat_update"  # host-sampled artifacts: (f_hat, idx) → next f_hat, one function per scale, CPU
 UNGUIDED_STEP_GRAPH = "decoder_step_unguided"  # CFG trimming: the conditional rows only (manifest "generation")
+EARLY_STEP_GRAPH = "decoder_step_early"  # scale split: the early model's step, scales < split_scale
+PREFILL_GRAPH = "prefill"  # scale split: the compressed model's KV cache from the early tokens, one pass
+PRUNED_STEP_GRAPH = "decoder_step_pruned"  # token pruning: scales from generation.cache_scale on
 # tensor roles of a step's inputs/outputs whose values cross from one scale to the next by name
 PAST_ROLES, PRESENT_ROLES = ("past_key", "past_value"), ("present_key", "present_value")
 # numpy dtypes of the manifest's dtype names
@@ -121,6 +125,9 @@ def write(root: Path, manifest: dict[str, Any]) -> Path:
     # through JSON first, so tuples become lists exactly as a reader will see them
     version = FEW_STEP_VERSION if manifest.get("family") == "dd" else \
         HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
+    generation = manifest.get("generation") or {}
+    if generation.get("split_scale") is not None or generation.get("token_keep"):
+        version = GENERATION_VERSION
     manifest = json.loads(json.dumps({"format": FORMAT, "format_version": version, **manifest,
                                       "files": file_entries(root)}))
     validate(manifest)
@@ -229,6 +236,35 @@ class Artifact:
     def cfg_until_scale(self) -> int | None:
         """CFG trimming: the first scale run without the unconditional rows (None: guidance at every scale)."""
         return (self.data.get("generation") or {}).get("cfg_until_scale")
+
+    @property
+    def split_scale(self) -> int | None:
+        """Scale split: the first scale the compressed model runs (the early graph runs the scales before it)."""
+        return (self.data.get("generation") or {}).get("split_scale")
+
+    @property
+    def early_model_ref(self) -> str | None:
+        return ((self.data.get("generation") or {}).get("early_model") or {}).get("ref")
+
+    @property
+    def token_keep(self) -> dict[int, int]:
+        """Token pruning: scale → static keep count (empty: every token runs the transformer)."""
+        counts = (self.data.get("generation") or {}).get("token_keep_counts") or {}
+        return {int(si): int(k) for si, k in counts.items()}
+
+    @property
+    def cache_scale(self) -> int | None:
+        """Token pruning: the scale whose hidden map restores the pruned tokens (the pruned graph runs from it)."""
+        return (self.data.get("generation") or {}).get("cache_scale")
+
+    def kv_links(self, role: str) -> dict[str, str]:
+        """present output name → past input name of one step graph, from its own tensors' roles and layers
+        (the early graph of a scale split has its own model's layers)."""
+        graph = self.graph(role)
+        sig = graph.get("signature") or graph["functions"][-1]
+        pasts = {(t["role"], t["layer"]): t["name"] for t in sig["inputs"] if t.get("role") in PAST_ROLES}
+        return {t["name"]: pasts[(t["role"].replace("present", "past"), t["layer"])] for t in sig["outputs"]
+                if t.get("role") in PRESENT_ROLES and (t["role"].replace("present", "past"), t["layer"]) in pasts}
 
     def graph(self, role: str) -> dict[str, Any]:
         return self.data["graphs"][role]

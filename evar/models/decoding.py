@@ -111,6 +111,7 @@ class DecodeState:
     tokens: list[Tensor] = field(default_factory=list)
     raw_logits: list[Tensor] = field(default_factory=list)  # kept only when the decoder keeps them
     cfg_until_scale: int | None = None  # CFG trimming: from this scale on only the conditional rows run
+    cached_hidden: Tensor | None = None  # token pruning: the previous scale's update map (evar.models.token_keep)
 
     @property
     def guided(self) -> bool:
@@ -134,9 +135,16 @@ class Decoder:
     """Eager decoding of one model: `begin` a batch, `step` each scale in order (the loop is the caller's)."""
 
     def __init__(self, var: VAR, vqvae: torch.nn.Module, *, top_k: int = 0, top_p: float = 0.0,
-                 keep_logits: bool = False, pick: TokenPicker = sample_tokens):
+                 keep_logits: bool = False, pick: TokenPicker = sample_tokens, token_keep: dict[int, int] | None = None):
         self.var, self.vqvae, self.ops = var, vqvae, EagerOps(var, vqvae)
         self.top_k, self.top_p, self.keep_logits, self.pick = top_k, top_p, keep_logits, pick
+        # token pruning: keep counts by scale; the scales from the cache scale on run `decode_pruned_scale`
+        self.token_keep = token_keep or {}
+        if self.token_keep:
+            from evar.models.token_keep import KeepOps, cache_scale
+
+            self.cache_si = cache_scale(self.token_keep)
+            self.keep_ops = KeepOps(var, self.cache_si).to(next(var.parameters()).device)
 
     @torch.no_grad()
     def begin(self, labels: Tensor, guidance: float, cfg_until_scale: int | None = None) -> DecodeState:
@@ -149,17 +157,44 @@ class Decoder:
                            cfg_until_scale=cfg_until_scale)
 
     @torch.no_grad()
+    def take_over(self, state: DecodeState, labels: Tensor) -> None:
+        """Scale split: continue a batch another model (sharing this one's tokenizer) decoded so far. This model's
+        condition rows replace the other's, and its cache is prefilled from the tokens drawn so far in one pass."""
+        rows = cfg_labels(labels, self.var.cfg.num_classes) if state.cond_BD.shape[0] != len(labels) else labels
+        state.cond_BD = self.var.class_emb(rows)
+        state.past = prefill(self.var, self.vqvae, state.cond_BD, state.tokens)
+
+    @torch.no_grad()
     def step(self, state: DecodeState, si: int, uniforms: Tensor) -> Tensor:
         guided = state.guided_at(si)
         if state.guided and not guided:
             state.drop_unconditional()
-        out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
-                           state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
+        if self.token_keep and si >= self.cache_si:
+            out = self._pruned(state, si, uniforms.to(state.f_hat.device), guided)
+        else:
+            out = decode_scale(self.var, self.ops, si, state.cond_BD, state.f_hat, uniforms.to(state.f_hat.device),
+                               state.guidance, state.past, self.top_k, self.top_p, guided, self.pick)
         state.f_hat, state.past = out.f_hat, out.presents
         state.tokens.append(out.idx)
         if self.keep_logits:
             state.raw_logits.append(out.raw_logits)
         return out.idx
+
+
+    def _pruned(self, state: DecodeState, si: int, uniforms: Tensor, guided: bool) -> StepOutput:
+        from evar.models.token_keep import decode_pruned_scale
+
+        n = uniforms.shape[1]
+        cached = state.cached_hidden
+        if si == self.cache_si:  # run in full; from its hidden map on, pruned tokens are restored
+            prev = self.var.cfg.patch_nums[si - 1] ** 2
+            cached = state.f_hat.new_zeros(state.cond_BD.shape[0], prev, self.var.cfg.embed_dim)
+        out, full = decode_pruned_scale(self.var, self.ops, self.keep_ops, si, torch.tensor([si], device=uniforms.device),
+                                        state.cond_BD, state.f_hat, uniforms, state.guidance, state.past or
+                                        [None] * len(self.var.blocks), self.top_k, self.top_p,
+                                        self.token_keep.get(si, n), cached, guided, self.pick)
+        state.cached_hidden = full
+        return out
 
 
 @dataclass
@@ -175,10 +210,49 @@ def check_cfg_until_scale(n: int | None, num_scales: int) -> None:
                         f"(guidance runs on the scales before it), got {n}")
 
 
+def check_split_scale(n: int | None, num_scales: int) -> None:
+    if n is not None and not 1 <= n <= num_scales - 1:
+        raise EvarError(f"--split-scale must be in [1, {num_scales - 1}] for a model with {num_scales} scales "
+                        f"(the early model generates the scales before it), got {n}")
+
+
+def scale_inputs(quant: torch.nn.Module, tokens: list[Tensor]) -> Tensor:
+    """The teacher-forcing inputs of scales 1 … len(tokens) − 1 (at least two scales): the area-downsampled
+    running f_hat after each earlier scale → (B, T − 1, Cvae), T = the tokens of those scales
+    (`VQVAE.idx_to_var_input` for a prefix; no zeros tensor of a fixed batch, so a graph keeps its batch symbolic)."""
+    f_hat, inputs = None, []
+    for si in range(len(tokens) - 1):
+        r = quant.scale_residual(si, quant.embed_idx(tokens[si], quant.patch_nums[si]))
+        f_hat = r if f_hat is None else f_hat + r
+        inputs.append(resize(f_hat, quant.patch_nums[si + 1], "area").flatten(2).transpose(1, 2))
+    return torch.cat(inputs, 1)
+
+
+def prefill(var: VAR, vqvae: torch.nn.Module, cond_BD: Tensor, tokens: list[Tensor]) -> list[KV]:
+    """The KV cache `var` builds decoding `tokens` (scales 0 … n − 1) itself, computed in one block-causal pass
+    over their teacher-forcing inputs (no head, no sampling). `cond_BD` has 2B rows (conditional, then
+    unconditional: the same tokens feed both, as in guided decoding) or B."""
+    T = sum(t.shape[1] for t in tokens)
+    x = var.first_tokens(cond_BD)
+    if len(tokens) > 1:
+        rest = var.embed_scale(scale_inputs(vqvae.quantize, tokens), 1, T)
+        if cond_BD.shape[0] != rest.shape[0]:
+            rest = rest.repeat(2, 1, 1)
+        x = torch.cat((x, rest), 1)
+    cond = var.block_condition(cond_BD)
+    bias = var.attn_bias_for_masking[:, :, :T, :T]
+    presents = []
+    for block in var.blocks:
+        x, kv = block(x, cond, bias)
+        presents.append(kv)
+    return presents
+
+
 @torch.no_grad()
 def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: float = 1.5, top_k: int = 0,
              top_p: float = 0.0, seed: int = 0, first_sample: int = 0, keep_logits: bool = False,
-             decode: bool = True, cfg_until_scale: int | None = None) -> Generation:
+             decode: bool = True, cfg_until_scale: int | None = None, early: VAR | None = None,
+             split_scale: int | None = None, token_keep: dict[int, int] | None = None) -> Generation:
     """VAR's scale-by-scale generation with a KV cache and classifier-free guidance.
 
     Uniforms come from `evar.rng` (one stream per scale), so exported graphs and the Swift app
@@ -187,11 +261,22 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     `decode=False` returns tokens only: the VQVAE decode of a 256 px image costs about as much as generating
     its tokens with d16, and calibration and distillation data never look at the pixels.
     `cfg_until_scale` N (CFG trimming): scales >= N run the conditional rows only (guidance off there).
+    `early` with `split_scale` N (scale split): the `early` model (sharing `vqvae`) generates scales < N, then
+    `var` prefills its cache from those tokens in one pass (`prefill`) and generates scales >= N.
+    `token_keep` {scale: K} (late-scale token pruning, `evar.models.token_keep`): `var` runs its transformer on K
+    tokens of those scales and restores the rest from the previous scale's update map.
     """
-    decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
-    state = decoder.begin(labels, guidance, cfg_until_scale)
+    if (early is None) != (split_scale is None):
+        raise EvarError("a scale split needs both the early model and --split-scale")
+    check_split_scale(split_scale, var.cfg.num_scales)
+    decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits, token_keep=token_keep)
+    first = decoder if early is None else Decoder(early, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
+    state = first.begin(labels, guidance, cfg_until_scale)
     B = len(labels)
     for si, pn in enumerate(var.cfg.patch_nums):
-        decoder.step(state, si, torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)))
+        if si == split_scale:
+            decoder.take_over(state, labels)
+        (first if early is not None and si < split_scale else decoder).step(
+            state, si, torch.from_numpy(rng.scale_uniforms(seed, si, B, pn * pn, first_sample)))
     images = vqvae.fhat_to_img(state.f_hat) if decode else None
     return Generation(images, state.tokens, state.raw_logits)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import DECODER_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, Artifact, ManifestError, step_feeds
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
+                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError, step_feeds)
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
 
@@ -82,7 +83,17 @@ class OrtBackend:
         # CFG trimming: from cfg_until_scale on, the unguided graph runs on the conditional rows' cache
         self.cfg_until = artifact.cfg_until_scale
         self.unguided = self._session(ort, UNGUIDED_STEP_GRAPH, providers) if self.cfg_until is not None else None
+        # scale split: the early model's graph before split_scale, then the prefill builds this model's cache
+        self.split = artifact.split_scale
+        self.early = self._session(ort, EARLY_STEP_GRAPH, providers) if self.split is not None else None
+        self.prefill = self._session(ort, PREFILL_GRAPH, providers) if self.split is not None else None
+        self.early_links = artifact.kv_links(EARLY_STEP_GRAPH) if self.split is not None else {}
+        # token pruning: from the cache scale on the pruned graph runs with its static keep count
+        self.keep, self.cache_si = artifact.token_keep, artifact.cache_scale
+        self.pruned = self._session(ort, PRUNED_STEP_GRAPH, providers) if self.keep else None
+        self.pruned_outputs = [o.name for o in self.pruned.get_outputs()] if self.pruned is not None else []
         self.step_outputs = [o.name for o in self.step.get_outputs()]
+        self.early_outputs = [o.name for o in self.early.get_outputs()] if self.early is not None else []
         self.past_of = artifact.past_of_present()
         self.roles = {t["role"]: t["name"] for t in artifact.function(STEP_GRAPH, 0)["outputs"] if t.get("role")}
         self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
@@ -98,18 +109,51 @@ class OrtBackend:
         self.values = {"labels": labels, "cfg": np.array([cfg]), "f_hat": np.zeros((B, var["cvae"], H, H), np.float32)}
         self.past: dict[str, Any] = {}  # past input name → OrtValue / array; empty at scale 0
         self.batch = B
+        self.tokens: list[np.ndarray] = []  # scale split: the early scales' tokens, for the prefill
+
+    def _prefill(self) -> dict[str, Any]:
+        """The compressed model's cache of the early scales, from their tokens in one pass."""
+        names = [o.name for o in self.prefill.get_outputs()]
+        outs = self.prefill.run(None, {"labels": self.values["labels"].astype(np.int64),
+                                       "tokens": np.concatenate(self.tokens, 1)})
+        return {self.past_of[name]: value for name, value in zip(names, outs) if name in self.past_of}
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
+        if self.split is not None and si < self.split:
+            idx = self._run(EARLY_STEP_GRAPH, self.early, self.early_outputs, self.early_links, si, uniforms,
+                            lambda t: np.zeros((2 * self.batch, t["shape"][1], 0, t["shape"][3]), np.float32))
+            self.tokens.append(idx)
+            return idx
+        if si == self.split:
+            self.past = self._prefill()
+        if self.keep and si >= self.cache_si:
+            return self._pruned(si, uniforms)
         role, sess = STEP_GRAPH, self.step
         if self.cfg_until is not None and si >= self.cfg_until:
             role, sess = UNGUIDED_STEP_GRAPH, self.unguided
             if si == self.cfg_until:  # keep the conditional rows [0, B) of the cache
                 self.past = {name: np.ascontiguousarray(_array(value)[: self.batch]) for name, value in self.past.items()}
+        return self._run(role, sess, self.step_outputs, self.past_of, si, uniforms,
+                         lambda t: self.artifact.empty_past(t, self.batch))
+
+    def _pruned(self, si: int, uniforms: np.ndarray) -> np.ndarray:
+        n = uniforms.shape[1]
+        if si == self.cache_si:  # zeros: every token of the cache scale runs and overwrites them
+            var = self.artifact.var
+            prev = var["patch_nums"][si - 1] ** 2
+            self.values["cached_hidden"] = np.zeros((2 * self.batch, prev, var["embed_dim"]), np.float32)
+        self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
+        idx = self._run(PRUNED_STEP_GRAPH, self.pruned, self.pruned_outputs, self.past_of, si, uniforms,
+                        lambda t: self.artifact.empty_past(t, self.batch))
+        self.values["cached_hidden"] = self._hidden  # the next scale restores its pruned tokens from this update map
+        return idx
+
+    def _run(self, role: str, sess, output_names: list[str], past_of: dict[str, str], si: int, uniforms: np.ndarray,
+             empty) -> np.ndarray:
         feeds = step_feeds(self.artifact.function(role, si)["inputs"],
-                           {**self.values, "uniforms": uniforms, "scale_index": np.array([si])}, self.past,
-                           lambda t: self.artifact.empty_past(t, self.batch))
+                           {**self.values, "uniforms": uniforms, "scale_index": np.array([si])}, self.past, empty)
         if not self.io_binding:
-            outs = dict(zip(self.step_outputs, sess.run(None, feeds)))
+            outs = dict(zip(output_names, sess.run(None, feeds)))
             idx = outs[self.roles["idx"]]
         else:
             ort = _ort()
@@ -119,13 +163,14 @@ class OrtBackend:
                     binding.bind_ortvalue_input(name, value)
                 else:
                     binding.bind_cpu_input(name, value)
-            for name in self.step_outputs:
+            for name in output_names:
                 binding.bind_output(name, "cpu")
             sess.run_with_iobinding(binding)
-            outs = dict(zip(self.step_outputs, binding.get_outputs()))
+            outs = dict(zip(output_names, binding.get_outputs()))
             idx = outs[self.roles["idx"]].numpy()
         self.values["f_hat"] = outs[self.roles["f_hat"]]
-        self.past = {self.past_of[name]: value for name, value in outs.items() if name in self.past_of}
+        self._hidden = outs.get("hidden")
+        self.past = {past_of[name]: value for name, value in outs.items() if name in past_of}
         return idx.astype(np.int64, copy=False)
 
     def decode(self) -> np.ndarray:
@@ -134,5 +179,5 @@ class OrtBackend:
         return self.decoder.run(None, {self.dec_in: f_hat})[0]
 
     def close(self) -> None:
-        self.step = self.decoder = self.unguided = None
+        self.step = self.decoder = self.unguided = self.early = self.prefill = self.pruned = None
         self.values, self.past = {}, {}

@@ -45,17 +45,32 @@ class TorchBackend:
             raise BackendUnavailable(f"the model for the torch reference does not match artifact {artifact.name}: "
                                      f"{', '.join(diff)} differ")
         self.model = model.eval()
+        # scale split: the early model (its reference in the manifest) decodes the scales before split_scale
+        self.split, self.early = artifact.split_scale, None
+        if self.split is not None:
+            try:
+                self.early = zoo.load(artifact.early_model_ref).eval()
+            except EvarError as err:
+                raise BackendUnavailable(f"the torch reference of a scale split needs its early model "
+                                         f"('{artifact.early_model_ref}'): {err}") from None
 
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
-        self.decoder = Decoder(self.model.var, self.model.vqvae, top_k=top_k, top_p=top_p)
-        self.state = self.decoder.begin(torch.from_numpy(labels.astype(np.int64)), cfg, self.artifact.cfg_until_scale)
+        self.decoder = Decoder(self.model.var, self.model.vqvae, top_k=top_k, top_p=top_p,
+                               token_keep=self.artifact.token_keep)
+        self.first = self.decoder if self.early is None else Decoder(self.early.var, self.model.vqvae, top_k=top_k,
+                                                                     top_p=top_p)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.state = self.first.begin(self.labels, cfg, self.artifact.cfg_until_scale)
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        return self.decoder.step(self.state, si, torch.from_numpy(uniforms)).numpy().astype(np.int64)
+        if si == self.split:
+            self.decoder.take_over(self.state, self.labels)
+        decoder = self.first if self.split is not None and si < self.split else self.decoder
+        return decoder.step(self.state, si, torch.from_numpy(uniforms)).numpy().astype(np.int64)
 
     @torch.no_grad()
     def decode(self) -> np.ndarray:
         return self.model.vqvae.fhat_to_img(self.state.f_hat).float().numpy()
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.early = None

@@ -130,6 +130,10 @@ extension Manifest {
         case classOnehot = "class_onehot"
         /// Host-sampled artifacts: logits before guidance, `(2·batch, pn², V)`, conditional rows first.
         case rawLogits = "raw_logits"
+        /// Token pruning (ONNX `decoder_step_pruned`; EVARKit does not run it): K, the previous scale's update map (final hidden − input), this scale's.
+        case keepCount = "keep_count"
+        case cachedHidden = "cached_hidden"
+        case hidden
     }
 
     /// A static size or a symbol (`batch`, `cfg_batch`, `sequence_length`, `past_sequence_length`,

@@ -151,10 +151,41 @@ extension Manifest {
         /// CFG trimming: scales from this index run the conditional rows only.
         public var cfgUntilScale: Int?
         public var unguidedGraph: String?
+        /// Scale split: scales before this index run `earlyGraph` (another model's weights), then `prefillGraph`
+        /// builds the step graph's cache. Such manifests are format_version 3, which this EVARKit refuses.
+        public var splitScale: Int?
+        public var earlyGraph: String?
+        public var prefillGraph: String?
+        public var earlyModel: EarlyModel?
+        /// Token pruning (format_version 3 as well): keep ratio and static keep count by scale index.
+        public var tokenKeep: [String: Double]?
+        public var tokenKeepCounts: [String: Int]?
+        public var cacheScale: Int?
+        public var prunedGraph: String?
 
         enum CodingKeys: String, CodingKey {
             case cfgUntilScale = "cfg_until_scale"
             case unguidedGraph = "unguided_graph"
+            case splitScale = "split_scale"
+            case earlyGraph = "early_graph"
+            case prefillGraph = "prefill_graph"
+            case earlyModel = "early_model"
+            case tokenKeep = "token_keep"
+            case tokenKeepCounts = "token_keep_counts"
+            case cacheScale = "cache_scale"
+            case prunedGraph = "pruned_graph"
+        }
+    }
+
+    /// The early model of a scale split.
+    /// Schema: #/$defs/generation/properties/early_model
+    public struct EarlyModel: Codable, Hashable, Sendable {
+        public var ref: String?
+        public var config: [String: JSONValue]?
+
+        enum CodingKeys: String, CodingKey {
+            case ref
+            case config = "var"
         }
     }
 
