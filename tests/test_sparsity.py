@@ -343,3 +343,37 @@ def test_learnable_run_resumes_and_refuses_other_settings(tmp_path):
     with pytest.raises(EvarError, match="other settings.*recipe"):
         learnable(tiny_model(), tiny_model(), dataclasses.replace(recipe, lr=0.01), tmp_path / "work", "tests:tiny",
                   "tests:tiny")
+
+
+def test_a_resumed_learnable_run_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The Gumbel noise is drawn from the run's checkpointed generator, so a run killed after its checkpoint
+    at step 2 and rerun logs the losses and ends with the gates of a run that was never interrupted."""
+    from evar.sparsity import learnable as learnable_module
+    from evar.sparsity.pipeline import learnable
+
+    recipe = SparsifyRecipe(method="learnable", prior="magnitude", steps=4, batch_size=4, data_samples=8,
+                            ckpt_every=2, **FAST)
+
+    def run(work):
+        learnable(tiny_model(), tiny_model(), recipe, work, "tests:tiny", "tests:tiny")
+        state = torch.load(work / "train_state.pt", weights_only=True)
+        losses = [json.loads(line)["loss"] for line in (work / "train_log.jsonl").read_text().splitlines()]
+        return losses, {f"{m}.{k}": t for m, sd in state.items() if m.startswith("module.") for k, t in sd.items()}
+
+    whole_losses, whole_gates = run(tmp_path / "whole")
+    real_call = learnable_module.MaskLoss.__call__
+
+    def killed_at_step_2(self, gen, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_call(self, gen, step)
+
+    monkeypatch.setattr(learnable_module.MaskLoss, "__call__", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        learnable(tiny_model(), tiny_model(), recipe, tmp_path / "resumed", "tests:tiny", "tests:tiny")
+    monkeypatch.setattr(learnable_module.MaskLoss, "__call__", real_call)
+    torch.manual_seed(12345)  # whatever the global state is at the rerun
+    resumed_losses, resumed_gates = run(tmp_path / "resumed")
+    assert resumed_losses == whole_losses and len(whole_losses) == 4
+    assert whole_gates.keys() == resumed_gates.keys()
+    assert all(torch.equal(t, resumed_gates[k]) for k, t in whole_gates.items())

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -61,11 +60,18 @@ class GumbelMask(nn.Module):
         super().__init__()
         self.gate = nn.Parameter(gate)
         self.tau, self.scale = 1.0, 1.0
+        # The Gumbel noise comes from the training loop's checkpointed generator, not torch's global state,
+        # so a run gives the same masks every time and a resumed run the masks of an uninterrupted one.
+        self.noise: torch.Generator | None = None
 
     def mask(self) -> torch.Tensor:
         if not self.training:
             return hard_mask(self.gate).to(self.gate.dtype)
-        soft = F.gumbel_softmax(self.gate * self.scale, tau=self.tau, hard=False, dim=-1)
+        if self.noise is None:
+            raise RuntimeError("GumbelMask in training needs its noise generator (MaskRun.anneal sets it)")
+        u = torch.rand(self.gate.shape, generator=self.noise).clamp_(1e-10, 1.0 - 1e-7).to(self.gate.dtype)
+        gumbel = -torch.log(-torch.log(u))
+        soft = torch.softmax((self.gate * self.scale + gumbel) / self.tau, dim=-1)
         return (soft @ CANDIDATES).reshape(self.gate.shape[0], -1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -91,9 +97,9 @@ class MaskRun:
     def modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({k.replace(".", "/"): v for k, v in self.layers.items()})
 
-    def anneal(self, tau: float, scale: float) -> None:
+    def anneal(self, tau: float, scale: float, noise: torch.Generator) -> None:
         for gm in self.layers.values():
-            gm.tau, gm.scale = tau, scale
+            gm.tau, gm.scale, gm.noise = tau, scale, noise
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: hard_mask(gm.gate.detach()) for name, gm in self.layers.items()}
@@ -123,7 +129,7 @@ class MaskLoss:
     def __call__(self, gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         r = self.recipe
         tau, scale = schedule_at(step, r.steps, *r.tau), schedule_at(step, r.steps, *r.scale)
-        self.run.anneal(tau, scale)
+        self.run.anneal(tau, scale, gen)
         kl = self.kl_fn(gen)
         kept = sum((linear(self.student, name).weight ** 2).sum() for name in self.run.layers)
         loss = kl - r.weight_reg * kept
