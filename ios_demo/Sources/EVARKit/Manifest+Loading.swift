@@ -24,8 +24,19 @@ extension Manifest {
         return try decode(Data(contentsOf: url))
     }
 
+    /// The one field every manifest version shares, read before the rest: a newer manifest (a Distilled
+    /// Decoding artifact has no `kv_cache`, for one) gets the upgrade line, not a missing-key error.
+    private struct VersionHeader: Decodable {
+        let formatVersion: Int?
+        enum CodingKeys: String, CodingKey { case formatVersion = "format_version" }
+    }
+
     /// Decodes a manifest, turning decoding errors into one line naming the field.
     public static func decode(_ data: Data) throws -> Manifest {
+        if let header = try? JSONDecoder().decode(VersionHeader.self, from: data),
+           let version = header.formatVersion, version > supportedFormatVersion {
+            throw EVARError.unsupportedFormatVersion(found: version, supported: supportedFormatVersion)
+        }
         do {
             return try JSONDecoder().decode(Manifest.self, from: data)
         } catch let error as DecodingError {

@@ -48,6 +48,15 @@ final class ManifestTests: XCTestCase {
         }
     }
 
+    /// A version-3 manifest of another layout (a Distilled Decoding artifact: no kv_cache, no decoder_step)
+    /// is refused by its version before any of its fields are decoded.
+    func testNewerLayoutIsRefusedByVersionBeforeDecoding() throws {
+        let data = Data(#"{"format": "evar-artifact", "format_version": 3, "family": "dd"}"#.utf8)
+        XCTAssertThrowsError(try Manifest.decode(data)) { error in
+            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 3, supported: 2))
+        }
+    }
+
     /// `evar-export coreml --target ane`: format 2, sampling on the host, an fhat_update graph pinned to the CPU.
     func testHostSampledManifest() throws {
         let manifest = try Manifest.decode(Fixtures.data("manifest_tiny_ane.json"))
