@@ -100,11 +100,7 @@ def onnx_parity(model: Model, out: Path, step_file: str, decoder_file: str, opti
     expected = pt.drive(wrapper, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, "wrapper vs generate", ref, expected, pt.LOGITS_TOL, None, pt.IMAGE_TOL)
 
-    sess, dec = ox.session(out / step_file), ox.session(out / decoder_file)
-    names = [o.name for o in sess.get_outputs()]
-
-    def ort_step(si: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, sess.run(None, feeds)))
+    ort_step, dec = pt.session_step(ox.session(out / step_file)), ox.session(out / decoder_file)
 
     def decode(f_hat: np.ndarray) -> np.ndarray:
         return dec.run(None, {"f_hat": f_hat.astype(np.float32)})[0]
@@ -250,8 +246,8 @@ def quantize_onnx_steps(model: Model, tmp: Path, steps: list[ox.OnnxGraph], opti
     for step in steps:
         details = qz.quantize_step(model, tmp / step.file, staging / step.file, options.int8,
                                    external=step.external_data is not None)
-    fp32 = [cfg_trim.ort_step(ox.session(tmp / s.file)) for s in steps]
-    int8 = [cfg_trim.ort_step(ox.session(staging / s.file)) for s in steps]
+    fp32 = [pt.session_step(ox.session(tmp / s.file)) for s in steps]
+    int8 = [pt.session_step(ox.session(staging / s.file)) for s in steps]
     qz.int8_gate(report, model.config.var.num_scales, lambda labels, seed: drive(fp32, labels, seed, None),
                  lambda labels, seed, teacher: drive(int8, labels, seed, teacher), options.int8,
                  model.config.var.num_classes)

@@ -83,12 +83,8 @@ def trimmed_parity(report: pt.ParityReport, model: Model, root: Path, guided_fil
                                None, pt.IMAGE_TOL)
     sessions = [ox.session(root / f) for f in (guided_file, unguided_file)]
     dec = ox.session(root / decoder_file)
-    steps = tuple(ort_step(s) for s in sessions)
+    steps = tuple(pt.session_step(s) for s in sessions)
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"cfg trimmed at {n}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
                                lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
 
-
-def ort_step(sess) -> pt.StepFn:
-    names = [o.name for o in sess.get_outputs()]
-    return lambda si, feeds: dict(zip(names, sess.run(None, feeds)))

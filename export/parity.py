@@ -172,6 +172,12 @@ def drive(step: StepFn, iface: StepInterface, labels: np.ndarray, seed: int, cfg
     return run
 
 
+def session_step(sess: Any) -> StepFn:
+    """A StepFn over one onnxruntime session (every scale runs the same graph; outputs by name)."""
+    names = [o.name for o in sess.get_outputs()]
+    return lambda si, feeds: dict(zip(names, sess.run(None, feeds)))
+
+
 def torch_step(wrappers: list[torch.nn.Module] | torch.nn.Module, iface: StepInterface) -> StepFn:
     """A StepFn over export-ready wrappers: one per scale (Core ML) or one for all (ONNX)."""
 

@@ -187,24 +187,20 @@ def split_parity(report: pt.ParityReport, early: Model, late: Model, root: Path,
     expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: wrappers vs generate", ref, expected, pt.LOGITS_TOL, None,
                                pt.IMAGE_TOL)
-    steps = {role: ort_fn(ox.session(root / f)) for role, f in files.items() if role in wrappers}
+    steps = {role: pt.session_step(ox.session(root / f)) for role, f in files.items() if role in wrappers}
     dec = ox.session(root / files["decoder"])
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
                                lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
 
 
-def ort_fn(sess) -> pt.StepFn:
-    names = [o.name for o in sess.get_outputs()]
-    return lambda si, feeds: dict(zip(names, sess.run(None, feeds)))
-
 
 def gate_driver(early: Model, late: Model, root: Path, n: int, trim: int | None):
     """drive(step_fns, labels, seed, teacher) for the int8 gate: the quantized graphs are the compressed model's
     (decoder_step, then decoder_step_unguided); the early graph and the prefill stay fp32."""
     pipe = pipeline(early, late, n, trim)
-    fixed = {EARLY_STEP_GRAPH: ort_fn(ox.session(root / f"{EARLY_STEP_GRAPH}.onnx")),
-             PREFILL_GRAPH: ort_fn(ox.session(root / f"{PREFILL_GRAPH}.onnx"))}
+    fixed = {EARLY_STEP_GRAPH: pt.session_step(ox.session(root / f"{EARLY_STEP_GRAPH}.onnx")),
+             PREFILL_GRAPH: pt.session_step(ox.session(root / f"{PREFILL_GRAPH}.onnx"))}
 
     def drive(fns, labels, seed, teacher):
         roles = dict(zip((STEP_GRAPH, UNGUIDED_STEP_GRAPH), fns))

@@ -237,16 +237,12 @@ def keep_parity(report: pt.ParityReport, model: Model, root: Path, files: dict[s
     expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: wrappers vs generate", ref, expected, pt.LOGITS_TOL, None,
                                pt.IMAGE_TOL)
-    steps = {role: ort_fn(ox.session(root / files[role])) for role in (STEP_GRAPH, PRUNED_STEP_GRAPH)}
+    steps = {role: pt.session_step(ox.session(root / files[role])) for role in (STEP_GRAPH, PRUNED_STEP_GRAPH)}
     dec = ox.session(root / files["decoder"])
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
                                lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
 
-
-def ort_fn(sess) -> pt.StepFn:
-    names = [o.name for o in sess.get_outputs()]
-    return lambda si, feeds: dict(zip(names, sess.run(None, feeds)))
 
 
 def gate_driver(model: Model, keep: KeepPlan):
