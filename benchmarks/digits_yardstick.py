@@ -16,25 +16,23 @@ Writes benchmarks/results/digits_yardstick.json (rows merged by name).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from evar import zoo
 from evar.data import from_uint8_nhwc, load_digits
 from evar.eval.classifier import load_classifier, run_classifier
-from evar.eval.manifold import precision_recall
-from evar.eval.metrics import frechet_distance_from_stats, gaussian_stats, real_data_baseline
+from evar.eval.metrics import images_baseline, real_data_baseline
 from evar.files import atomic_write_json, read_json
 from evar.samples import SamplingSettings, class_labels, sample_images
 from evar.train import shifted_copies
 
 OUT = Path(__file__).resolve().parent / "results" / "digits_yardstick.json"
-SUBSETS = 8
 
 
 def nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,19 +41,8 @@ def nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def shifted_baseline(n: int) -> dict:
-    clf = load_classifier()
     train, labels = load_digits("train", 16)
-    test_feats = run_classifier(clf, load_digits("test", 16)[0])[0].numpy().astype(np.float64)
-    copies = run_classifier(clf, shifted_copies(train, labels, 1)[0])[0].numpy().astype(np.float64)
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(SUBSETS):
-        feats = copies[rng.choice(len(copies), size=n, replace=False)]
-        pr = precision_recall(test_feats, feats)
-        rows.append((frechet_distance_from_stats(gaussian_stats(feats), gaussian_stats(test_feats)), pr.precision,
-                     pr.recall))
-    fd, precision, recall = (float(np.mean(c)) for c in zip(*rows))
-    return {"samples": n, "subsets": SUBSETS, "frechet_distance": fd, "precision": precision, "recall": recall}
+    return dataclasses.asdict(images_baseline(shifted_copies(train, labels, 1)[0], n))
 
 
 def copying(ref: str, n_per_class: int) -> dict:

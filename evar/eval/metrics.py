@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from evar.data import from_uint8_nhwc, load_digits
 from evar.eval.classifier import DEFAULT_PATH, IMAGE_SIZE, NUM_CLASSES, DigitClassifier, load_classifier, run_classifier
-from evar.eval.manifold import DEFAULT_K, PrecisionRecall, precision_recall
+from evar.eval.manifold import DEFAULT_K, precision_recall
 
 REFERENCE = "digits:test"
 
@@ -123,9 +123,9 @@ def _compute_reference(classifier: DigitClassifier) -> _Reference:
                       train_feats=train_feats.numpy().astype(np.float64))
 
 
-def _real_baseline(reference: _Reference, n: int) -> RealBaseline:
-    """The real-data floor at n samples: n ≥ the training split uses all of it once, else seeded subsets."""
-    total = len(reference.train_feats)
+def _subset_baseline(reference: _Reference, feats: np.ndarray, n: int) -> RealBaseline:
+    """How n of `feats` score against the reference: all of them once if n covers them, else seeded subsets."""
+    total = len(feats)
     if n >= total:
         picks = [np.arange(total)]
     else:
@@ -133,13 +133,25 @@ def _real_baseline(reference: _Reference, n: int) -> RealBaseline:
         picks = [rng.choice(total, size=n, replace=False) for _ in range(FLOOR_SUBSETS)]
     fds, prs = [], []
     for pick in picks:
-        feats = reference.train_feats[pick]
-        fds.append(frechet_distance_from_stats(gaussian_stats(feats), reference.test))
+        subset = feats[pick]
+        fds.append(frechet_distance_from_stats(gaussian_stats(subset), reference.test))
         if len(pick) > DEFAULT_K:
-            prs.append(precision_recall(reference.test_feats, feats))
+            prs.append(precision_recall(reference.test_feats, subset))
     mean = (lambda xs: float(np.mean(xs))) if prs else (lambda xs: None)
     return RealBaseline(samples=min(n, total), subsets=len(picks), frechet_distance=float(np.mean(fds)),
                         precision=mean([p.precision for p in prs]), recall=mean([p.recall for p in prs]))
+
+
+def _real_baseline(reference: _Reference, n: int) -> RealBaseline:
+    """The real-data floor at n samples: n ≥ the training split uses all of it once, else seeded subsets."""
+    return _subset_baseline(reference, reference.train_feats, n)
+
+
+def images_baseline(images: torch.Tensor, n: int) -> RealBaseline:
+    """The same subset protocol for other real images (N, 3, 16, 16) in [-1, 1], e.g. augmented training digits."""
+    classifier, reference = _classifier_and_reference(None)
+    feats = run_classifier(classifier, images)[0].numpy().astype(np.float64)
+    return _subset_baseline(reference, feats, n)
 
 
 @lru_cache(maxsize=16)
