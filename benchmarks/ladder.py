@@ -16,6 +16,8 @@ Rungs (each an `evar-export onnx` artifact, cumulative):
                    (CFG trimming as the rung before)
   +dec-prune40     +split with 40% of the VQVAE decoder's conv channels removed (`evar prune-decoder`; d16:
                    magnitude; digits: OBS + `evar distill-decoder`); the transformer is +split's
+  +dec-int8        + `--quantize-decoder int8`: that decoder's convolutions in static int8 (calibrated on the
+                   model's own generations, gated on image PSNR against its fp32 graph)
   +token-keep      branches off +int8 (token pruning does not combine with trimming in one export yet):
                    `--token-keep SCALE:RATIO,…`, the transformer runs on that share of the last scales' tokens
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
@@ -48,7 +50,8 @@ from latency import sh, tool  # noqa: E402  (beside this script: how both run th
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
-RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+dec-prune40", "+token-keep")
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+dec-prune40", "+dec-int8",
+         "+token-keep")
 
 
 def ensure(out: Path, args: list[str]) -> Path:
@@ -87,11 +90,14 @@ def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], d
     p_dec = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}-dec40",
                    [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
                     "--early-model", dense_ref, "--split-scale", str(split_at)])
+    p_qdec = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}-dec40-int8",
+                    [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
+                     "--early-model", dense_ref, "--split-scale", str(split_at), "--quantize-decoder", "int8"])
     p_keep = ensure(arts / f"p40-int8-keep{token_keep.replace(':', '_').replace(',', '-')}",
                     [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
     return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
                           "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu"), "+split": (p_split, "cpu"),
-                          "+dec-prune40": (p_dec, "cpu"), "+token-keep": (p_keep, "cpu")},
+                          "+dec-prune40": (p_dec, "cpu"), "+dec-int8": (p_qdec, "cpu"), "+token-keep": (p_keep, "cpu")},
             "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at, "split_at": split_at,
             "token_keep": token_keep}
 
@@ -262,6 +268,7 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
             "+cfg-trim": trim, "+cfg-trim_stepped_check": trim_stepped,
             "+split": split,
             "+dec-prune40": split,  # the decoder draws the image from the same tokens: the token KL is +split's
+            "+dec-int8": split,
             "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts))}
 
 
@@ -333,7 +340,8 @@ def measure_digits(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
     return {"what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
                     f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
-                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +split",
+                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +split, then "
+                    "its convolutions int8",
             "command": " ".join(sys.argv), "machine": rb.machine(), "latency": lat, "quality": q, "kl": kls,
             "per_class": args.per_class, "seeds": list(range(args.seeds)), "host_overhead_outside_graph": host,
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
@@ -400,7 +408,8 @@ def main() -> None:
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
                     f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
-                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +split",
+                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +split, then its "
+                    "convolutions int8",
             "command": " ".join(sys.argv), "machine": rb.machine(),
             "latency": latency(fam["artifacts"], settings, fam["dense"]),
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}

@@ -173,6 +173,10 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
             unguided = (steps[1], unguided[1]) if unguided else None
             pruned = (steps[1], pruned[1]) if pruned else None
             report.raise_if_failed(f"int8 ONNX export of {model_ref}")
+        if options.quantize_decoder == "int8":
+            dec, compression = quantize_onnx_decoder(model, tmp, dec, options.decoder_int8, report, dec_notes,
+                                                     compression)
+            report.raise_if_failed(f"int8 decoder of {model_ref}")
         ins, outs = iface.signature()
         step_notes.append("one graph for every scale: scale-dependent constants (resize operators, Phi, positions, "
                           "CFG ramp) are gathered by scale_index; lengths are symbolic")
@@ -227,7 +231,45 @@ def _gate_driver(model: Model, iface: StepInterface, n: int | None):
     return lambda fns, labels, seed, teacher: pipe.drive(tuple(fns), labels, seed, pt.PARITY_CFG, teacher=teacher)
 
 
+def quantize_onnx_decoder(model: Model, tmp: Path, dec: ox.OnnxGraph, options: qz.DecoderInt8Options,
+                          report: pt.ParityReport, notes: list[str],
+                          compression: dict[str, Any]) -> tuple[ox.OnnxGraph, dict[str, Any]]:
+    """The parity-checked fp32 decoder graph → static int8 in its place, gated on images from f_hat of generations
+    it was not calibrated on (another seed). → (its graph, the manifest's compression with a `decoder` entry in
+    its details)."""
+    import onnx
+
+    from evar.prune.decoder import GENERATED, decoder_data
+
+    if dec.external_data:
+        raise EvarError("--quantize-decoder int8: the decoder graph keeps its weights in an external file, which "
+                        "the quantizer does not read; export with --external-data never")
+    calib = decoder_data(model, GENERATED, options.calib_samples, seed=0).f_hat.numpy()
+    check = decoder_data(model, GENERATED, options.check_samples, seed=1).f_hat.numpy()
+    int8_file = tmp / dec.file
+    fp32_file = int8_file.with_name(int8_file.stem + ".fp32.onnx")
+    int8_file.rename(fp32_file)
+    details = qz.quantize_decoder(fp32_file, int8_file, calib, options)
+
+    def decode_with(path: Path):
+        sess = ox.session(path)
+        return lambda f: np.concatenate([sess.run(None, {"f_hat": f[i:i + 1]})[0] for i in range(len(f))])
+
+    details["psnr_db"] = qz.decoder_int8_gate(report, decode_with(fp32_file), decode_with(int8_file), check, options)
+    fp32_file.unlink()
+    notes.append(f"static int8 (QDQ) convolutions, calibrated on {options.calib_samples} generations; image PSNR "
+                 f"{details['psnr_db']:.1f} dB against the fp32 graph (gate >= {options.min_psnr_db} dB)")
+    tool = "onnxruntime.quantization.quantize_static" if compression.get("tool") is None else \
+        f"{compression['tool']} (step graphs) + quantize_static (decoder)"
+    nodes = len(onnx.load(str(int8_file), load_external_data=False).graph.node)
+    return (ox.OnnxGraph(dec.file, None, dec.simplified, nodes),
+            {"method": "int8", "tool": tool, "details": {**compression.get("details", {}), "decoder": details}})
+
+
 def precision_entry(options: ox.OnnxOptions) -> dict[str, Any]:
+    if options.quantize_decoder == "int8" and options.quantize != "int8":
+        return {"weights": "int8", "compute": "int8",
+                "fp32_ops": ["every op but the quantized decoder convolutions"]}
     if options.quantize == "int8":
         return {"weights": "int8", "compute": "int8", "fp32_ops": ["every op but the quantized transformer matmuls"]}
     return {"weights": options.precision, "compute": "fp32", "fp32_ops": []}

@@ -56,6 +56,11 @@ def onnx(
     quantize: Annotated[str, typer.Option(help="none | int8 (onnxruntime dynamic int8 of the transformer's "
                                                "linears, gated against the fp32 export by per-scale KL and token agreement)")] = "none",
     int8_fp32: Annotated[str, typer.Option(help="with --quantize int8: layer groups kept fp32 (adaln, head; or none)")] = "adaln,head",
+    quantize_decoder: Annotated[str, typer.Option(help="none | int8 (static int8 of the VQVAE decoder's convolutions, "
+                                                       "calibrated on the model's own generations, gated on image PSNR "
+                                                       "against the fp32 decoder graph)")] = "none",
+    decoder_min_psnr: Annotated[Optional[float], typer.Option(help="with --quantize-decoder int8: the gate's PSNR "
+                                                                   "bound in dB on [-1, 1] images (default 30)")] = None,
     cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run without guidance, "
                                                                 "conditional rows only (batch B, not 2B)")] = None,
     early_model: Annotated[Optional[str], typer.Option(help="scale split: the model (e.g. the dense one, same "
@@ -72,17 +77,21 @@ def onnx(
     """One decoder-step graph for every scale + the VQVAE decoder (a DD model: one graph per student pass),
     parity-checked with onnxruntime."""
     from evar.export.onnx import OnnxOptions
-    from evar.export.quantize import Int8Options, parse_fp32_groups
+    from evar.export.quantize import DecoderInt8Options, Int8Options, parse_fp32_groups
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
                           top_k=top_k, top_p=top_p, quantize=quantize,
                           int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale,
-                          split_scale=split_scale, early_model=early_model, token_keep=token_keep)
+                          split_scale=split_scale, early_model=early_model, token_keep=token_keep,
+                          quantize_decoder=quantize_decoder,
+                          decoder_int8=DecoderInt8Options() if decoder_min_psnr is None else
+                          DecoderInt8Options(min_psnr_db=decoder_min_psnr))
     options.validate()  # before loading a model: a bad option costs nothing
     from evar.export.dd_export import routes_to_dd
 
     if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "int8_fp32", "precision", "quantize", "cfg_until_scale",
-                                             "early_model", "split_scale", "token_keep")):
+                                             "early_model", "split_scale", "token_keep", "quantize_decoder",
+                                             "decoder_min_psnr")):
         from evar.export.dd_export import build_dd_onnx, export_command
 
         command = command_line("evar-export")

@@ -24,7 +24,7 @@ from evar.errors import EvarError
 from evar.export.graphs import DynamicStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, StepInterface
-from evar.export.quantize import QUANTIZE_CHOICES, Int8Options
+from evar.export.quantize import QUANTIZE_CHOICES, DecoderInt8Options, Int8Options
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
 PROTOBUF_LIMIT = 2 ** 31 - 1
@@ -48,6 +48,8 @@ class OnnxOptions:
     split_scale: int | None = None  # scale split (evar.export.split): the early model runs scales < N
     early_model: str | None = None  # its reference, as given
     token_keep: str | None = None  # late-scale token pruning (evar.export.token_keep): "4:0.6,5:0.4"
+    quantize_decoder: str = "none"  # none | int8 (static int8 of the VQVAE decoder's convolutions)
+    decoder_int8: DecoderInt8Options = field(default_factory=DecoderInt8Options)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -58,6 +60,12 @@ class OnnxOptions:
             if self.precision != "fp32":
                 raise EvarError("--quantize int8 quantizes the fp32 graph: it cannot be combined with --precision fp16")
             self.int8.validate()
+        if self.quantize_decoder not in QUANTIZE_CHOICES:
+            raise EvarError(f"--quantize-decoder must be one of {', '.join(QUANTIZE_CHOICES)}, got '{self.quantize_decoder}'")
+        if self.quantize_decoder == "int8":
+            if self.precision != "fp32":
+                raise EvarError("--quantize-decoder int8 quantizes the fp32 decoder graph: drop --precision fp16")
+            self.decoder_int8.validate()
         if self.opset < 17:
             raise EvarError(f"opset {self.opset} is too old: the step graph needs opset >= 17 (LayerNormalization)")
         if self.external_data not in ("auto", "always", "never"):

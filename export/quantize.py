@@ -209,3 +209,57 @@ def token_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     """Mean over tokens of 1 − TV(softmax(ref), softmax(got)): the best coupling's share of equal tokens."""
     p, q = np.exp(_log_softmax(ref_logits)), np.exp(_log_softmax(got_logits))
     return float(1.0 - 0.5 * np.abs(p - q).sum(-1).mean())
+
+
+# ---------------------------------------------------------------- the VQVAE decoder (static int8)
+@dataclass(frozen=True)
+class DecoderInt8Options:
+    """`--quantize-decoder int8`: static int8 of the decoder's convolutions, calibrated on f_hat of the model's
+    own generations. 7-bit weights (onnxruntime's `reduce_range`): x86 CPUs without VNNI multiply uint8 × int8
+    pairs into saturating int16 sums, so full-range weights could give other images there; 7 bits cannot
+    overflow, so the graph computes the same on every x86 CPU."""
+    calib_samples: int = 8  # generations whose f_hat set each activation's range (min/max)
+    check_samples: int = 4  # other generations (another seed) the gate compares images on
+    min_psnr_db: float = 30.0  # int8 image vs the fp32 graph's image, [-1, 1] range (peak-to-peak 2)
+
+    def validate(self) -> None:
+        if self.calib_samples < 1 or self.check_samples < 1:
+            raise EvarError("--quantize-decoder int8 needs at least one calibration and one check sample")
+
+
+def quantize_decoder(src: Path, dst: Path, calib_f_hat: np.ndarray, options: DecoderInt8Options) -> dict[str, Any]:
+    """src (fp32 decoder graph, f_hat → image) → dst (QDQ int8 convolutions); → the compression details."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(dst.name + ".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    feeds = iter([{"f_hat": calib_f_hat[i:i + 1].astype(np.float32)} for i in range(len(calib_f_hat))])
+    reader = type("FhatReader", (), {"get_next": lambda self: next(feeds, None)})()
+    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    for leftover in pre.parent.glob(pre.name + "*"):
+        leftover.unlink()
+    return {"scheme": "static int8 (QDQ): convolution weights int8 per output channel (7-bit range), activations "
+                      "uint8 per tensor with min/max ranges from calibration",
+            "calibration": f"f_hat of {len(calib_f_hat)} of the model's own generations (seed 0)",
+            "kept_fp32": ["GroupNorm, SiLU, the mid-block attention, upsampling, post_quant_conv's input"],
+            "gate": {"against": "the fp32 decoder graph of the same model", "samples": options.check_samples,
+                     "min_psnr_db": options.min_psnr_db, "psnr": "on [-1, 1] images, peak-to-peak 2"}}
+
+
+def psnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of images in [-1, 1] (peak-to-peak 2), in dB."""
+    mse = float(np.mean((np.clip(got, -1, 1).astype(np.float64) - np.clip(ref, -1, 1).astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(4.0 / mse))
+
+
+def decoder_int8_gate(report: pt.ParityReport, decode_fp32: Callable[[np.ndarray], np.ndarray],
+                      decode_int8: Callable[[np.ndarray], np.ndarray], f_hat: np.ndarray,
+                      options: DecoderInt8Options) -> float:
+    """The int8 decoder's images against the fp32 graph's on f_hat it was not calibrated on → the PSNR (dB)."""
+    value = psnr_db(decode_fp32(f_hat), decode_int8(f_hat))
+    report.checks.append(pt.Check("int8 decoder vs fp32 decoder graph: image PSNR (dB)", bool(value >= options.min_psnr_db),
+                                  "psnr_db", value, options.min_psnr_db))
+    return value
