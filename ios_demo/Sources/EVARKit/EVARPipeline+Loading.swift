@@ -41,55 +41,16 @@ extension EVARPipeline {
         return model
     }
 
-    /// The compiled `.mlmodelc` of a package (relative to the artifact): as shipped, from the cache, or
-    /// compiled now and cached.
+    /// The compiled `.mlmodelc` of a package (relative to the artifact), compiled once per pipeline
+    /// (`CompiledModels.compiledURL`: as shipped, from the cache, or compiled now and cached).
     func compiledModel(file: String) async throws -> URL {
         if let url = compiledURLs[file] {
             return url
         }
-        let source = artifactURL.appendingPathComponent(file)
-        guard FileManager.default.fileExists(atPath: source.path) else {
-            throw EVARError.missingFile(file)
-        }
-        if source.pathExtension == "mlmodelc" {
-            compiledURLs[file] = source
-            return source
-        }
-        let destination = compiledCacheDirectory(file: file)?
-            .appendingPathComponent(source.deletingPathExtension().lastPathComponent + ".mlmodelc")
-        if let destination, FileManager.default.fileExists(atPath: destination.path) {
-            compiledURLs[file] = destination
-            return destination
-        }
-        let compiled = try await MLModel.compileModel(at: source)
-        guard let destination else {
-            compiledURLs[file] = compiled
-            return compiled
-        }
-        try FileManager.default.createDirectory(at: destination.deletingLastPathComponent(),
-                                                withIntermediateDirectories: true)
-        try? FileManager.default.removeItem(at: destination)
-        try FileManager.default.moveItem(at: compiled, to: destination)
-        compiledURLs[file] = destination
-        return destination
-    }
-
-    /// A cache folder named by the hashes of the package's files, so a re-export never reuses a stale
-    /// compilation; nil (no caching) when the manifest lists no files for it.
-    func compiledCacheDirectory(file: String) -> URL? {
-        let prefix = file + "/"
-        let entries = manifest.files
-            .filter { $0.path == file || $0.path.hasPrefix(prefix) }
-            .map { $0.path + " " + $0.sha256 }
-            .sorted()
-        guard !entries.isEmpty else { return nil }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a, 64 bit
-        for byte in entries.joined(separator: "\n").utf8 {
-            hash = (hash ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
-        }
-        let root = options.compiledModelCache
-            ?? FileManager.default.urls(for: .cachesDirectory, in: .userDomainMask)[0].appendingPathComponent("EVARKit")
-        return root.appendingPathComponent(String(hash, radix: 16))
+        let url = try await CompiledModels.compiledURL(file: file, artifactURL: artifactURL, files: manifest.files,
+                                                       cacheRoot: options.compiledModelCache)
+        compiledURLs[file] = url
+        return url
     }
 
     /// The KV-cache state, made once from the first step function and shared by every scale's function
