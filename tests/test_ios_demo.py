@@ -539,7 +539,9 @@ def swift_bench_fields(parser) -> set[str]:
         inner = _strip_optional(prop.type_text)
         is_array = inner.startswith("[")
         nested = types.get(_bare(inner.strip("[]")))
-        if nested is not None and nested.kind == "struct":
+        # a nullable object (few_step) is one documented row: evar-bench writes it as null, so its keys are not
+        # fields of every report
+        if nested is not None and nested.kind == "struct" and not prop.optional:
             fields.update(f"{key}{'[]' if is_array else ''}.{sub}" for sub in nested.properties)
     return fields
 

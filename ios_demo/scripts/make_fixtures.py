@@ -660,7 +660,7 @@ def dd_noise_fixture() -> dict:
 
 def bench_nulls() -> dict:
     """A bench JSON as evar-bench writes it for a run whose optional fields have no value: every key present,
-    `threads` and `stage_units` null. EVARKit's BenchReport must read it and write the same keys back."""
+    `threads`, `stage_units` and `few_step` null. EVARKit's BenchReport must read it and write the same keys back."""
     from evar.runtime.bench import FORMAT, SWIFT_FIELDS
 
     report = {"format": FORMAT, "tool": "evar-bench", "device": "test", "os": "test", "backend": "coreml",
@@ -670,7 +670,7 @@ def bench_nulls() -> dict:
               "per_scale": [{"scale_index": 0, "patch_num": 1, "median_ms": 1.5, "p90_ms": 2.0}],
               "decode": {"median_ms": 3.0, "p90_ms": 3.5}, "end_to_end": {"median_ms": 5.0, "p90_ms": 6.0, "min_ms": 4.5},
               "throughput_images_per_s": 200.0, "params": 1234, "artifact": "tiny", "model_ref": "fixtures:tiny",
-              "stage_units": None}
+              "stage_units": None, "few_step": None}
     assert set(report) == set(SWIFT_FIELDS)
     return report
 
