@@ -609,6 +609,25 @@ def test_tiny_dd_manifest_is_what_the_exporter_validates():
     assert [p["t"] for p in manifest["few_step"]["passes"]] == [0, 2]
 
 
+@pytest.mark.slow
+def test_tiny_dd_manifest_is_what_evar_export_coreml_writes(tmp_path):
+    """The DD fixture equals the manifest `evar-export coreml` writes for the same tiny student (batch 1, t-list
+    0,2), but for what differs by nature: files (real packages), provenance (time, versions) and parity checks.
+    About 30 s (two Core ML conversions)."""
+    pytest.importorskip("coremltools")
+    from evar.export.coreml import CoremlOptions
+    from evar.export.dd_coreml import build_dd_coreml
+
+    script = load_fixture_script()
+    build_dd_coreml(script.tiny_dd_model(), "fixtures:tiny-dd", tmp_path / "art", CoremlOptions(batch=1),
+                    script.DD_T_VALUES)
+    real = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    committed = fixture("manifest_tiny_dd.json")
+    for key in ("files", "provenance", "parity"):
+        real.pop(key), committed.pop(key)
+    assert real == committed
+
+
 def test_dd_noise_fixture_matches_few_step():
     from evar.contract import few_step
 

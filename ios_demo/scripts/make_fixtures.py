@@ -577,15 +577,17 @@ def tiny_dd_manifest() -> dict:
     from evar.export.interface import DecoderInterface
     from evar.export.parity import Check, ParityReport
 
-    model = tiny_dd_model()
-    common = {"format": "coreml", "external_data": None, "opset": None, "target": "iOS18",
-              "compute_units": "cpu_and_ne", "simplified": None, "signature": None, "scale_selection": None}
+    from evar.export.coreml import CoremlOptions
+
+    model, options = tiny_dd_model(), CoremlOptions(batch=1)  # the exporter's defaults (tests compare a real export)
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
+              "compute_units": options.compute_units, "simplified": None, "signature": None, "scale_selection": None}
     graphs = {pass_role(t): {**common, "file": PACKAGE,
                              "functions": [{**PassInterface(model, t, 1, "int32").function().to_json(),
                                             "name": function_name(t)}],
                              "default_function": function_name(t),
                              "notes": [f"student pass given {t} scales; function {function_name(t)} of the "
-                                       "multifunction package"]}
+                                       "multifunction package (weights stored once for every pass)"]}
               for t in DD_T_VALUES}
     decoder = DecoderInterface(model.config.model, "coreml", batch=1)
     graphs["vqvae_decoder"] = {**common, "file": "vqvae_decoder.mlpackage",
@@ -594,8 +596,8 @@ def tiny_dd_manifest() -> dict:
     report.checks.append(Check("coreml wrapper (int32) vs dd_generate, t-list 0: tokens", True))
     report.skipped.append("coreml predict: macOS only")
     body = manifest_body(model, "fixtures:tiny-dd", GENERATOR, graphs, DD_T_VALUES, report, "coreml")
-    body["batch"] = {"mode": "static", "size": 1, "cfg_doubled": False}
-    body["precision"] = {"weights": "fp16", "compute": "fp16", "fp32_ops": []}
+    body["batch"] = {"mode": "static", "size": options.batch, "cfg_doubled": False}
+    body["precision"] = {"weights": options.precision, "compute": options.precision, "fp32_ops": []}
     body["provenance"] = {"model_ref": "fixtures:tiny-dd", **FIXED_PROVENANCE,
                           "model_provenance": {"source": "ios_demo fixtures"}}
     manifest = json.loads(json.dumps({"format": "evar-artifact", "format_version": 3, **body,
