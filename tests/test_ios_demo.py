@@ -689,6 +689,32 @@ def test_evarkit_feeds_every_input_of_a_dd_artifact():
     assert [t["role"] for t in decoder["inputs"]] == ["f_hat"] and decoder["outputs"][0]["role"] == "image"
 
 
+@pytest.mark.parametrize("name", ["manifest_tiny_split.json", "manifest_tiny_split_io.json"])
+def test_evarkit_binds_every_tensor_of_a_split_and_trimmed_artifact(manifest_types, name):
+    """Every input of every function the recipe runs (early, prefill, decoder_step, unguided) has a role
+    EVARPipeline.inputArray feeds, and the loop's rules hold in the fixture: the unguided functions take no cfg
+    and B rows, the prefill takes labels and the early tokens (idx), and with KV as inputs/outputs returns every
+    layer's cache."""
+    manifest = fixture(name)
+    fed = fed_input_roles(manifest_types)
+    assert {"idx", "labels"} <= fed
+    for role, graph in manifest["graphs"].items():
+        for function in graph["functions"]:
+            assert {t.get("role") for t in function["inputs"]} <= fed, (role, function["name"])
+    (prefill,) = manifest["graphs"]["prefill"]["functions"]
+    assert [t["role"] for t in prefill["inputs"]] == ["labels", "idx"]
+    presents = [t for t in prefill["outputs"] if t["role"] in ("present_key", "present_value")]
+    depth = manifest["model"]["var"]["depth"]
+    assert len(presents) == (2 * depth if manifest["kv_cache"]["mode"] == "io" else 1)
+    for function in manifest["graphs"]["decoder_step_unguided"]["functions"]:
+        assert "cfg" not in {t["role"] for t in function["inputs"]}
+        assert [t["shape"][0] for t in function["inputs"] if t["role"] in ("labels", "past_key")] == \
+            [1] * (1 + (depth if manifest["kv_cache"]["mode"] == "io" else 0))
+    source = (KIT / "EVARPipeline+Scales.swift").read_text()
+    for rule in ("manifest.splitScale", "manifest.cfgUntilScale", "evarRows", "earlyCache", "prefill(context)"):
+        assert rule in source, rule
+
+
 def test_evarkit_names_every_generation_mode_the_schema_has():
     """Each `generation` field belongs to a mode Manifest+GenerationModes.swift checks (so a mode added to the
     schema fails here until EVARKit refuses or runs it), and the split fixture uses the split and trimming."""

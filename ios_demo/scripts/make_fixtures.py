@@ -13,8 +13,8 @@ asserts it equals the committed files, so the two cannot drift:
     float16.json         numpy float16 conversions (Core ML fp16 arrays)
     image.json           evar.data.to_uint8_nhwc (decoder output → pixels)
     manifest_tiny*.json  manifests whose functions and KV layout come from export.interface (_ane: from
-                         export.ane_export, host-sampled; _split: a format_version 3 scale split with CFG
-                         trimming, which EVARKit refuses by name)
+                         export.ane_export, host-sampled; _split, _split_io: a format_version 3 scale split
+                         with CFG trimming, laid out as evar-export coreml does for iOS18 / iOS17)
     manifest_tiny_dd.json  a Distilled Decoding (family "dd") Core ML manifest of a tiny DD student: passes from
                          export.dd_graphs, the rest as export.dd_coreml writes it
     dd_noise.json        evar.contract.few_step: the per-token Gaussian noise (Box–Muller on evar.rng)
@@ -511,44 +511,77 @@ def _package_files(*packages: str) -> list[dict]:
 FIXED_PROVENANCE = {"created": "2025-01-01T00:00:00Z", "command": GENERATOR, "tool_versions": {"evar": "0.1.0"}}
 
 
-def tiny_split_manifest() -> dict:
-    """A format_version 3 scale split (+ CFG trimming from the split on), Core ML, KV as inputs/outputs: the
-    dense tiny model runs scales 0-1 (decoder_step_early), the prefill graph builds the pruned model's cache,
-    decoder_step runs scale 2 and decoder_step_unguided scale 3. Graph entries as export/split.py lays them out;
-    EVARKit refuses it with one line naming the scale split."""
+UNGUIDED_PREFIX = "unguided_"
+
+
+def _prefill_function(iface, split: int) -> dict:
+    """The prefill function of a Core ML split (int32 in; io: every layer's presents out, length T; state: writes
+    the state and returns the last layer's keys), as evar-export coreml lays it out."""
+    from evar.export.interface import FunctionSpec, TensorSpec
+
+    T = iface.var.scale_ranges()[split][0]
+    ins = (TensorSpec("labels", (iface.batch,), "int32", "labels", doc="class ids"),
+           TensorSpec("tokens", (iface.batch, T), "int32", "idx",
+                      doc=f"the tokens of scales 0 … {split - 1} (the early functions' idx outputs), concatenated"))
+    if iface.kv_mode == "io":
+        outs = tuple(iface.kv_tensor(i, k, T) for i in range(iface.var.depth) for k in ("present_key", "present_value"))
+        return FunctionSpec("prefill", ins, outs, token_range=(0, T)).to_json()
+    last = iface.kv_tensor(iface.var.depth - 1, "present_key", T)
+    return FunctionSpec("prefill", ins, (last,), tuple(iface.kv_states()), token_range=(0, T)).to_json()
+
+
+def tiny_recipe_manifest(kv_mode: str) -> dict:
+    """A Core ML scale split + CFG trimming (format_version 3), laid out as `evar-export coreml --early-model
+    --split-scale 2 --cfg-until-scale 3` does: the dense tiny model's functions run scales 0-1
+    (decoder_step_early), `prefill` builds the pruned model's cache from their tokens at scale 2, decoder_step
+    runs scale 2 and `unguided_scale_3` (decoder_step_unguided, conditional rows only) scale 3.
+    state (iOS18): the compressed model's functions are all in decoder_step.mlpackage and share its state (the
+    unguided ones keep its 2B-row shape and touch rows [0, B)); the early ones have their own package and state.
+    io (iOS17): one package per function (`file`); pasts cross by role and layer, rows [0, B) kept at the
+    trimming scale, the prefill's presents are decoder_step's pasts at the split."""
+    import dataclasses
+
     from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, validate
     from evar.export.interface import StepInterface
-    from evar.export.split import prefill_function
 
-    base = tiny_manifest("io")
-    late = tiny_config()
-    early = tiny_config(num_heads=(4, 4, 4), ffn_dims=(256, 256, 256))
-    split, trim = 2, 3
-    eiface = StepInterface(early, "coreml", kv_mode="io", batch=1)
-    liface = StepInterface(late, "coreml", kv_mode="io", batch=1)
-    uiface = StepInterface(late, "coreml", kv_mode="io", batch=1, guided=False)
-    common = {"format": "coreml", "external_data": None, "opset": None, "target": "iOS18",
+    base = tiny_manifest(kv_mode)
+    late, early = tiny_config(), tiny_config(num_heads=(4, 4, 4), ffn_dims=(256, 256, 256))
+    split, trim, S = 2, 3, len(TINY_PATCH_NUMS)
+    target = "iOS18" if kv_mode == "state" else "iOS17"
+    kw = dict(kv_mode=kv_mode, batch=1, kv_dtype="float16")
+    eiface, liface = StepInterface(early, "coreml", **kw), StepInterface(late, "coreml", **kw)
+    uiface = StepInterface(late, "coreml", guided=False, **kw)
+    unguided = []
+    for si in range(trim, S):
+        fn = uiface.function(si)
+        unguided.append(dataclasses.replace(fn, name=UNGUIDED_PREFIX + fn.name, states=liface.function(si).states))
+    roles = {EARLY_STEP_GRAPH: [eiface.function(si).to_json() for si in range(split)],
+             STEP_GRAPH: [liface.function(si).to_json() for si in range(S)],
+             UNGUIDED_STEP_GRAPH: [fn.to_json() for fn in unguided],
+             PREFILL_GRAPH: [_prefill_function(liface, split)]}
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": target,
               "compute_units": "cpu_and_ne", "simplified": None, "signature": None, "notes": []}
-
-    def graph(file: str, functions: list, selection: str | None) -> dict:
-        return {**common, "file": file, "functions": functions, "default_function": functions[0]["name"],
-                "scale_selection": selection}
-
-    graphs = {
-        EARLY_STEP_GRAPH: graph("decoder_step_early.mlpackage", [eiface.function(si).to_json() for si in range(split)],
-                                "function"),
-        PREFILL_GRAPH: graph("prefill.mlpackage", [prefill_function(liface, split).to_json()], None),
-        STEP_GRAPH: graph("decoder_step.mlpackage", [liface.function(si).to_json() for si in range(4)], "function"),
-        UNGUIDED_STEP_GRAPH: graph("decoder_step_unguided.mlpackage",
-                                   [uiface.function(si).to_json() for si in range(trim, 4)], "function"),
-        "vqvae_decoder": base["graphs"]["vqvae_decoder"],
-    }
+    graphs, packages = {}, []
+    for role, functions in roles.items():
+        if kv_mode == "state":  # every function of the compressed model in decoder_step.mlpackage
+            file = f"{EARLY_STEP_GRAPH if role == EARLY_STEP_GRAPH else STEP_GRAPH}.mlpackage"
+            packages.append(file)
+        else:
+            file = role
+            for f in functions:
+                f["file"] = f"{role}/{f['name']}.mlpackage"
+                packages.append(f["file"])
+        graphs[role] = {**common, "file": file, "functions": functions, "default_function": functions[0]["name"],
+                        "scale_selection": None if role == PREFILL_GRAPH else "function"}
+    graphs["vqvae_decoder"] = {**base["graphs"]["vqvae_decoder"], "target": target}
     generation = {"cfg_until_scale": trim, "unguided_graph": UNGUIDED_STEP_GRAPH, "split_scale": split,
                   "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
                   "early_model": {"ref": "fixtures:tiny-dense", "var": early.to_dict()["var"]}}
-    files = _package_files(*(g["file"] for g in graphs.values()))
-    manifest = {**base, "format_version": 3, "graphs": graphs, "generation": generation, "files": files}
-    validate(json.loads(json.dumps(manifest)))
+    files = _package_files(*dict.fromkeys(packages + ["vqvae_decoder.mlpackage"]))
+    manifest = {**base, "format_version": 3, "graphs": graphs, "generation": generation,
+                "kv_cache": liface.kv_json(), "files": files}
+    manifest = json.loads(json.dumps(manifest))
+    validate(manifest)
     return manifest
 
 
@@ -693,7 +726,8 @@ def build_fixtures() -> dict[str, str]:
     fixtures["manifest_tiny.json"] = tiny_manifest("state")
     fixtures["manifest_tiny_io.json"] = tiny_manifest("io")
     fixtures["manifest_tiny_ane.json"] = tiny_ane_manifest()
-    fixtures["manifest_tiny_split.json"] = tiny_split_manifest()
+    fixtures["manifest_tiny_split.json"] = tiny_recipe_manifest("state")
+    fixtures["manifest_tiny_split_io.json"] = tiny_recipe_manifest("io")
     fixtures["manifest_tiny_dd.json"] = tiny_dd_manifest()
     fixtures["dd_noise.json"] = dd_noise_fixture()
     fixtures["bench_nulls.json"] = bench_nulls()

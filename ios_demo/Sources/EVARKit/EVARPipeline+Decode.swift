@@ -16,7 +16,7 @@ extension EVARPipeline {
         let model = try loadedModel(for: decoder)
         let feature = MLFeatureValue(multiArray: try fHat.evarConverted(to: input.dtype))
         let provider = try MLDictionaryFeatureProvider(dictionary: [input.name: feature])
-        let result = try predict(model, provider, stateful: false)
+        let result = try predict(model, provider, function: decoder)
         let image = try outputArray(result, imageTensor, function: decoder.function)
         return try ImageConversion.rgbImages(values: image.evarFloats(), shape: image.evarShape,
                                              range: imageTensor.range, tensor: imageTensor.name)

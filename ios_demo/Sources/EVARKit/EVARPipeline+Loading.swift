@@ -53,28 +53,31 @@ extension EVARPipeline {
         return url
     }
 
-    /// The KV-cache state, made once from the first step function and shared by every scale's function
-    /// (they declare the same state buffers). Reusing it across images is safe: scale si writes slots
-    /// [begin_si, end_si) before any attention reads them, so nothing from an earlier image is ever read.
+    /// The KV-cache state of a function's package, made once by the first function of that package that runs and
+    /// shared by every function in it (they declare the same state buffers: the unguided functions of a trimmed
+    /// artifact touch rows [0, B) of it, a split's prefill writes slots [0, T)). Reusing it across images is
+    /// safe: scale si writes slots [begin_si, end_si) (the prefill [0, T)) before any attention reads them, so
+    /// nothing from an earlier image is ever read.
     @available(iOS 18.0, macOS 15.0, *)
-    func state(from model: MLModel) -> MLState {
-        if let state = kvState as? MLState {
+    func state(for function: Manifest.GraphFunction, from model: MLModel) -> MLState {
+        if let state = kvStates[function.file] as? MLState {
             return state
         }
         let state = model.makeState()
-        kvState = state
+        kvStates[function.file] = state
         return state
     }
 
-    /// One prediction; `stateful` for decoder steps whose KV cache is a Core ML state.
-    func predict(_ model: MLModel, _ inputs: MLFeatureProvider, stateful: Bool) throws -> MLFeatureProvider {
-        guard stateful else {
+    /// One prediction; with the state of the function's package when the function declares state buffers.
+    func predict(_ model: MLModel, _ inputs: MLFeatureProvider, function: Manifest.GraphFunction) throws
+        -> MLFeatureProvider {
+        guard !(function.function.states ?? []).isEmpty else {
             return try model.prediction(from: inputs)
         }
         guard #available(iOS 18.0, macOS 15.0, *) else {
             throw EVARError.unsupportedOS("the KV cache is a Core ML state (iOS 18 / macOS 15)")
         }
-        return try model.prediction(from: inputs, using: state(from: model))
+        return try model.prediction(from: inputs, using: state(for: function, from: model))
     }
 }
 #endif

@@ -154,11 +154,15 @@ extension Manifest {
         public var role: String
         public var graph: Graph
         public var function: Function
+        /// Another graph role has functions in the same package (a CFG-trimmed or split iOS 18 artifact keeps
+        /// the unguided and prefill functions in decoder_step.mlpackage).
+        public var sharesPackage: Bool = false
 
         /// Core ML needs a function name only when the package holds several functions (a function with
         /// its own package, iOS 17, is that package's only one).
         public var coreMLFunctionName: String? {
-            function.file == nil && graph.functions.count > 1 ? function.name : nil
+            guard function.file == nil else { return nil }
+            return graph.functions.count > 1 || sharesPackage || graph.scaleSelection == "function" ? function.name : nil
         }
 
         /// The package this function is in, relative to the artifact.
@@ -180,7 +184,7 @@ extension Manifest {
         guard let function = graph.functions.first(where: { $0.scaleIndex == scaleIndex }) else {
             throw EVARError.invalidManifest("fhat_update has no function for scale \(scaleIndex)")
         }
-        return GraphFunction(role: Self.fhatUpdateRole, graph: graph, function: function)
+        return graphFunction(role: Self.fhatUpdateRole, graph: graph, function: function)
     }
 
     /// For the bench JSON: the units of each stage of a host-sampled artifact; nil for in-graph sampling.
@@ -202,27 +206,39 @@ extension Manifest {
         return graph
     }
 
-    /// The decoder-step function of scale `scaleIndex`.
+    /// `function` of the graph with `role`, knowing whether another role shares its package.
+    func graphFunction(role: String, graph: Graph, function: Function) -> GraphFunction {
+        let shared = function.file == nil && graphs.contains { $0.key != role && $0.value.file == graph.file }
+        return GraphFunction(role: role, graph: graph, function: function, sharesPackage: shared)
+    }
+
+    /// The step function that runs scale `scaleIndex`: decoder_step's, or the early or unguided graph's when the
+    /// manifest's generation recipe says so (`stepRole(scaleIndex:)`).
     public func stepFunction(scaleIndex: Int) throws -> GraphFunction {
-        let graph = try graph(role: Self.decoderStepRole)
+        try stepFunction(role: stepRole(scaleIndex: scaleIndex), scaleIndex: scaleIndex)
+    }
+
+    /// The function of graph `role` for scale `scaleIndex` (exactly one).
+    public func stepFunction(role: String, scaleIndex: Int) throws -> GraphFunction {
+        let graph = try graph(role: role)
         let matches = graph.functions.filter { $0.scaleIndex == scaleIndex }
         guard matches.count == 1, let function = matches.first else {
             throw EVARError.unsupportedArtifact(
-                "decoder_step has \(matches.count) functions for scale \(scaleIndex); EVARKit needs exactly one "
-                + "per scale (Core ML multifunction export)")
+                "\(role) has \(matches.count) functions for scale \(scaleIndex); EVARKit needs exactly one "
+                + "per scale it runs (Core ML multifunction export)")
         }
         if let patch = function.patchNum, patch != patchNums[scaleIndex] {
             throw EVARError.invalidManifest("function \(function.name) has patch_num \(patch), "
                                             + "patch_nums[\(scaleIndex)] is \(patchNums[scaleIndex])")
         }
-        return GraphFunction(role: Self.decoderStepRole, graph: graph, function: function)
+        return graphFunction(role: role, graph: graph, function: function)
     }
 
     /// The VQVAE decoder function (`f_hat → image`).
     public func vqvaeDecoder() throws -> GraphFunction {
         let graph = try graph(role: Self.vqvaeDecoderRole)
         let function = graph.functions.first { $0.name == graph.defaultFunction } ?? graph.functions[0]
-        return GraphFunction(role: Self.vqvaeDecoderRole, graph: graph, function: function)
+        return graphFunction(role: Self.vqvaeDecoderRole, graph: graph, function: function)
     }
 
     /// Number of samples per call (static Core ML shapes), 1 when the manifest does not say.

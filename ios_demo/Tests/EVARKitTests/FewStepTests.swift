@@ -2,8 +2,7 @@ import XCTest
 @testable import EVARKit
 
 /// Distilled Decoding artifacts: the manifest (manifest_tiny_dd.json, from a tiny DD student exported by the
-/// Python side), the noise (dd_noise.json, from evar.contract.few_step) and the generation modes EVARKit refuses
-/// (manifest_tiny_split.json).
+/// Python side) and the noise (dd_noise.json, from evar.contract.few_step).
 final class FewStepTests: XCTestCase {
     func testNoiseMatchesPythonBitForBit() throws {
         let fixture = try Fixtures.load(DDNoiseFixture.self, "dd_noise.json")
@@ -96,27 +95,5 @@ final class FewStepTests: XCTestCase {
         let fixture = try Fixtures.load(ParamsFixture.self, "params.json")
         let tiny = try XCTUnwrap(fixture.ddCases.first { $0.name == "tiny_dd" })
         XCTAssertEqual(manifest.studentParameterCount, tiny.params)
-    }
-
-    /// A format_version 3 scale split (with CFG trimming) is refused with one line naming the scale split;
-    /// without the split, the CFG trimming is refused by name; never run as plain decoding.
-    func testGenerationModesAreRefusedByName() throws {
-        var manifest = try Manifest.decode(Fixtures.data("manifest_tiny_split.json"))
-        XCTAssertEqual(manifest.formatVersion, 3)
-        XCTAssertEqual(manifest.generationModes, ["scale split", "CFG trimming"])
-        XCTAssertThrowsError(try manifest.validate()) { error in
-            XCTAssertTrue(error.localizedDescription.contains("scale split"), error.localizedDescription)
-        }
-        manifest.generation?.splitScale = nil
-        manifest.generation?.earlyGraph = nil
-        manifest.generation?.prefillGraph = nil
-        manifest.generation?.earlyModel = nil
-        XCTAssertThrowsError(try manifest.validate()) { error in
-            XCTAssertTrue(error.localizedDescription.contains("CFG trimming"), error.localizedDescription)
-        }
-        manifest.generation = Manifest.Generation(tokenKeepCounts: ["3": 8], cacheScale: 3)
-        XCTAssertThrowsError(try manifest.validate()) { error in
-            XCTAssertTrue(error.localizedDescription.contains("token pruning"), error.localizedDescription)
-        }
     }
 }
