@@ -232,10 +232,10 @@ public struct BenchReport: Codable, Hashable, Sendable {
         perScale = []
         let perPass = try passes.enumerated().map { (index, pass) -> PassSummary in
             let times = try runs.map { run -> Double in
-                guard let passes = run.passMilliseconds, passes.count == tList.count else {
+                guard let measured = run.passMilliseconds, measured.count == tList.count else {
                     throw EVARError.invalidConfiguration("a timed run of another t-list than \(tList)")
                 }
-                return passes[index]
+                return measured[index]
             }
             let stats = Statistics(times)
             return PassSummary(t: pass.t, graph: pass.graph, medianMs: stats.median, p90Ms: stats.p90)

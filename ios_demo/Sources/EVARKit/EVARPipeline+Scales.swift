@@ -117,18 +117,18 @@ extension EVARPipeline {
     /// decoder_step's pasts at the split; a state: it writes slots [0, T) of its package's state (the one
     /// decoder_step shares), and nothing comes back.
     func prefill(_ context: ScaleContext) throws -> [String: MLMultiArray] {
-        let prefill = try manifest.prefillFunction()
+        let function = try manifest.prefillFunction()
         var features: [String: Any] = [:]
-        for tensor in prefill.function.inputs {
+        for tensor in function.function.inputs {
             features[tensor.name] = MLFeatureValue(multiArray: try inputArray(for: tensor, context: context))
         }
-        let result = try predict(try loadedModel(for: prefill), try MLDictionaryFeatureProvider(dictionary: features),
-                                 function: prefill)
-        guard (prefill.function.states ?? []).isEmpty else { return [:] }
+        let result = try predict(try loadedModel(for: function), try MLDictionaryFeatureProvider(dictionary: features),
+                                 function: function)
+        guard (function.function.states ?? []).isEmpty else { return [:] }
         var cache: [String: MLMultiArray] = [:]
-        for tensor in prefill.function.outputs where tensor.role == .presentKey || tensor.role == .presentValue {
+        for tensor in function.function.outputs where tensor.role == .presentKey || tensor.role == .presentValue {
             cache[Self.cacheKey(tensor.role!, layer: tensor.layer)] = try outputArray(result, tensor,
-                                                                                     function: prefill.function)
+                                                                                     function: function.function)
         }
         return cache
     }

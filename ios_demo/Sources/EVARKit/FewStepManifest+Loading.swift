@@ -62,7 +62,7 @@ extension Manifest {
 
 extension FewStepManifest {
     /// The format version of every Distilled Decoding manifest.
-    public static let formatVersion = 3
+    public static let fewStepFormatVersion = 3
     /// The graph role of the VQVAE decoder.
     public static let vqvaeDecoderRole = Manifest.vqvaeDecoderRole
 
@@ -89,8 +89,8 @@ extension FewStepManifest {
         guard format == Manifest.formatName else {
             throw EVARError.invalidManifest("format is \"\(format)\", expected \"\(Manifest.formatName)\"")
         }
-        guard formatVersion == Self.formatVersion, family == Manifest.fewStepFamily else {
-            throw EVARError.invalidManifest("a Distilled Decoding manifest is format_version \(Self.formatVersion), "
+        guard formatVersion == Self.fewStepFormatVersion, family == Manifest.fewStepFamily else {
+            throw EVARError.invalidManifest("a Distilled Decoding manifest is format_version \(Self.fewStepFormatVersion), "
                                             + "family dd; found \(formatVersion), \(family)")
         }
         if backend == .onnx {
