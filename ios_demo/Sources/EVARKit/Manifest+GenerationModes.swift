@@ -1,5 +1,5 @@
 // The optional generation modes of a VAR manifest (`generation`): which graph runs which scale, as
-// evar.contract.recipe reads it for the Python runtimes.
+// the Python runtime reads it (runtime/backends/ort.py, the Core ML backend).
 //
 //     scales < split_scale          early_graph (the early model, its own KV cache); its tokens are kept
 //     scale == split_scale          first prefill_graph(labels, those tokens) → the compressed model's cache
