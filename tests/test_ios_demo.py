@@ -481,7 +481,7 @@ def test_fixture_decisions_survive_a_plain_reimplementation():
 
 
 @pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json", "manifest_tiny_ane.json",
-                                  "manifest_tiny_split.json"])
+                                  "manifest_tiny_split.json", "manifest_tiny_split_io.json"])
 def test_tiny_manifests_are_valid(schema, name):
     jsonschema = pytest.importorskip("jsonschema")
     errors = sorted(jsonschema.Draft202012Validator(schema.data).iter_errors(fixture(name)), key=str)
