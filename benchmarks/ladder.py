@@ -14,6 +14,8 @@ Rungs (each an `evar-export onnx` artifact, cumulative):
   +split           + `--early-model DENSE --split-scale M`: the dense model (fp32) generates scales < M, the
                    pruned int8 model prefills its cache from those tokens in one pass and generates the rest
                    (CFG trimming as the rung before)
+  +dec-prune40     +split with 40% of the VQVAE decoder's conv channels removed (`evar prune-decoder`; d16:
+                   magnitude; digits: OBS + `evar distill-decoder`); the transformer is +split's
   +token-keep      branches off +int8 (token pruning does not combine with trimming in one export yet):
                    `--token-keep SCALE:RATIO,…`, the transformer runs on that share of the last scales' tokens
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
@@ -22,7 +24,8 @@ time). Quality on builtin:digits, per rung: class accuracy and Fréchet distance
 exported graphs generate through `evar.runtime`) and per-token KL to the dense model (teacher forced in
 PyTorch on the dense model's samples, guided distributions before top-k/top-p; int8 has no PyTorch model:
 its KL is the export gate's, against its own fp32 graph). Models and exports are cached under --work.
-Writes benchmarks/results/ladder.json, ladder.png and ladder.md (the README table), with the load average.
+Writes benchmarks/results/ladder.json, ladder.png and ladder.md (the README table), with the load average; a
+family skipped by --skip-d16 / --skip-digits keeps its previous results in the JSON (each says its own run).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from latency import sh, tool  # noqa: E402  (beside this script: how both run th
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
-RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+token-keep")
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+dec-prune40", "+token-keep")
 
 
 def ensure(out: Path, args: list[str]) -> Path:
@@ -57,14 +60,21 @@ def ensure(out: Path, args: list[str]) -> Path:
     return out
 
 
-def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], trim_at: int, split_at: int,
-          token_keep: str) -> dict[str, Any]:
-    """Model dirs and the four artifacts of one family → {rung: (artifact, device)}, plus the model dirs."""
+def chain(models: Path, start: Path | None, cmds: list[list[str]]) -> Path | None:
+    """Run commands whose outputs feed the next (`{prev}` in a command is the previous output) → the last one."""
+    prev = start
+    for cmd in cmds:
+        prev = ensure(models / cmd[-1], [c.format(prev=prev) for c in cmd[:-1]])
+    return prev
+
+
+def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], decoder_cmds: list[list[str]],
+          trim_at: int, split_at: int, token_keep: str) -> dict[str, Any]:
+    """Model dirs and the artifacts of one family → {rung: (artifact, device)}, plus the model dirs.
+    `decoder_cmds` prune (and distil) the pruned model's VQVAE decoder for the +dec-prune40 rung."""
     models, arts = work / name / "models", work / name / "artifacts"
-    pruned = None
-    for cmd in pruned_cmds:  # each command's output feeds the next (prune → distill)
-        out = models / cmd[-1]
-        pruned = ensure(out, [c.format(prev=pruned) for c in cmd[:-1]])
+    pruned = chain(models, None, pruned_cmds)
+    pruned_decoder = chain(models, pruned, decoder_cmds)
     export = ["evar-export", "onnx", "--top-k", str(TOP_K), "--top-p", str(TOP_P)]
     dense_art = ensure(arts / "dense-fp32", [*export, "--model", dense_ref])
     p_fp32 = ensure(arts / "p40-fp32", [*export, "--model", str(pruned)])
@@ -74,11 +84,14 @@ def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], t
     p_split = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}",
                      [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
                       "--early-model", dense_ref, "--split-scale", str(split_at)])
+    p_dec = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}-dec40",
+                   [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
+                    "--early-model", dense_ref, "--split-scale", str(split_at)])
     p_keep = ensure(arts / f"p40-int8-keep{token_keep.replace(':', '_').replace(',', '-')}",
                     [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
     return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
                           "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu"), "+split": (p_split, "cpu"),
-                          "+token-keep": (p_keep, "cpu")},
+                          "+dec-prune40": (p_dec, "cpu"), "+token-keep": (p_keep, "cpu")},
             "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at, "split_at": split_at,
             "token_keep": token_keep}
 
@@ -243,10 +256,12 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
     counts = keep_counts(parse_token_keep(fam["token_keep"], pns), pns)
     trim = kl(guided_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
     trim_stepped = kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
+    split = kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], dense, fam["split_at"]))
     return {"eager": 0.0, "ort-fp32": 0.0, "+prune40": kl(guided_log_probs(pruned, labels, dense_tokens, None)),
             "+int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
             "+cfg-trim": trim, "+cfg-trim_stepped_check": trim_stepped,
-            "+split": kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], dense, fam["split_at"])),
+            "+split": split,
+            "+dec-prune40": split,  # the decoder draws the image from the same tokens: the token KL is +split's
             "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts))}
 
 
@@ -307,12 +322,40 @@ def plot(result: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, figure_png(fig))
 
 
+def measure_digits(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Latency, quality over seeds, token KL and host overhead of every digits rung."""
+    settings = rb.BenchSettings(iters=args.digits_iters, warmup=2, threads=args.digits_threads)
+    lat = latency(fam["artifacts"], settings, "builtin:digits")
+    q = quality(fam["artifacts"], list(range(args.seeds)), args.per_class)
+    kls = token_kls(fam, q["ort-fp32"]["tokens_seed0"], args.per_class)
+    for r in q.values():
+        r.pop("tokens_seed0", None)
+    host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
+    return {"what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
+                    f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
+                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +split",
+            "command": " ".join(sys.argv), "machine": rb.machine(), "latency": lat, "quality": q, "kl": kls,
+            "per_class": args.per_class, "seeds": list(range(args.seeds)), "host_overhead_outside_graph": host,
+            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
+
+
+def previous_families(path: Path) -> dict[str, Any]:
+    """The families of an earlier run (kept when this run skips them; a family run now replaces its entry)."""
+    if not path.exists():
+        return {}
+    import json
+
+    return json.loads(path.read_text()).get("families", {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ladder")
     ap.add_argument("--quick", action="store_true", help="1 timed d16 run, 5 digits runs, 2 seeds × 20 per digit")
     ap.add_argument("--skip-d16", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--build-only", action="store_true",
+                    help="make the models and exports (cached in --work) and stop: time them later on a quiet machine")
     ap.add_argument("--d16-iters", type=int, default=3)
     ap.add_argument("--digits-iters", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=4)
@@ -330,36 +373,35 @@ def main() -> None:
     if args.quick:
         args.d16_iters, args.digits_iters, args.seeds, args.per_class = 1, 5, 2, 20
     result: dict[str, Any] = {"command": " ".join(sys.argv), "machine": rb.machine(), "cfg": CFG, "top_k": TOP_K,
-                              "top_p": TOP_P, "families": {}}
+                              "top_p": TOP_P, "families": previous_families(args.out)}
+    fams = {}
     if not args.skip_digits:
-        fam = build(args.work, "digits", "builtin:digits",
-                    [["evar", "prune", "--model", "builtin:digits", "--sparsity", "0.4", "--method", "obs", "pruned"],
-                     ["evar", "distill", "--teacher", "builtin:digits", "--student", "{prev}", "distilled"]], trim_at=4,
-                    split_at=args.digits_split, token_keep=args.digits_token_keep)
-        settings = rb.BenchSettings(iters=args.digits_iters, warmup=2, threads=args.digits_threads)
-        lat = latency(fam["artifacts"], settings, "builtin:digits")
-        q = quality(fam["artifacts"], list(range(args.seeds)), args.per_class)
-        kls = token_kls(fam, q["ort-fp32"]["tokens_seed0"], args.per_class)
-        for r in q.values():
-            r.pop("tokens_seed0", None)
-        host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
-        result["families"]["builtin:digits"] = {
-            "what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
-                    f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
-                    "(on +int8, untrimmed)",
-            "latency": lat, "quality": q, "kl": kls, "per_class": args.per_class, "seeds": list(range(args.seeds)),
-            "host_overhead_outside_graph": host,
-            "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
+        fams["builtin:digits"] = build(
+            args.work, "digits", "builtin:digits",
+            [["evar", "prune", "--model", "builtin:digits", "--sparsity", "0.4", "--method", "obs", "pruned"],
+             ["evar", "distill", "--teacher", "builtin:digits", "--student", "{prev}", "distilled"]],
+            [["evar", "prune-decoder", "--model", "{prev}", "--sparsity", "0.4", "--method", "obs", "dec40"],
+             ["evar", "distill-decoder", "--teacher", "builtin:digits", "--student", "{prev}", "dec40-distilled"]],
+            trim_at=4, split_at=args.digits_split, token_keep=args.digits_token_keep)
     if not args.skip_d16:
-        fam = build(args.work, "d16", str(args.work / "d16" / "models" / "dense"),
-                    [["evar", "convert", "--model", "random:d16", "dense"],
-                     ["evar", "prune", "--model", "{prev}", "--sparsity", "0.4", "--method", "magnitude", "p40"]],
-                    trim_at=8, split_at=args.d16_split, token_keep=args.d16_token_keep)
+        fams["random:d16"] = build(
+            args.work, "d16", str(args.work / "d16" / "models" / "dense"),
+            [["evar", "convert", "--model", "random:d16", "dense"],
+             ["evar", "prune", "--model", "{prev}", "--sparsity", "0.4", "--method", "magnitude", "p40"]],
+            [["evar", "prune-decoder", "--model", "{prev}", "--sparsity", "0.4", "--method", "magnitude", "p40-dec40"]],
+            trim_at=8, split_at=args.d16_split, token_keep=args.d16_token_keep)
+    if args.build_only:
+        return
+    if "builtin:digits" in fams:
+        result["families"]["builtin:digits"] = measure_digits(fams["builtin:digits"], args)
+    if "random:d16" in fams:
+        fam = fams["random:d16"]
         settings = rb.BenchSettings(iters=args.d16_iters, warmup=1 if not args.quick else 0, threads=args.d16_threads)
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
                     f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
-                    "(13², 16²: 425 of 680 tokens)",
+                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +split",
+            "command": " ".join(sys.argv), "machine": rb.machine(),
             "latency": latency(fam["artifacts"], settings, fam["dense"]),
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
     result["load_average_end"] = list(os.getloadavg())

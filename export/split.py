@@ -11,6 +11,7 @@ compressed model's); `--quantize int8` quantizes the compressed model's step gra
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,15 @@ from evar.models.sampling import apply_cfg, cfg_ratio
 
 
 def check_shared_tokenizer(early: Model, late: Model) -> None:
-    """The early model's tokens must mean what the compressed model's mean: same scales, classes and tokenizer
-    weights (a retrained tokenizer of the same shape has other codebook vectors)."""
+    """The early model's tokens must mean what the compressed model's mean: same scales, classes and token side
+    of the tokenizer (codebook and the Phi convs that build f_hat; a retrained tokenizer of the same shape has
+    other codebook vectors). The decoder may differ: the compressed model's decoder draws the image, so a
+    pruned decoder (`evar prune-decoder`) composes with a split."""
     a, b = early.config, late.config
-    same = a.vqvae == b.vqvae and all(torch.equal(x, y) for x, y in zip(early.vqvae.state_dict().values(),
-                                                                           late.vqvae.state_dict().values()))
+    token_side = dataclasses.replace(a.vqvae, decoder_widths=None) == dataclasses.replace(b.vqvae, decoder_widths=None)
+    ea, la = early.vqvae.state_dict(), late.vqvae.state_dict()
+    keys = [k for k in ea if k.startswith(("quantize.embedding.", "quantize.quant_resi."))]
+    same = token_side and all(k in la and torch.equal(ea[k], la[k]) for k in keys)
     if not same or a.var.patch_nums != b.var.patch_nums or a.var.num_classes != b.var.num_classes:
         raise EvarError("--early-model does not share the model's tokenizer, scales and classes: a scale split "
                         "needs two models of one tokenizer (e.g. a model and its pruned copy)")

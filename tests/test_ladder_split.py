@@ -166,3 +166,20 @@ def test_evar_sample_split_with_one_model_gives_the_plain_images(tmp_path, monke
         assert exc.value.code in (0, None)
         outs[name] = np.load(tmp_path / name / "samples.npz")["images"]
     assert np.array_equal(outs["plain"], outs["split"])
+
+
+def test_a_pruned_decoder_shares_the_tokenizer_and_another_codebook_does_not():
+    """The split needs the token side of the tokenizer only: the late model's decoder draws the image."""
+    import copy
+
+    from evar.export.split import check_shared_tokenizer
+    from evar.prune.decoder import DecoderRecipe, prune_decoder
+
+    big, small = _late()
+    pruned = prune_decoder(copy.deepcopy(small), DecoderRecipe(0.25, method="magnitude"), parent="tiny").model
+    assert pruned.config.vqvae.decoder_widths is not None
+    check_shared_tokenizer(big, pruned)
+    with torch.no_grad():
+        pruned.vqvae.quantize.embedding.weight[0] += 1.0
+    with pytest.raises(EvarError, match="tokenizer"):
+        check_shared_tokenizer(big, pruned)
