@@ -538,7 +538,10 @@ def tiny_recipe_manifest(kv_mode: str) -> dict:
     state (iOS18): the compressed model's functions are all in decoder_step.mlpackage and share its state (the
     unguided ones keep its 2B-row shape and touch rows [0, B)); the early ones have their own package and state.
     io (iOS17): one package per function (`file`); pasts cross by role and layer, rows [0, B) kept at the
-    trimming scale, the prefill's presents are decoder_step's pasts at the split."""
+    trimming scale, the prefill's presents are decoder_step's pasts at the split.
+    Checked once against real exports of these tiny models by the speed ladder's Core ML export (branch
+    wave2-ladder, batch 1, top-k 8, top-p 0.9): graphs, files, every function's tensors, kv_cache and generation
+    equal for both layouts. Once that export is merged, build these from export/coreml_ladder instead."""
     import dataclasses
 
     from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, validate
@@ -548,7 +551,7 @@ def tiny_recipe_manifest(kv_mode: str) -> dict:
     late, early = tiny_config(), tiny_config(num_heads=(4, 4, 4), ffn_dims=(256, 256, 256))
     split, trim, S = 2, 3, len(TINY_PATCH_NUMS)
     target = "iOS18" if kv_mode == "state" else "iOS17"
-    kw = dict(kv_mode=kv_mode, batch=1, kv_dtype="float16")
+    kw = dict(kv_mode=kv_mode, batch=1)  # as evar-export coreml declares them (states fp16, presents fp32)
     eiface, liface = StepInterface(early, "coreml", **kw), StepInterface(late, "coreml", **kw)
     uiface = StepInterface(late, "coreml", guided=False, **kw)
     unguided = []
