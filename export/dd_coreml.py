@@ -5,8 +5,7 @@ Static batch (`--batch`), labels and tokens int32 (Core ML has no int64 features
 the argmax may flip near-tied tokens: that is measured on a Mac, not here). Linux cannot run Core ML models, so
 parity here is what can be checked: every function of the saved package declares the manifest's inputs and
 outputs, and the export-ready wrappers (int32 interface) give `dd_generate`'s tokens for every prefix of the
-t-list. The Python runtime runs ONNX DD artifacts only; EVARKit does not read family "dd" yet (format_version 3
-is refused there with its upgrade message).
+t-list. The Python runtime runs ONNX DD artifacts only; EVARKit runs these Core ML ones (`FewStepPipeline`).
 """
 from __future__ import annotations
 

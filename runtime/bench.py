@@ -35,7 +35,7 @@ FORMAT, TOOL = "evar-bench-v1", "evar-bench"
 SWIFT_FIELDS = ("format", "tool", "device", "os", "backend", "compute_units", "threads", "precision", "weights",
                 "compression", "batch", "cfg", "top_k", "top_p", "seed", "sampling", "kv_cache", "warmup",
                 "iterations", "load_ms", "per_scale", "decode", "end_to_end", "throughput_images_per_s", "params",
-                "artifact", "model_ref", "stage_units")
+                "artifact", "model_ref", "stage_units", "few_step")
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,7 @@ def summarize(target: Target, settings: BenchSettings, process_peak_mb: float | 
     }
     # host-sampled Core ML: which units ran each stage; null otherwise (as EVARKit writes it)
     report["stage_units"] = dict(b.stage_units) if getattr(b, "stage_units", None) else None
+    report["few_step"] = None  # EVARKit's DD bench fills it; evar-bench measures VAR artifacts only
     return report
 
 

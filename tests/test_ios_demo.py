@@ -209,7 +209,8 @@ class Schema:
 def _types_of(node: dict) -> set[str]:
     t = node.get("type")
     if "const" in node:
-        return {"integer" if isinstance(node["const"], int) else "string"}
+        const = node["const"]
+        return {"boolean" if isinstance(const, bool) else "integer" if isinstance(const, int) else "string"}
     if t is None:
         return set()
     return set(t) if isinstance(t, list) else {t}
@@ -298,6 +299,8 @@ def manifest_types(parser) -> dict[str, SwiftType]:
 def test_swift_manifest_matches_the_schema(schema, manifest_types):
     annotated = {n: t for n, t in manifest_types.items() if t.schema}
     assert annotated.get("Manifest") and annotated["Manifest"].schema == "#"
+    # the Distilled Decoding manifest has its own node (and Swift type), checked the same way
+    assert annotated.get("FewStepManifest") and annotated["FewStepManifest"].schema == "#/$defs/dd_manifest"
     problems: list[str] = []
     for swift in annotated.values():
         try:
@@ -323,6 +326,12 @@ def test_the_schema_check_catches_drift(schema, manifest_types):
     drifted["$defs"]["file"]["properties"]["size"] = drifted["$defs"]["file"]["properties"].pop("bytes")
     drifted["$defs"]["kv_cache"]["required"].remove("head_dim")
     drifted["$defs"]["dtype"]["enum"].append("bfloat16")
+    # the Distilled Decoding node drifts too: a renamed key, a key made optional, a new role, a new field
+    few_step = drifted["$defs"]["few_step"]["properties"]
+    few_step["default_steps"] = few_step.pop("default_t_list")
+    few_step["passes"]["items"]["required"].remove("given_tokens")
+    drifted["$defs"]["dd_tensor"]["properties"]["role"]["enum"].append("teacher_logits")
+    drifted["$defs"]["dd_manifest"]["properties"]["teacher"] = {"type": "string"}
     drifted_schema = Schema(drifted)
     problems: list[str] = []
     for swift in (t for t in manifest_types.values() if t.schema):
@@ -335,6 +344,10 @@ def test_the_schema_check_catches_drift(schema, manifest_types):
     assert "size" in text and "bytes" in text
     assert "head_dim" in text
     assert "enum DType" in text
+    assert "default_steps" in text and "default_t_list" in text
+    assert "Pass.givenTokens: optional key 'given_tokens'" in text
+    assert "enum PassTensorRole" in text
+    assert "FewStepManifest (#/$defs/dd_manifest) lacks schema keys ['teacher']" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +480,8 @@ def test_fixture_decisions_survive_a_plain_reimplementation():
         assert [draw(logits, case["top_k"], case["top_p"], u) for u in case["uniforms"]] == case["indices"]
 
 
-@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json", "manifest_tiny_ane.json"])
+@pytest.mark.parametrize("name", ["manifest_tiny.json", "manifest_tiny_io.json", "manifest_tiny_ane.json",
+                                  "manifest_tiny_split.json", "manifest_tiny_split_io.json"])
 def test_tiny_manifests_are_valid(schema, name):
     jsonschema = pytest.importorskip("jsonschema")
     errors = sorted(jsonschema.Draft202012Validator(schema.data).iter_errors(fixture(name)), key=str)
@@ -525,7 +539,9 @@ def swift_bench_fields(parser) -> set[str]:
         inner = _strip_optional(prop.type_text)
         is_array = inner.startswith("[")
         nested = types.get(_bare(inner.strip("[]")))
-        if nested is not None and nested.kind == "struct":
+        # a nullable object (few_step) is one documented row: evar-bench writes it as null, so its keys are not
+        # fields of every report
+        if nested is not None and nested.kind == "struct" and not prop.optional:
             fields.update(f"{key}{'[]' if is_array else ''}.{sub}" for sub in nested.properties)
     return fields
 
@@ -577,3 +593,140 @@ def test_image_fixture_non_finite_values_follow_to_uint8():
     case = fixture("image.json")["non_finite"]
     values = torch.tensor([float(v) for v in case["inputs"]]).view(1, 3, 1, 1)
     assert to_uint8_nhwc(values)[0, 0, 0].tolist() == case["rgb"] == [0, 255, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distilled Decoding artifacts (family "dd") and the generation modes EVARKit refuses
+
+
+def test_tiny_dd_manifest_is_what_the_exporter_validates():
+    """The DD fixture passes evar.contract.validate (its own schema node, then the pass/graph structure)."""
+    from evar.contract import validate
+
+    manifest = fixture("manifest_tiny_dd.json")
+    validate(manifest)
+    assert manifest["family"] == "dd" and manifest["format_version"] == 3 and manifest["backend"] == "coreml"
+    assert [p["t"] for p in manifest["few_step"]["passes"]] == [0, 2]
+
+
+@pytest.mark.slow
+def test_tiny_dd_manifest_is_what_evar_export_coreml_writes(tmp_path):
+    """The DD fixture equals the manifest `evar-export coreml` writes for the same tiny student (batch 1, t-list
+    0,2), but for what differs by nature: files (real packages), provenance (time, versions) and parity checks.
+    About 30 s (two Core ML conversions)."""
+    pytest.importorskip("coremltools")
+    from evar.export.coreml import CoremlOptions
+    from evar.export.dd_coreml import build_dd_coreml
+
+    script = load_fixture_script()
+    build_dd_coreml(script.tiny_dd_model(), "fixtures:tiny-dd", tmp_path / "art", CoremlOptions(batch=1),
+                    script.DD_T_VALUES)
+    real = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    committed = fixture("manifest_tiny_dd.json")
+    for key in ("files", "provenance", "parity"):
+        real.pop(key), committed.pop(key)
+    assert real == committed
+
+
+def test_dd_noise_fixture_matches_few_step():
+    from evar.contract import few_step
+
+    data = fixture("dd_noise.json")
+    assert data["rng"] == rng.RNG_NAME and data["noise_stream"] == few_step.NOISE_STREAM
+    for case in data["tokens"]:
+        values = few_step.token_noise(int(case["seed"], 16), case["scale_index"], case["first_sample"], case["batch"],
+                                      case["tokens"], case["dim"])
+        assert values.reshape(-1).tolist() == case["values"]
+        assert case["min_margin"] > data["min_margin_required"]
+    for case in data["sequences"]:
+        values = few_step.sequence_noise(int(case["seed"], 16), case["first_sample"], case["batch"],
+                                         tuple(case["patch_nums"]), case["dim"])
+        assert values.reshape(-1).tolist() == case["values"]
+        assert case["min_margin"] > data["min_margin_required"]
+
+
+def test_dd_noise_follows_the_recipe_evarkit_implements():
+    """FewStepNoise.swift's recipe in plain Python (uniforms from the documented integer SplitMix64, one normal at
+    a time with math.log1p / math.cos in double, one rounding to float32) reproduces every fixture value."""
+    mask = 2**64 - 1
+
+    def splitmix(x: int) -> int:
+        z = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    data = fixture("dd_noise.json")
+    for case in data["tokens"]:
+        key = splitmix(splitmix(int(case["seed"], 16)) ^ (data["noise_stream"] + case["scale_index"]))
+        per_sample = 2 * case["tokens"] * case["dim"]
+        start = case["first_sample"] * per_sample
+
+        def uniform(i: int) -> float:
+            return (splitmix((key + start + i) & mask) >> 40) * 2.0**-24
+
+        two_pi = 2.0 * math.pi
+        values = [float(np.float32(math.sqrt(-2.0 * math.log1p(-uniform(2 * n))) * math.cos(two_pi * uniform(2 * n + 1))))
+                  for n in range(len(case["values"]))]
+        assert values == case["values"]
+
+
+def test_evarkit_feeds_every_input_of_a_dd_artifact():
+    """Every pass input role of the DD manifest has a `case` in FewStepPipeline.passInput, and every role the
+    pipeline reads is declared: tokens, vectors, f_hat out of each pass; f_hat in, image out of the decoder."""
+    manifest = fixture("manifest_tiny_dd.json")
+    source = (KIT / "FewStepPipeline.swift").read_text()
+    body = source[source.index("func passInput"):source.index("func passOutput")]
+    raw = {"labels": "labels", "noise": "noise", "givenTokens": "given_tokens", "givenVectors": "given_vectors"}
+    fed = {raw[name] for name in re.findall(r"case\s+\.(\w+):", body)}
+    assert fed == set(raw.values())
+    for p in manifest["few_step"]["passes"]:
+        (function,) = manifest["graphs"][p["graph"]]["functions"]
+        assert {t["role"] for t in function["inputs"]} <= fed, p
+        assert {"tokens", "vectors", "f_hat"} <= {t["role"] for t in function["outputs"]}, p
+        assert ("given_tokens" in {t["role"] for t in function["inputs"]}) == (p["t"] > 0)
+    decoder = manifest["graphs"]["vqvae_decoder"]["functions"][0]
+    assert [t["role"] for t in decoder["inputs"]] == ["f_hat"] and decoder["outputs"][0]["role"] == "image"
+
+
+@pytest.mark.parametrize("name", ["manifest_tiny_split.json", "manifest_tiny_split_io.json"])
+def test_evarkit_binds_every_tensor_of_a_split_and_trimmed_artifact(manifest_types, name):
+    """Every input of every function the recipe runs (early, prefill, decoder_step, unguided) has a role
+    EVARPipeline.inputArray feeds, and the loop's rules hold in the fixture: the unguided functions take no cfg
+    and B rows, the prefill takes labels and the early tokens (idx), and with KV as inputs/outputs returns every
+    layer's cache."""
+    manifest = fixture(name)
+    fed = fed_input_roles(manifest_types)
+    assert {"idx", "labels"} <= fed
+    for role, graph in manifest["graphs"].items():
+        for function in graph["functions"]:
+            assert {t.get("role") for t in function["inputs"]} <= fed, (role, function["name"])
+    (prefill,) = manifest["graphs"]["prefill"]["functions"]
+    assert [t["role"] for t in prefill["inputs"]] == ["labels", "idx"]
+    presents = [t for t in prefill["outputs"] if t["role"] in ("present_key", "present_value")]
+    depth = manifest["model"]["var"]["depth"]
+    assert len(presents) == (2 * depth if manifest["kv_cache"]["mode"] == "io" else 1)
+    for function in manifest["graphs"]["decoder_step_unguided"]["functions"]:
+        assert "cfg" not in {t["role"] for t in function["inputs"]}
+        assert [t["shape"][0] for t in function["inputs"] if t["role"] in ("labels", "past_key")] == \
+            [1] * (1 + (depth if manifest["kv_cache"]["mode"] == "io" else 0))
+    source = (KIT / "EVARPipeline+Scales.swift").read_text()
+    for rule in ("manifest.splitScale", "manifest.cfgUntilScale", "evarRows", "earlyCache", "prefill(context)"):
+        assert rule in source, rule
+
+
+def test_evarkit_names_every_generation_mode_the_schema_has():
+    """Each `generation` field belongs to a mode Manifest+GenerationModes.swift checks (so a mode added to the
+    schema fails here until EVARKit refuses or runs it), and the split fixture uses the split and trimming."""
+    source = (KIT / "Manifest+GenerationModes.swift").read_text()
+    keys = json.loads(SCHEMA_PATH.read_text())["$defs"]["generation"]["properties"]
+    swift = {prop.key: prop.name for prop in _generation_properties()}
+    unchecked = [key for key in keys if f"generation.{swift[key]}" not in source]
+    assert not unchecked, f"generation fields EVARKit neither runs nor refuses: {unchecked}"
+    generation = fixture("manifest_tiny_split.json")["generation"]
+    assert generation["split_scale"] is not None and generation["cfg_until_scale"] is not None
+
+
+def _generation_properties():
+    parser = ts.Parser(ts.Language(tree_sitter_swift.language()))
+    return swift_types(sorted(KIT.glob("Manifest*.swift")), parser)["Generation"].properties.values()

@@ -13,7 +13,11 @@ asserts it equals the committed files, so the two cannot drift:
     float16.json         numpy float16 conversions (Core ML fp16 arrays)
     image.json           evar.data.to_uint8_nhwc (decoder output → pixels)
     manifest_tiny*.json  manifests whose functions and KV layout come from export.interface (_ane: from
-                         export.ane_export, host-sampled)
+                         export.ane_export, host-sampled; _split, _split_io: a format_version 3 scale split
+                         with CFG trimming, laid out as evar-export coreml does for iOS18 / iOS17)
+    manifest_tiny_dd.json  a Distilled Decoding (family "dd") Core ML manifest of a tiny DD student: passes from
+                         export.dd_graphs, the rest as export.dd_coreml writes it
+    dd_noise.json        evar.contract.few_step: the per-token Gaussian noise (Box–Muller on evar.rng)
     bench_nulls.json     a bench JSON with its optional fields null (both sides write every key)
 
 Conventions that keep the files exact and portable:
@@ -308,7 +312,34 @@ def params_fixture() -> dict:
     assert var_parameter_count(d16) == D16_PARAMS
     cases.append({"name": "official_d16", "var": d16, "params": D16_PARAMS})
     return {"generator": GENERATOR, "definition": "sum(p.numel() for p in model.var.parameters()), VQVAE excluded",
-            "cases": cases}
+            "cases": cases, "dd_cases": dd_params_cases()}
+
+
+def dd_student_parameter_count(var: dict) -> int:
+    """EVARKit's `VARConfig.fewStepStudentParameterCount`: VAR's count + one more position and level row, the
+    noise/data flag embedding (2 rows) and the regression head (C → Cvae)."""
+    c = var["embed_dim"]
+    return var_parameter_count(var) + c + c + 2 * c + c * var["cvae"] + var["cvae"]
+
+
+def dd_params_cases() -> list[dict]:
+    """DD students' parameter counts (PyTorch): the `params` of a bench report on a DD artifact."""
+    import dataclasses
+
+    import torch
+
+    from evar.checkpoints import build_model
+    from evar.config import digits_config
+    from evar.dd.model import from_teacher
+
+    cases = []
+    for name, cfg in (("tiny_dd", tiny_config()), ("digits_dd", digits_config())):
+        torch.manual_seed(0)
+        counted = sum(p.numel() for p in from_teacher(build_model(cfg)).student.parameters())
+        var = dataclasses.asdict(cfg.var)
+        assert dd_student_parameter_count(var) == counted, name
+        cases.append({"name": name, "var": var, "params": counted})
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,9 +485,220 @@ def tiny_ane_manifest() -> dict:
             "files": files}
 
 
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+
+
+def tiny_config(num_heads=(2, 1, 3), ffn_dims=(128, 96, 64), source: str = "ios_demo fixtures"):
+    """The fixtures' tiny pruned VAR + VQVAE config (patch_nums 1, 2, 3, 4: L = 30 tokens)."""
+    from evar.config import ModelConfig, VARConfig, VQVAEConfig
+
+    vqvae = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                        v_patch_nums=TINY_PATCH_NUMS)
+    var = VARConfig(depth=3, embed_dim=64, num_heads=num_heads, ffn_dims=ffn_dims, head_dim=16, vocab_size=64,
+                    cvae=8, num_classes=10, patch_nums=TINY_PATCH_NUMS)
+    return ModelConfig(var=var, vqvae=vqvae, provenance={"source": source})
+
+
+def _package_files(*packages: str) -> list[dict]:
+    files = []
+    for package in packages:
+        payload = f"{package}/Manifest.json".encode()
+        files.append({"path": f"{package}/Manifest.json", "bytes": len(payload),
+                      "sha256": hashlib.sha256(payload).hexdigest()})
+    return files
+
+
+FIXED_PROVENANCE = {"created": "2025-01-01T00:00:00Z", "command": GENERATOR, "tool_versions": {"evar": "0.1.0"}}
+
+
+UNGUIDED_PREFIX = "unguided_"
+
+
+def _prefill_function(iface, split: int) -> dict:
+    """The prefill function of a Core ML split (int32 in; io: every layer's presents out, length T; state: writes
+    the state and returns the last layer's keys), as evar-export coreml lays it out."""
+    from evar.export.interface import FunctionSpec, TensorSpec
+
+    T = iface.var.scale_ranges()[split][0]
+    ins = (TensorSpec("labels", (iface.batch,), "int32", "labels", doc="class ids"),
+           TensorSpec("tokens", (iface.batch, T), "int32", "idx",
+                      doc=f"the tokens of scales 0 … {split - 1} (the early functions' idx outputs), concatenated"))
+    if iface.kv_mode == "io":
+        outs = tuple(iface.kv_tensor(i, k, T) for i in range(iface.var.depth) for k in ("present_key", "present_value"))
+        return FunctionSpec("prefill", ins, outs, token_range=(0, T)).to_json()
+    last = iface.kv_tensor(iface.var.depth - 1, "present_key", T)
+    return FunctionSpec("prefill", ins, (last,), tuple(iface.kv_states()), token_range=(0, T)).to_json()
+
+
+def tiny_recipe_manifest(kv_mode: str) -> dict:
+    """A Core ML scale split + CFG trimming (format_version 3), laid out as `evar-export coreml --early-model
+    --split-scale 2 --cfg-until-scale 3` does: the dense tiny model's functions run scales 0-1
+    (decoder_step_early), `prefill` builds the pruned model's cache from their tokens at scale 2, decoder_step
+    runs scale 2 and `unguided_scale_3` (decoder_step_unguided, conditional rows only) scale 3.
+    state (iOS18): the compressed model's functions are all in decoder_step.mlpackage and share its state (the
+    unguided ones keep its 2B-row shape and touch rows [0, B)); the early ones have their own package and state.
+    io (iOS17): one package per function (`file`); pasts cross by role and layer, rows [0, B) kept at the
+    trimming scale, the prefill's presents are decoder_step's pasts at the split.
+    Checked once against real exports of these tiny models by the speed ladder's Core ML export (branch
+    wave2-ladder, batch 1, top-k 8, top-p 0.9): graphs, files, every function's tensors, kv_cache and generation
+    equal for both layouts. Once that export is merged, build these from export/coreml_ladder instead."""
+    import dataclasses
+
+    from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, validate
+    from evar.export.interface import StepInterface
+
+    base = tiny_manifest(kv_mode)
+    late, early = tiny_config(), tiny_config(num_heads=(4, 4, 4), ffn_dims=(256, 256, 256))
+    split, trim, S = 2, 3, len(TINY_PATCH_NUMS)
+    target = "iOS18" if kv_mode == "state" else "iOS17"
+    kw = dict(kv_mode=kv_mode, batch=1)  # as evar-export coreml declares them (states fp16, presents fp32)
+    eiface, liface = StepInterface(early, "coreml", **kw), StepInterface(late, "coreml", **kw)
+    uiface = StepInterface(late, "coreml", guided=False, **kw)
+    unguided = []
+    for si in range(trim, S):
+        fn = uiface.function(si)
+        unguided.append(dataclasses.replace(fn, name=UNGUIDED_PREFIX + fn.name, states=liface.function(si).states))
+    roles = {EARLY_STEP_GRAPH: [eiface.function(si).to_json() for si in range(split)],
+             STEP_GRAPH: [liface.function(si).to_json() for si in range(S)],
+             UNGUIDED_STEP_GRAPH: [fn.to_json() for fn in unguided],
+             PREFILL_GRAPH: [_prefill_function(liface, split)]}
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": target,
+              "compute_units": "cpu_and_ne", "simplified": None, "signature": None, "notes": []}
+    graphs, packages = {}, []
+    for role, functions in roles.items():
+        if kv_mode == "state":  # every function of the compressed model in decoder_step.mlpackage
+            file = f"{EARLY_STEP_GRAPH if role == EARLY_STEP_GRAPH else STEP_GRAPH}.mlpackage"
+            packages.append(file)
+        else:
+            file = role
+            for f in functions:
+                f["file"] = f"{role}/{f['name']}.mlpackage"
+                packages.append(f["file"])
+        graphs[role] = {**common, "file": file, "functions": functions, "default_function": functions[0]["name"],
+                        "scale_selection": None if role == PREFILL_GRAPH else "function"}
+    graphs["vqvae_decoder"] = {**base["graphs"]["vqvae_decoder"], "target": target}
+    generation = {"cfg_until_scale": trim, "unguided_graph": UNGUIDED_STEP_GRAPH, "split_scale": split,
+                  "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
+                  "early_model": {"ref": "fixtures:tiny-dense", "var": early.to_dict()["var"]}}
+    files = _package_files(*dict.fromkeys(packages + ["vqvae_decoder.mlpackage"]))
+    manifest = {**base, "format_version": 3, "graphs": graphs, "generation": generation,
+                "kv_cache": liface.kv_json(), "files": files}
+    manifest = json.loads(json.dumps(manifest))
+    validate(manifest)
+    return manifest
+
+
+def tiny_dd_model(continuous_from: int | None = 3):
+    """A tiny DD student built from a seeded tiny VAR (as `evar dd train` starts one)."""
+    import torch
+
+    from evar.checkpoints import build_model
+    from evar.dd.model import from_teacher
+
+    torch.manual_seed(0)
+    return from_teacher(build_model(tiny_config()), continuous_from).eval()
+
+
+DD_T_VALUES = (0, 2)
+
+
+def tiny_dd_manifest() -> dict:
+    """`evar-export coreml --model DD_DIR --t-list 0,2 --batch 1` of a tiny DD student: the passes' functions from
+    export/dd_graphs.PassInterface (int32 indices), the graphs and sections as export/dd_coreml.py writes them
+    (manifest_body), provenance and files fixed; valid against the schema's dd_manifest."""
+    from evar.contract import validate
+    from evar.export.dd_coreml import PACKAGE, function_name
+    from evar.export.dd_export import manifest_body
+    from evar.export.dd_graphs import PassInterface, pass_role
+    from evar.export.interface import DecoderInterface
+    from evar.export.parity import Check, ParityReport
+
+    from evar.export.coreml import CoremlOptions
+
+    model, options = tiny_dd_model(), CoremlOptions(batch=1)  # the exporter's defaults (tests compare a real export)
+    common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
+              "compute_units": options.compute_units, "simplified": None, "signature": None, "scale_selection": None}
+    graphs = {pass_role(t): {**common, "file": PACKAGE,
+                             "functions": [{**PassInterface(model, t, 1, "int32").function().to_json(),
+                                            "name": function_name(t)}],
+                             "default_function": function_name(t),
+                             "notes": [f"student pass given {t} scales; function {function_name(t)} of the "
+                                       "multifunction package (weights stored once for every pass)"]}
+              for t in DD_T_VALUES}
+    decoder = DecoderInterface(model.config.model, "coreml", batch=1)
+    graphs["vqvae_decoder"] = {**common, "file": "vqvae_decoder.mlpackage",
+                               "functions": [decoder.function().to_json()], "default_function": "main", "notes": []}
+    report = ParityReport()
+    report.checks.append(Check("coreml wrapper (int32) vs dd_generate, t-list 0: tokens", True))
+    report.skipped.append("coreml predict: macOS only")
+    body = manifest_body(model, "fixtures:tiny-dd", GENERATOR, graphs, DD_T_VALUES, report, "coreml")
+    body["batch"] = {"mode": "static", "size": options.batch, "cfg_doubled": False}
+    body["precision"] = {"weights": options.precision, "compute": options.precision, "fp32_ops": []}
+    body["provenance"] = {"model_ref": "fixtures:tiny-dd", **FIXED_PROVENANCE,
+                          "model_provenance": {"source": "ios_demo fixtures"}}
+    manifest = json.loads(json.dumps({"format": "evar-artifact", "format_version": 3, **body,
+                                      "files": _package_files(PACKAGE, "vqvae_decoder.mlpackage")}))
+    validate(manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Distilled Decoding noise: Box–Muller on evar.rng, numbered by sample (evar.contract.few_step)
+
+NOISE_MIN_MARGIN = 1e-13  # relative distance of every float64 normal from a float32 rounding boundary (~1000 double ulps)
+
+
+def _f32_rounding_margin(z64: np.ndarray) -> float:
+    """Smallest relative distance of float64 values from the midpoints where float32 rounding changes: a libm
+    whose log1p / cos differ from glibc's in the last bits of a double still rounds to the same float32."""
+    z32 = z64.astype(np.float32)
+    up = np.nextafter(z32, np.float32(np.inf)).astype(np.float64)
+    down = np.nextafter(z32, np.float32(-np.inf)).astype(np.float64)
+    here = z32.astype(np.float64)
+    distance = np.minimum(np.abs(z64 - (here + up) / 2), np.abs(z64 - (here + down) / 2))
+    return float(np.min(distance / np.maximum(np.abs(z64), 1e-300)))
+
+
+def _noise64(seed: int, si: int, first_sample: int, batch: int, tokens: int, dim: int) -> np.ndarray:
+    """The float64 normals before the one rounding to float32 (the recipe of few_step.token_noise)."""
+    from evar.contract import few_step
+
+    per_sample = 2 * tokens * dim
+    u = rng.uniforms(seed, few_step.NOISE_STREAM + si, batch * per_sample, start=first_sample * per_sample)
+    u = u.astype(np.float64).reshape(-1, 2)
+    return np.sqrt(-2.0 * np.log1p(-u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])
+
+
+def dd_noise_fixture() -> dict:
+    from evar.contract import few_step
+
+    cases = []
+    for seed, si, first_sample, batch, tokens, dim in ((0, 0, 0, 1, 1, 8), (7, 3, 0, 2, 16, 8), (7, 3, 5, 1, 16, 8),
+                                                       (2**63 + 5, 9, 2, 2, 4, 32), (123456789, 1, 1000, 1, 4, 4)):
+        values = few_step.token_noise(seed, si, first_sample, batch, tokens, dim)
+        z64 = _noise64(seed, si, first_sample, batch, tokens, dim)
+        assert np.array_equal(z64.astype(np.float32), values.reshape(-1))
+        margin = _f32_rounding_margin(z64)
+        assert margin > NOISE_MIN_MARGIN, f"noise case {seed, si}: a normal sits on a float32 rounding boundary"
+        cases.append({"seed": _hex(seed), "scale_index": si, "first_sample": first_sample, "batch": batch,
+                      "tokens": tokens, "dim": dim, "values": _f32(values.reshape(-1)), "min_margin": margin})
+    sequences = []
+    for seed, first_sample, batch in ((0, 0, 1), (42, 3, 2)):
+        values = few_step.sequence_noise(seed, first_sample, batch, TINY_PATCH_NUMS, 8)
+        margin = min(_f32_rounding_margin(_noise64(seed, si, first_sample, batch, pn * pn, 8))
+                     for si, pn in enumerate(TINY_PATCH_NUMS))
+        assert margin > NOISE_MIN_MARGIN, f"noise sequence {seed}: a normal sits on a float32 rounding boundary"
+        sequences.append({"seed": _hex(seed), "first_sample": first_sample, "batch": batch,
+                          "patch_nums": list(TINY_PATCH_NUMS), "dim": 8, "values": _f32(values.reshape(-1)),
+                          "min_margin": margin})
+    return {"generator": GENERATOR, "rng": rng.RNG_NAME, "noise_stream": few_step.NOISE_STREAM,
+            "definition": few_step.DESCRIPTION, "min_margin_required": NOISE_MIN_MARGIN,
+            "tokens": cases, "sequences": sequences}
+
+
 def bench_nulls() -> dict:
     """A bench JSON as evar-bench writes it for a run whose optional fields have no value: every key present,
-    `threads` and `stage_units` null. EVARKit's BenchReport must read it and write the same keys back."""
+    `threads`, `stage_units` and `few_step` null. EVARKit's BenchReport must read it and write the same keys back."""
     from evar.runtime.bench import FORMAT, SWIFT_FIELDS
 
     report = {"format": FORMAT, "tool": "evar-bench", "device": "test", "os": "test", "backend": "coreml",
@@ -466,7 +708,7 @@ def bench_nulls() -> dict:
               "per_scale": [{"scale_index": 0, "patch_num": 1, "median_ms": 1.5, "p90_ms": 2.0}],
               "decode": {"median_ms": 3.0, "p90_ms": 3.5}, "end_to_end": {"median_ms": 5.0, "p90_ms": 6.0, "min_ms": 4.5},
               "throughput_images_per_s": 200.0, "params": 1234, "artifact": "tiny", "model_ref": "fixtures:tiny",
-              "stage_units": None}
+              "stage_units": None, "few_step": None}
     assert set(report) == set(SWIFT_FIELDS)
     return report
 
@@ -487,6 +729,10 @@ def build_fixtures() -> dict[str, str]:
     fixtures["manifest_tiny.json"] = tiny_manifest("state")
     fixtures["manifest_tiny_io.json"] = tiny_manifest("io")
     fixtures["manifest_tiny_ane.json"] = tiny_ane_manifest()
+    fixtures["manifest_tiny_split.json"] = tiny_recipe_manifest("state")
+    fixtures["manifest_tiny_split_io.json"] = tiny_recipe_manifest("io")
+    fixtures["manifest_tiny_dd.json"] = tiny_dd_manifest()
+    fixtures["dd_noise.json"] = dd_noise_fixture()
     fixtures["bench_nulls.json"] = bench_nulls()
     return {name: json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
             for name, data in fixtures.items()}

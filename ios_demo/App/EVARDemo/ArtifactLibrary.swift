@@ -4,20 +4,49 @@
 import EVARKit
 import Foundation
 
-/// An artifact the app can run.
+/// An artifact the app can run: a VAR export (scale by scale) or a Distilled Decoding one (few student passes).
 struct Artifact: Identifiable, Hashable {
     var url: URL
-    var manifest: Manifest
+    var kind: EVARArtifact
     var imported: Bool
 
     var id: URL { url }
     var name: String { url.lastPathComponent }
+    var model: Manifest.ModelConfig { kind.model }
 
-    /// e.g. "d16 · 310.3M params · fp16"
+    /// The generator's parameters: the VAR transformer, or the DD student.
+    var parameterCount: Int {
+        switch kind {
+        case .scaleByScale(let manifest): return manifest.model.transformer.parameterCount
+        case .fewStep(let manifest): return manifest.studentParameterCount
+        }
+    }
+
+    /// The t-lists a Distilled Decoding artifact offers (one step, two steps, ...); empty for VAR artifacts.
+    var tListChoices: [[Int]] {
+        if case .fewStep(let manifest) = kind { return manifest.availableTLists }
+        return []
+    }
+
+    /// The t-list a Distilled Decoding artifact runs unless another is picked; nil for VAR artifacts.
+    var defaultTList: [Int]? {
+        if case .fewStep(let manifest) = kind { return manifest.fewStep.defaultTList }
+        return nil
+    }
+
+    /// e.g. "d16 · 310.3M params · fp16 · KV state", or "digits-dd · 1.4M params · fp16 · DD 1–2 steps"
     var summary: String {
-        let params = Double(manifest.model.transformer.parameterCount) / 1e6
-        return String(format: "%@ · %.1fM params · %@ · %@", manifest.provenance.modelRef, params,
-                      manifest.precision.weights.rawValue, manifest.kvCache.mode == .state ? "KV state" : "KV I/O")
+        let params = Double(parameterCount) / 1e6
+        let detail: String
+        switch kind {
+        case .scaleByScale(let manifest):
+            detail = manifest.kvCache.mode == .state ? "KV state" : "KV I/O"
+        case .fewStep(let manifest):
+            let counts = manifest.availableTLists.map(\.count)
+            detail = "DD \(counts.min() ?? 1)–\(counts.max() ?? 1) steps"
+        }
+        return String(format: "%@ · %.1fM params · %@ · %@", kind.provenance.modelRef, params,
+                      kind.precision.weights.rawValue, detail)
     }
 }
 
@@ -41,9 +70,9 @@ enum ArtifactLibrary {
             for folder in children.sorted(by: { $0.lastPathComponent < $1.lastPathComponent })
             where FileManager.default.fileExists(atPath: folder.appendingPathComponent("manifest.json").path) {
                 do {
-                    let manifest = try Manifest.load(artifactDirectory: folder)
-                    try manifest.validate(artifactDirectory: folder)
-                    artifacts.append(Artifact(url: folder, manifest: manifest, imported: imported))
+                    let kind = try EVARArtifact.load(artifactDirectory: folder)
+                    try kind.validate(artifactDirectory: folder)
+                    artifacts.append(Artifact(url: folder, kind: kind, imported: imported))
                 } catch {
                     problems.append("\(folder.lastPathComponent): \(error.localizedDescription)")
                 }

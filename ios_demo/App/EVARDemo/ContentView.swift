@@ -35,7 +35,16 @@ struct ContentView: View {
                         }
                     }
                     Stepper("Seed \(model.seed)", value: $model.seed, in: 0...UInt64(Int.max))
-                    Stepper(String(format: "CFG %.1f", model.cfg), value: $model.cfg, in: 0...10, step: 0.5)
+                    if let artifact = model.selected, !artifact.tListChoices.isEmpty {
+                        // Distilled Decoding: how many student passes (no guidance: the student learnt it)
+                        Picker("Steps", selection: stepsBinding(artifact)) {
+                            ForEach(artifact.tListChoices, id: \.self) { tList in
+                                Text(stepsLabel(tList)).tag(tList)
+                            }
+                        }
+                    } else {
+                        Stepper(String(format: "CFG %.1f", model.cfg), value: $model.cfg, in: 0...10, step: 0.5)
+                    }
                     HStack {
                         Button("Generate") { Task { await model.generate() } }
                             .buttonStyle(.borderedProminent)
@@ -65,5 +74,16 @@ struct ContentView: View {
         .fileImporter(isPresented: $importing, allowedContentTypes: [.folder]) { result in
             model.importArtifact(result)
         }
+    }
+
+    /// The t-list picked for a Distilled Decoding artifact.
+    private func stepsBinding(_ artifact: Artifact) -> Binding<[Int]> {
+        Binding(get: { model.tList(for: artifact) ?? [0] }, set: { model.tLists[artifact.id] = $0 })
+    }
+
+    /// e.g. "1 step", "2 steps (t = 0, 3)"
+    private func stepsLabel(_ tList: [Int]) -> String {
+        let steps = tList.count == 1 ? "1 step" : "\(tList.count) steps"
+        return tList.count == 1 ? steps : steps + " (t = " + tList.map(String.init).joined(separator: ", ") + ")"
     }
 }

@@ -10,6 +10,8 @@ struct LatencySummary: Hashable {
     var endToEndMs: [Double] = []
     var decodeMs: [Double] = []
     var scaleMs: [[Double]] = []
+    /// Distilled Decoding artifacts: per run, each pass's milliseconds.
+    var passMs: [[Double]] = []
 
     var endToEnd: Statistics? { endToEndMs.isEmpty ? nil : Statistics(endToEndMs) }
     var decode: Statistics? { decodeMs.isEmpty ? nil : Statistics(decodeMs) }
@@ -20,10 +22,64 @@ struct LatencySummary: Hashable {
         return (0..<scales).map { scale in Statistics(scaleMs.map { $0[scale] }).median }
     }
 
+    /// Median per pass, over the runs of the latest t-list (another t-list has other passes).
+    var perPassMedians: [Double] {
+        guard let passes = passMs.last?.count else { return [] }
+        let runs = passMs.filter { $0.count == passes }
+        return (0..<passes).map { pass in Statistics(runs.map { $0[pass] }).median }
+    }
+
     mutating func add(_ timings: StageTimings) {
         endToEndMs.append(timings.endToEndMilliseconds)
         decodeMs.append(timings.decodeMilliseconds)
         scaleMs.append(timings.scaleMilliseconds)
+        if let passes = timings.passMilliseconds {
+            passMs.append(passes)
+        }
+    }
+
+    mutating func clearRuns() {
+        endToEndMs = []
+        decodeMs = []
+        scaleMs = []
+        passMs = []
+    }
+}
+
+/// The pipeline of one artifact, of its kind.
+enum Runner: Sendable {
+    case scaleByScale(EVARPipeline)
+    case fewStep(FewStepPipeline)
+
+    init(_ artifact: Artifact, computeUnits: ComputeUnits) throws {
+        switch artifact.kind {
+        case .scaleByScale:
+            self = .scaleByScale(try EVARPipeline(artifactURL: artifact.url, computeUnits: computeUnits))
+        case .fewStep:
+            self = .fewStep(try FewStepPipeline(artifactURL: artifact.url, computeUnits: computeUnits))
+        }
+    }
+
+    func setComputeUnits(_ units: ComputeUnits) async {
+        switch self {
+        case .scaleByScale(let pipeline): await pipeline.setComputeUnits(units)
+        case .fewStep(let pipeline): await pipeline.setComputeUnits(units)
+        }
+    }
+
+    func loadResources() async throws -> Double {
+        switch self {
+        case .scaleByScale(let pipeline): return try await pipeline.loadResources()
+        case .fewStep(let pipeline): return try await pipeline.loadResources()
+        }
+    }
+
+    /// `tList` applies to Distilled Decoding artifacts (nil: the manifest's default).
+    func generate(_ configuration: GenerationConfiguration, tList: [Int]?) async throws -> GenerationResult {
+        switch self {
+        case .scaleByScale(let pipeline): return try await pipeline.generate(configuration)
+        case .fewStep(let pipeline): return try await pipeline.generate(configuration, tList: tList)
+        }
     }
 }
 
@@ -49,14 +105,16 @@ final class DemoModel: ObservableObject {
     @Published var status = "Add artifacts to Models/ or import one."
     @Published var isBusy = false
     @Published var latency: [Artifact.ID: LatencySummary] = [:]
+    /// Distilled Decoding artifacts: the t-list picked for each (absent: the manifest's default).
+    @Published var tLists: [Artifact.ID: [Int]] = [:]
 
-    private var pipelines: [Artifact.ID: EVARPipeline] = [:]
+    private var pipelines: [Artifact.ID: Runner] = [:]
 
     var selected: Artifact? { artifacts.first { $0.id == selection } }
 
     /// Well-known ImageNet classes (VAR's demo picks) for official models; every class otherwise.
     var classChoices: [ClassChoice] {
-        let classes = selected?.manifest.model.transformer.numClasses ?? 10
+        let classes = selected?.model.transformer.numClasses ?? 10
         if classes == 1000 {
             let picks = [(207, "golden retriever"), (360, "otter"), (387, "lesser panda"), (974, "geyser"),
                          (88, "macaw"), (979, "valley"), (417, "balloon"), (279, "arctic fox"), (980, "volcano"),
@@ -94,24 +152,29 @@ final class DemoModel: ObservableObject {
         }
     }
 
+    /// The t-list a Distilled Decoding artifact runs (the picked one, else its default); nil for VAR artifacts.
+    func tList(for artifact: Artifact) -> [Int]? {
+        tLists[artifact.id] ?? artifact.defaultTList
+    }
+
     /// The settings for one artifact, its label clamped to that artifact's classes: `benchmarkAll` runs
     /// every artifact with the one label the picker shows, which another artifact may not have.
     private func configuration(for artifact: Artifact) -> GenerationConfiguration {
         GenerationConfiguration(classLabel: classLabel, seed: seed, cfg: cfg, computeUnits: computeUnits)
-            .clamped(toClasses: artifact.manifest.model.transformer.numClasses)
+            .clamped(toClasses: artifact.model.transformer.numClasses)
     }
 
-    private func pipeline(for artifact: Artifact) throws -> EVARPipeline {
+    private func pipeline(for artifact: Artifact) throws -> Runner {
         if let pipeline = pipelines[artifact.id] {
             return pipeline
         }
-        let pipeline = try EVARPipeline(artifactURL: artifact.url, computeUnits: computeUnits)
+        let pipeline = try Runner(artifact, computeUnits: computeUnits)
         pipelines[artifact.id] = pipeline
         return pipeline
     }
 
     /// Loads the artifact's models if needed, recording how long that took.
-    private func ensureLoaded(_ artifact: Artifact) async throws -> EVARPipeline {
+    private func ensureLoaded(_ artifact: Artifact) async throws -> Runner {
         let pipeline = try pipeline(for: artifact)
         await pipeline.setComputeUnits(computeUnits)
         let loadMs = try await pipeline.loadResources()
@@ -129,7 +192,7 @@ final class DemoModel: ObservableObject {
             status = "Loading \(artifact.name)…"
             let pipeline = try await ensureLoaded(artifact)
             status = "Generating…"
-            let result = try await pipeline.generate(configuration(for: artifact))
+            let result = try await pipeline.generate(configuration(for: artifact), tList: tList(for: artifact))
             image = result.images.first
             latency[artifact.id, default: LatencySummary(loadMs: 0)].add(result.timings)
             status = String(format: "%@: %.1f ms (class %ld, seed %llu)", artifact.name,
@@ -145,20 +208,18 @@ final class DemoModel: ObservableObject {
         isBusy = true
         defer { isBusy = false }
         do {
-            var loaded: [(Artifact, EVARPipeline)] = []
+            var loaded: [(Artifact, Runner)] = []
             for artifact in artifacts {
                 status = "Loading \(artifact.name)…"
                 let pipeline = try await ensureLoaded(artifact)
-                _ = try await pipeline.generate(configuration(for: artifact))  // warm-up
-                latency[artifact.id]?.endToEndMs = []
-                latency[artifact.id]?.decodeMs = []
-                latency[artifact.id]?.scaleMs = []
+                _ = try await pipeline.generate(configuration(for: artifact), tList: tList(for: artifact))  // warm-up
+                latency[artifact.id]?.clearRuns()
                 loaded.append((artifact, pipeline))
             }
             for run in 1...runs {
                 for (artifact, pipeline) in loaded {
                     status = "Run \(run)/\(runs): \(artifact.name)"
-                    let result = try await pipeline.generate(configuration(for: artifact))
+                    let result = try await pipeline.generate(configuration(for: artifact), tList: tList(for: artifact))
                     latency[artifact.id]?.add(result.timings)
                     if artifact.id == selection {
                         image = result.images.first
@@ -174,6 +235,6 @@ final class DemoModel: ObservableObject {
     /// The reference for speed-ups: an artifact named "dense…", else the one with most parameters.
     var baseline: Artifact? {
         artifacts.first { $0.name.lowercased().hasPrefix("dense") }
-            ?? artifacts.max { $0.manifest.model.transformer.parameterCount < $1.manifest.model.transformer.parameterCount }
+            ?? artifacts.max { $0.parameterCount < $1.parameterCount }
     }
 }

@@ -25,7 +25,7 @@ struct LatencyPanel: View {
                     if let summary = model.latency[artifact.id], let total = summary.endToEnd {
                         GridRow {
                             Text(artifact.name).gridColumnAlignment(.leading)
-                            Text(String(format: "%.1fM", Double(artifact.manifest.model.transformer.parameterCount) / 1e6))
+                            Text(String(format: "%.1fM", Double(artifact.parameterCount) / 1e6))
                             Text(milliseconds(total.median))
                             Text(milliseconds(total.p90))
                             Text(summary.decode.map { milliseconds($0.median) } ?? "–")
@@ -38,6 +38,13 @@ struct LatencyPanel: View {
             if let selected = model.selected, let perScale = model.latency[selected.id]?.perScaleMedians,
                !perScale.isEmpty {
                 Text("per scale (\(selected.name)): " + perScale.map { String(format: "%.1f", $0) }.joined(separator: " · ")
+                     + " ms")
+                    .font(.caption2)
+                    .foregroundStyle(.secondary)
+            }
+            if let selected = model.selected, let perPass = model.latency[selected.id]?.perPassMedians,
+               !perPass.isEmpty {
+                Text("per pass (\(selected.name)): " + perPass.map { String(format: "%.1f", $0) }.joined(separator: " · ")
                      + " ms")
                     .font(.caption2)
                     .foregroundStyle(.secondary)

@@ -44,6 +44,35 @@ public struct BenchReport: Codable, Hashable, Sendable {
         }
     }
 
+    /// One student pass of a Distilled Decoding run.
+    public struct PassSummary: Codable, Hashable, Sendable {
+        /// Scales given to the pass as data (0: the first pass, all noise).
+        public var t: Int
+        /// The pass's graph role.
+        public var graph: String
+        public var medianMs: Double
+        public var p90Ms: Double
+
+        enum CodingKeys: String, CodingKey {
+            case t
+            case graph
+            case medianMs = "median_ms"
+            case p90Ms = "p90_ms"
+        }
+    }
+
+    /// Distilled Decoding artifacts: the t-list that ran and each pass's latency (a DD run has no scales).
+    public struct FewStepSummary: Codable, Hashable, Sendable {
+        public var tList: [Int]
+        /// One entry per pass of `tList`; the host's noise is timed with the first.
+        public var perPass: [PassSummary]
+
+        enum CodingKeys: String, CodingKey {
+            case tList = "t_list"
+            case perPass = "per_pass"
+        }
+    }
+
     /// `evar-bench-v1`.
     public var format: String
     /// The program that measured: `evar-ios-bench`, the app (`EVARDemo`) or `evar-bench`.
@@ -94,6 +123,8 @@ public struct BenchReport: Codable, Hashable, Sendable {
     /// Host-sampled artifacts: the units each stage ran on (`decoder_step`, `fhat_update`, `vqvae_decoder`:
     /// a compute-units name; `sampling`: `host`); null otherwise.
     public var stageUnits: [String: String]?
+    /// Distilled Decoding artifacts: the t-list and per-pass latency (`per_scale` is then empty); null otherwise.
+    public var fewStep: FewStepSummary?
 
     enum CodingKeys: String, CodingKey {
         case format
@@ -124,6 +155,7 @@ public struct BenchReport: Codable, Hashable, Sendable {
         case artifact
         case modelRef = "model_ref"
         case stageUnits = "stage_units"
+        case fewStep = "few_step"
     }
 
     public static let formatName = "evar-bench-v1"
@@ -166,6 +198,58 @@ public struct BenchReport: Codable, Hashable, Sendable {
         artifact = artifactName
         modelRef = manifest.provenance.modelRef
         stageUnits = manifest.stageUnits(configuration.computeUnits)
+        fewStep = nil
+    }
+
+    /// Summarises timed runs of a Distilled Decoding artifact: `per_scale` empty, the passes in `few_step`,
+    /// no guidance or filters (`cfg`, `top_k`, `top_p` 0), sampling `graph` (the argmax is in the graph),
+    /// `kv_cache` `none`, `params` the student's.
+    public init(fewStep manifest: FewStepManifest, tList: [Int], artifactName: String,
+                configuration: GenerationConfiguration, runs: [StageTimings], warmup: Int, loadMs: Double,
+                tool: String, device: String = DeviceInfo.model, os: String = DeviceInfo.operatingSystem) throws {
+        precondition(!runs.isEmpty, "a report needs at least one timed run")
+        let passes = try manifest.passes(tList: tList)
+        format = Self.formatName
+        self.tool = tool
+        self.device = device
+        self.os = os
+        backend = "coreml"
+        computeUnits = configuration.computeUnits.rawValue
+        threads = nil
+        precision = manifest.precision.compute.rawValue
+        weights = manifest.precision.weights.rawValue
+        compression = manifest.compression.method.rawValue
+        batch = manifest.batchSize
+        cfg = 0
+        topK = 0
+        topP = 0
+        seed = configuration.seed
+        sampling = "graph"
+        kvCache = "none"
+        self.warmup = warmup
+        iterations = runs.count
+        self.loadMs = loadMs
+        perScale = []
+        let perPass = try passes.enumerated().map { (index, pass) -> PassSummary in
+            let times = try runs.map { run -> Double in
+                guard let measured = run.passMilliseconds, measured.count == tList.count else {
+                    throw EVARError.invalidConfiguration("a timed run of another t-list than \(tList)")
+                }
+                return measured[index]
+            }
+            let stats = Statistics(times)
+            return PassSummary(t: pass.t, graph: pass.graph, medianMs: stats.median, p90Ms: stats.p90)
+        }
+        let decodeStats = Statistics(runs.map { $0.decodeMilliseconds })
+        decode = Summary(medianMs: decodeStats.median, p90Ms: decodeStats.p90)
+        let total = Statistics(runs.map { $0.endToEndMilliseconds })
+        endToEnd = EndToEnd(medianMs: total.median, p90Ms: total.p90, minMs: total.min)
+        throughputImagesPerS = total.median > 0 ? Double(manifest.batchSize) * 1000 / total.median : 0
+        params = manifest.studentParameterCount
+        artifact = artifactName
+        modelRef = manifest.provenance.modelRef
+        stageUnits = nil
+        fewStep = FewStepSummary(tList: tList, perPass: perPass)
     }
 
     /// Every key, optional ones as `null`: the bench JSON contract (ios_demo/README.md, "Bench JSON") has
@@ -208,6 +292,11 @@ public struct BenchReport: Codable, Hashable, Sendable {
             try container.encode(stageUnits, forKey: .stageUnits)
         } else {
             try container.encodeNil(forKey: .stageUnits)
+        }
+        if let fewStep {
+            try container.encode(fewStep, forKey: .fewStep)
+        } else {
+            try container.encodeNil(forKey: .fewStep)
         }
     }
 

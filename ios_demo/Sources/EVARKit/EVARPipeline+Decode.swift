@@ -16,24 +16,10 @@ extension EVARPipeline {
         let model = try loadedModel(for: decoder)
         let feature = MLFeatureValue(multiArray: try fHat.evarConverted(to: input.dtype))
         let provider = try MLDictionaryFeatureProvider(dictionary: [input.name: feature])
-        let result = try predict(model, provider, stateful: false)
+        let result = try predict(model, provider, function: decoder)
         let image = try outputArray(result, imageTensor, function: decoder.function)
-        let shape = image.evarShape
-        guard shape.count == 4, shape[1] == 3 else {
-            throw EVARError.badOutput("image \(imageTensor.name) has shape \(shape), expected (N, 3, H, W)")
-        }
-        let values = try image.evarFloats()
-        var range: (lower: Float, upper: Float) = (-1, 1)
-        if let declared = imageTensor.range, declared.count == 2 {
-            range = (Float(declared[0]), Float(declared[1]))
-        }
-        let (height, width) = (shape[2], shape[3])
-        let plane = 3 * height * width
-        let pixels = (0..<shape[0]).map { sample in
-            ImageConversion.rgbBytes(chw: values[(sample * plane)..<((sample + 1) * plane)], height: height,
-                                     width: width, range: range)
-        }
-        return (pixels, height, width)
+        return try ImageConversion.rgbImages(values: image.evarFloats(), shape: image.evarShape,
+                                             range: imageTensor.range, tensor: imageTensor.name)
     }
 }
 #endif

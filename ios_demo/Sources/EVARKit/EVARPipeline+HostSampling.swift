@@ -17,7 +17,6 @@ extension EVARPipeline {
         let sampler = Sampler(topK: configuration.topK ?? manifest.sampling.topK,
                               topP: configuration.topP ?? manifest.sampling.topP)
         let onehot = Sampler.classOnehot(labels: labels, unconditional: manifest.unconditionalLabel)
-        let stateful = manifest.kvCache.mode == .state
         var fHat: MLMultiArray?
         for scale in manifest.patchNums.indices {
             let watch = Stopwatch()
@@ -45,7 +44,7 @@ extension EVARPipeline {
                 features[tensor.name] = MLFeatureValue(multiArray: array)
             }
             let result = try predict(try loadedModel(for: step), try MLDictionaryFeatureProvider(dictionary: features),
-                                     stateful: stateful)
+                                     function: step)
             let logits = try outputArray(result, try step.function.output(role: .rawLogits), function: step.function)
             let shape = logits.evarShape
             guard shape.count == 3, shape[0] == 2 * batch, shape[1] == tokens else {
@@ -82,7 +81,7 @@ extension EVARPipeline {
                 updateFeatures[tensor.name] = MLFeatureValue(multiArray: array)
             }
             let updated = try predict(try loadedModel(for: update),
-                                      try MLDictionaryFeatureProvider(dictionary: updateFeatures), stateful: false)
+                                      try MLDictionaryFeatureProvider(dictionary: updateFeatures), function: update)
             fHat = try outputArray(updated, try update.function.output(role: .fHat), function: update.function)
             output.milliseconds.append(watch.milliseconds)
         }

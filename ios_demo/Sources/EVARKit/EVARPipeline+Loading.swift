@@ -41,79 +41,43 @@ extension EVARPipeline {
         return model
     }
 
-    /// The compiled `.mlmodelc` of a package (relative to the artifact): as shipped, from the cache, or
-    /// compiled now and cached.
+    /// The compiled `.mlmodelc` of a package (relative to the artifact), compiled once per pipeline
+    /// (`CompiledModels.compiledURL`: as shipped, from the cache, or compiled now and cached).
     func compiledModel(file: String) async throws -> URL {
         if let url = compiledURLs[file] {
             return url
         }
-        let source = artifactURL.appendingPathComponent(file)
-        guard FileManager.default.fileExists(atPath: source.path) else {
-            throw EVARError.missingFile(file)
-        }
-        if source.pathExtension == "mlmodelc" {
-            compiledURLs[file] = source
-            return source
-        }
-        let destination = compiledCacheDirectory(file: file)?
-            .appendingPathComponent(source.deletingPathExtension().lastPathComponent + ".mlmodelc")
-        if let destination, FileManager.default.fileExists(atPath: destination.path) {
-            compiledURLs[file] = destination
-            return destination
-        }
-        let compiled = try await MLModel.compileModel(at: source)
-        guard let destination else {
-            compiledURLs[file] = compiled
-            return compiled
-        }
-        try FileManager.default.createDirectory(at: destination.deletingLastPathComponent(),
-                                                withIntermediateDirectories: true)
-        try? FileManager.default.removeItem(at: destination)
-        try FileManager.default.moveItem(at: compiled, to: destination)
-        compiledURLs[file] = destination
-        return destination
+        let url = try await CompiledModels.compiledURL(file: file, artifactURL: artifactURL, files: manifest.files,
+                                                       cacheRoot: options.compiledModelCache)
+        compiledURLs[file] = url
+        return url
     }
 
-    /// A cache folder named by the hashes of the package's files, so a re-export never reuses a stale
-    /// compilation; nil (no caching) when the manifest lists no files for it.
-    func compiledCacheDirectory(file: String) -> URL? {
-        let prefix = file + "/"
-        let entries = manifest.files
-            .filter { $0.path == file || $0.path.hasPrefix(prefix) }
-            .map { $0.path + " " + $0.sha256 }
-            .sorted()
-        guard !entries.isEmpty else { return nil }
-        var hash: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a, 64 bit
-        for byte in entries.joined(separator: "\n").utf8 {
-            hash = (hash ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
-        }
-        let root = options.compiledModelCache
-            ?? FileManager.default.urls(for: .cachesDirectory, in: .userDomainMask)[0].appendingPathComponent("EVARKit")
-        return root.appendingPathComponent(String(hash, radix: 16))
-    }
-
-    /// The KV-cache state, made once from the first step function and shared by every scale's function
-    /// (they declare the same state buffers). Reusing it across images is safe: scale si writes slots
-    /// [begin_si, end_si) before any attention reads them, so nothing from an earlier image is ever read.
+    /// The KV-cache state of a function's package, made once by the first function of that package that runs and
+    /// shared by every function in it (they declare the same state buffers: the unguided functions of a trimmed
+    /// artifact touch rows [0, B) of it, a split's prefill writes slots [0, T)). Reusing it across images is
+    /// safe: scale si writes slots [begin_si, end_si) (the prefill [0, T)) before any attention reads them, so
+    /// nothing from an earlier image is ever read.
     @available(iOS 18.0, macOS 15.0, *)
-    func state(from model: MLModel) -> MLState {
-        if let state = kvState as? MLState {
+    func state(for function: Manifest.GraphFunction, from model: MLModel) -> MLState {
+        if let state = kvStates[function.file] as? MLState {
             return state
         }
         let state = model.makeState()
-        kvState = state
+        kvStates[function.file] = state
         return state
     }
 
-    /// One prediction; `stateful` for decoder steps whose KV cache is a Core ML state.
-    func predict(_ model: MLModel, _ inputs: MLFeatureProvider, stateful: Bool) throws -> MLFeatureProvider {
-        guard stateful else {
+    /// One prediction; with the state of the function's package when the function declares state buffers.
+    func predict(_ model: MLModel, _ inputs: MLFeatureProvider, function: Manifest.GraphFunction) throws
+        -> MLFeatureProvider {
+        guard !(function.function.states ?? []).isEmpty else {
             return try model.prediction(from: inputs)
         }
         guard #available(iOS 18.0, macOS 15.0, *) else {
             throw EVARError.unsupportedOS("the KV cache is a Core ML state (iOS 18 / macOS 15)")
         }
-        return try model.prediction(from: inputs, using: state(from: model))
+        return try model.prediction(from: inputs, using: state(for: function, from: model))
     }
 }
 #endif

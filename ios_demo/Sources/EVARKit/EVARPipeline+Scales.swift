@@ -1,6 +1,12 @@
 // The scale loop. Per scale si the step function takes labels, the running f_hat (zeros at si = 0),
 // this scale's uniforms, cfg and the KV cache, and returns logits (after CFG), the sampled idx, the new
 // f_hat and (KV as I/O) the present cache; the last f_hat goes to the VQVAE decoder.
+//
+// Which function runs scale si is the manifest's recipe (Manifest+GenerationModes.swift), followed as the
+// Python runtimes follow it: a scale split runs the early model's functions (their own cache) before
+// split_scale, then the prefill (labels + the early tokens → the compressed model's cache), then decoder_step;
+// CFG trimming keeps rows [0, B) of the cache at cfg_until_scale (KV as I/O; a state needs nothing) and runs
+// the unguided functions from there.
 
 #if canImport(CoreML)
 import CoreML
@@ -26,6 +32,11 @@ extension EVARPipeline {
         var fHat: MLMultiArray?
         /// Present KV of the previous scale by (role, layer), fed back as past.
         var cache: [String: MLMultiArray]
+        /// Scale split: this scale runs the early model, whose cache is `earlyCache` (other heads, other layers).
+        var early = false
+        var earlyCache: [String: MLMultiArray] = [:]
+        /// Scale split: the early scales' tokens, row-major (batch, pn²) each, for the prefill.
+        var earlyTokens: [[Int32]] = []
 
         /// Sizes of the symbolic dims a manifest may use.
         var symbols: [String: Int] {
@@ -51,15 +62,22 @@ extension EVARPipeline {
         var output = ScaleLoopOutput()
         var context = ScaleContext(scale: 0, patch: 1, begin: 0, end: 0, batch: manifest.batchSize, labels: labels,
                                    configuration: configuration, fHat: nil, cache: [:])
-        let stateful = manifest.kvCache.mode == .state
         for scale in manifest.patchNums.indices {
             let watch = Stopwatch()
+            if scale == manifest.splitScale {  // the compressed model's cache of the early scales, one pass
+                context.cache = try prefill(context)
+            }
+            if scale == manifest.cfgUntilScale {  // the conditional rows only from here (a state has nothing to cut)
+                let batch = context.batch
+                context.cache = try context.cache.mapValues { try $0.evarRows(batch) }
+            }
             let step = try manifest.stepFunction(scaleIndex: scale)
             let range = manifest.tokenRange(scaleIndex: scale, function: step.function)
             context.scale = scale
             context.patch = manifest.patchNums[scale]
             context.begin = range.begin
             context.end = range.end
+            context.early = manifest.splitScale.map { scale < $0 } ?? false
 
             var features: [String: Any] = [:]
             for tensor in step.function.inputs {
@@ -67,15 +85,22 @@ extension EVARPipeline {
             }
             let model = try loadedModel(for: step)
             let provider = try MLDictionaryFeatureProvider(dictionary: features)
-            let result = try predict(model, provider, stateful: stateful)
+            let result = try predict(model, provider, function: step)
 
             let idx = try outputArray(result, step.function.output(role: .idx), function: step.function)
             let tokens = try idx.evarIntegers()
             output.tokens.append(tokens)
             context.fHat = try outputArray(result, step.function.output(role: .fHat), function: step.function)
+            var presents: [String: MLMultiArray] = [:]
             for tensor in step.function.outputs where tensor.role == .presentKey || tensor.role == .presentValue {
-                context.cache[Self.cacheKey(tensor.role!, layer: tensor.layer)] =
+                presents[Self.cacheKey(tensor.role!, layer: tensor.layer)] =
                     try outputArray(result, tensor, function: step.function)
+            }
+            if context.early {
+                context.earlyCache = presents
+                context.earlyTokens.append(tokens)
+            } else {
+                context.cache = presents
             }
             output.milliseconds.append(watch.milliseconds)
             if options.verifySampling {  // after the clock: checking is not part of the latency
@@ -86,6 +111,26 @@ extension EVARPipeline {
         }
         output.fHat = context.fHat
         return output
+    }
+
+    /// Scale split: the prefill on the labels and the early tokens. KV as I/O: its presents, by (role, layer), are
+    /// decoder_step's pasts at the split; a state: it writes slots [0, T) of its package's state (the one
+    /// decoder_step shares), and nothing comes back.
+    func prefill(_ context: ScaleContext) throws -> [String: MLMultiArray] {
+        let function = try manifest.prefillFunction()
+        var features: [String: Any] = [:]
+        for tensor in function.function.inputs {
+            features[tensor.name] = MLFeatureValue(multiArray: try inputArray(for: tensor, context: context))
+        }
+        let result = try predict(try loadedModel(for: function), try MLDictionaryFeatureProvider(dictionary: features),
+                                 function: function)
+        guard (function.function.states ?? []).isEmpty else { return [:] }
+        var cache: [String: MLMultiArray] = [:]
+        for tensor in function.function.outputs where tensor.role == .presentKey || tensor.role == .presentValue {
+            cache[Self.cacheKey(tensor.role!, layer: tensor.layer)] = try outputArray(result, tensor,
+                                                                                     function: function.function)
+        }
+        return cache
     }
 
     /// The array for one input, chosen by the tensor's role.
@@ -126,8 +171,18 @@ extension EVARPipeline {
             return try filled([Float](repeating: Float(configuration.cfg), count: count))
         case .scaleIndex?:
             return try filled([Float](repeating: Float(context.scale), count: count))
+        case .idx?:  // the prefill of a scale split: the early scales' tokens
+            let tokens = Manifest.prefillTokens(context.earlyTokens, batch: context.batch)
+            guard tokens.count == count else {
+                throw EVARError.invalidManifest("prefill input \(tensor.name) has shape \(shape), the early scales "
+                                                + "drew \(tokens.count) tokens")
+            }
+            let array = try MLMultiArray.evarMake(shape: shape, dtype: tensor.dtype)
+            try array.evarFill(integers: tokens)
+            return array
         case .pastKey?, .pastValue?:
-            if let past = context.cache[Self.cacheKey(tensor.role!, layer: tensor.layer)] {
+            let cache = context.early ? context.earlyCache : context.cache
+            if let past = cache[Self.cacheKey(tensor.role!, layer: tensor.layer)] {
                 return try past.evarConverted(to: tensor.dtype)
             }
             // KV as I/O with a declared past at scale 0: an empty history is zeros of that shape.

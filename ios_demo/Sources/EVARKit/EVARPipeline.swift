@@ -47,8 +47,9 @@ public actor EVARPipeline {
 
     var models: [String: MLModel] = [:]
     var compiledURLs: [String: URL] = [:]
-    /// The `MLState` holding the KV cache (typed `AnyObject` because `MLState` needs iOS 18).
-    var kvState: AnyObject?
+    /// The `MLState`s holding the KV caches, one per package file (typed `AnyObject` because `MLState` needs
+    /// iOS 18): the compressed model's functions share decoder_step.mlpackage's, a split's early model has its own.
+    var kvStates: [String: AnyObject] = [:]
     /// True while `generate` runs (see there).
     var generating = false
 
@@ -68,10 +69,13 @@ public actor EVARPipeline {
         }
     }
 
-    /// Every function the artifact declares, in the order generation uses them.
+    /// Every function a generation uses, in the order it uses them (a split's prefill after its early scales).
     var allFunctions: [Manifest.GraphFunction] {
         get throws {
             var functions = try manifest.patchNums.indices.map { try manifest.stepFunction(scaleIndex: $0) }
+            if let split = manifest.splitScale {
+                functions.insert(try manifest.prefillFunction(), at: split)
+            }
             if manifest.samplesOnHost {
                 functions += try manifest.patchNums.indices.map { try manifest.fhatUpdate(scaleIndex: $0) }
             }
@@ -94,7 +98,7 @@ public actor EVARPipeline {
     /// Releases the models and the KV state (they reload lazily).
     public func unloadResources() {
         models.removeAll()
-        kvState = nil
+        kvStates.removeAll()
     }
 
     /// Switches compute units; models reload on next use.

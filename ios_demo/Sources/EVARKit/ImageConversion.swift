@@ -34,6 +34,26 @@ public enum ImageConversion {
         return out
     }
 
+    /// Every sample's pixels from a decoder output: row-major `values` of `shape` `(N, 3, H, W)`, in `range`
+    /// (the image tensor's declared range; nil: `[-1, 1]`). Any other shape is a bad output, named `tensor`.
+    public static func rgbImages(values: [Float], shape: [Int], range: [Double]?, tensor: String) throws
+        -> (pixels: [[UInt8]], height: Int, width: Int) {
+        guard shape.count == 4, shape[1] == 3, values.count == shape.reduce(1, *) else {
+            throw EVARError.badOutput("image \(tensor) has shape \(shape), expected (N, 3, H, W)")
+        }
+        var bounds: (lower: Float, upper: Float) = (-1, 1)
+        if let range, range.count == 2 {
+            bounds = (Float(range[0]), Float(range[1]))
+        }
+        let (height, width) = (shape[2], shape[3])
+        let plane = 3 * height * width
+        let pixels = (0..<shape[0]).map { sample in
+            rgbBytes(chw: values[(sample * plane)..<((sample + 1) * plane)], height: height, width: width,
+                     range: bounds)
+        }
+        return (pixels, height, width)
+    }
+
     #if canImport(CoreGraphics)
     /// A CGImage of `(H, W, 3)` RGB bytes (sRGB, opaque).
     public static func cgImage(rgb: [UInt8], height: Int, width: Int) -> CGImage? {

@@ -31,6 +31,23 @@ extension MLMultiArray {
 
     var evarCount: Int { evarShape.reduce(1, *) }
 
+    /// The first `rows` entries along axis 0 (this array when that is all of it, else a copy of the same element
+    /// type): the conditional rows [0, B) of a 2B-row KV cache at the CFG-trimming scale.
+    func evarRows(_ rows: Int) throws -> MLMultiArray {
+        let shape = evarShape
+        guard let first = shape.first, rows >= 0, rows <= first else {
+            throw EVARError.badOutput("cannot keep \(rows) rows of an array of shape \(shape)")
+        }
+        if rows == first {
+            return self
+        }
+        let perRow = shape.dropFirst().reduce(1, *)
+        let values = try evarFloats()
+        let copy = try MLMultiArray(shape: ([rows] + shape.dropFirst()).map { NSNumber(value: $0) }, dataType: dataType)
+        try copy.evarFill(floats: Array(values[0..<(rows * perRow)]))
+        return copy
+    }
+
     /// Calls `body(linearIndex, storageOffset)` for every element in row-major order.
     static func evarWalk(shape: [Int], strides: [Int], _ body: (Int, Int) -> Void) {
         let count = shape.reduce(1, *)

@@ -5,8 +5,9 @@
 import Foundation
 
 extension Manifest {
-    /// The newest manifest format this EVARKit reads (1, and 2: host-sampled artifacts).
-    public static let supportedFormatVersion = 2
+    /// The newest manifest format this EVARKit reads (1; 2: host-sampled artifacts; 3: Distilled Decoding
+    /// artifacts, read by `FewStepManifest`, and VAR artifacts whose generation modes `validate` checks).
+    public static let supportedFormatVersion = 3
     /// The `format` of every EVAR artifact manifest.
     public static let formatName = "evar-artifact"
     /// Graph roles (keys of `graphs`).
@@ -17,34 +18,51 @@ extension Manifest {
 
     /// Decodes `manifest.json` from an artifact directory (no checks; see `validate(artifactDirectory:)`).
     public static func load(artifactDirectory: URL) throws -> Manifest {
-        let url = artifactDirectory.appendingPathComponent("manifest.json")
-        guard FileManager.default.fileExists(atPath: url.path) else {
-            throw EVARError.missingFile("\(url.path) (is \(artifactDirectory.lastPathComponent) an evar-export output?)")
-        }
-        return try decode(Data(contentsOf: url))
+        try decode(manifestData(artifactDirectory: artifactDirectory))
     }
 
-    /// The one field every manifest version shares, read before the rest: a newer manifest (a Distilled
-    /// Decoding artifact has no `kv_cache`, for one) gets the upgrade line, not a missing-key error.
-    private struct VersionHeader: Decodable {
+    /// The fields every manifest version shares, read before the rest: a newer manifest gets the upgrade line,
+    /// and a Distilled Decoding one (no `kv_cache`, no `decoder_step`) is sent to `FewStepManifest`, not met
+    /// with a missing-key error.
+    struct VersionHeader: Decodable {
         let formatVersion: Int?
-        enum CodingKeys: String, CodingKey { case formatVersion = "format_version" }
+        let family: String?
+        enum CodingKeys: String, CodingKey {
+            case formatVersion = "format_version"
+            case family
+        }
+
+        static func read(_ data: Data) -> VersionHeader? {
+            try? JSONDecoder().decode(VersionHeader.self, from: data)
+        }
     }
+
+    /// The `family` of a Distilled Decoding manifest.
+    public static let fewStepFamily = "dd"
 
     /// Decodes a manifest, turning decoding errors into one line naming the field.
     public static func decode(_ data: Data) throws -> Manifest {
-        if let header = try? JSONDecoder().decode(VersionHeader.self, from: data),
-           let version = header.formatVersion, version > supportedFormatVersion {
+        let header = VersionHeader.read(data)
+        if let version = header?.formatVersion, version > supportedFormatVersion {
             throw EVARError.unsupportedFormatVersion(found: version, supported: supportedFormatVersion)
         }
+        if header?.family == fewStepFamily {
+            throw EVARError.unsupportedArtifact("a Distilled Decoding artifact (family dd) has no scale loop: load it "
+                                                + "with FewStepManifest / FewStepPipeline (EVARArtifact.load tells the kinds apart)")
+        }
+        return try decodeReporting(Manifest.self, from: data)
+    }
+
+    /// Decodes `T`, turning decoding errors into one line naming the field.
+    static func decodeReporting<T: Decodable>(_ type: T.Type, from data: Data) throws -> T {
         do {
-            return try JSONDecoder().decode(Manifest.self, from: data)
+            return try JSONDecoder().decode(T.self, from: data)
         } catch let error as DecodingError {
             throw EVARError.invalidManifest(describe(error))
         }
     }
 
-    private static func describe(_ error: DecodingError) -> String {
+    static func describe(_ error: DecodingError) -> String {
         func path(_ keys: [CodingKey]) -> String {
             keys.map { key -> String in
                 if let index = key.intValue { return "[\(index)]" }
@@ -87,6 +105,7 @@ extension Manifest {
             throw EVARError.invalidManifest("patch_nums \(patchNums) differ from model.var.patch_nums "
                                             + "\(model.transformer.patchNums)")
         }
+        try checkGenerationModes()
         for scale in patchNums.indices {
             _ = try stepFunction(scaleIndex: scale)
         }
@@ -111,6 +130,11 @@ extension Manifest {
     /// Every listed file exists with its listed size (hashes are checked by `evar-export`; hashing a
     /// 600 MB package on a phone at every launch would cost more than it tells).
     public func checkFiles(in directory: URL) throws {
+        try Self.checkFiles(files, in: directory)
+    }
+
+    /// `checkFiles(in:)` for any manifest's file list (the Distilled Decoding manifest shares it).
+    static func checkFiles(_ files: [FileEntry], in directory: URL) throws {
         for file in files {
             let url = directory.appendingPathComponent(file.path)
             guard let attributes = try? FileManager.default.attributesOfItem(atPath: url.path) else {
@@ -130,11 +154,15 @@ extension Manifest {
         public var role: String
         public var graph: Graph
         public var function: Function
+        /// Another graph role has functions in the same package (a CFG-trimmed or split iOS 18 artifact keeps
+        /// the unguided and prefill functions in decoder_step.mlpackage).
+        public var sharesPackage: Bool = false
 
         /// Core ML needs a function name only when the package holds several functions (a function with
         /// its own package, iOS 17, is that package's only one).
         public var coreMLFunctionName: String? {
-            function.file == nil && graph.functions.count > 1 ? function.name : nil
+            guard function.file == nil else { return nil }
+            return graph.functions.count > 1 || sharesPackage || graph.scaleSelection == "function" ? function.name : nil
         }
 
         /// The package this function is in, relative to the artifact.
@@ -156,7 +184,7 @@ extension Manifest {
         guard let function = graph.functions.first(where: { $0.scaleIndex == scaleIndex }) else {
             throw EVARError.invalidManifest("fhat_update has no function for scale \(scaleIndex)")
         }
-        return GraphFunction(role: Self.fhatUpdateRole, graph: graph, function: function)
+        return graphFunction(role: Self.fhatUpdateRole, graph: graph, function: function)
     }
 
     /// For the bench JSON: the units of each stage of a host-sampled artifact; nil for in-graph sampling.
@@ -178,27 +206,39 @@ extension Manifest {
         return graph
     }
 
-    /// The decoder-step function of scale `scaleIndex`.
+    /// `function` of the graph with `role`, knowing whether another role shares its package.
+    func graphFunction(role: String, graph: Graph, function: Function) -> GraphFunction {
+        let shared = function.file == nil && graphs.contains { $0.key != role && $0.value.file == graph.file }
+        return GraphFunction(role: role, graph: graph, function: function, sharesPackage: shared)
+    }
+
+    /// The step function that runs scale `scaleIndex`: decoder_step's, or the early or unguided graph's when the
+    /// manifest's generation recipe says so (`stepRole(scaleIndex:)`).
     public func stepFunction(scaleIndex: Int) throws -> GraphFunction {
-        let graph = try graph(role: Self.decoderStepRole)
+        try stepFunction(role: stepRole(scaleIndex: scaleIndex), scaleIndex: scaleIndex)
+    }
+
+    /// The function of graph `role` for scale `scaleIndex` (exactly one).
+    public func stepFunction(role: String, scaleIndex: Int) throws -> GraphFunction {
+        let graph = try graph(role: role)
         let matches = graph.functions.filter { $0.scaleIndex == scaleIndex }
         guard matches.count == 1, let function = matches.first else {
             throw EVARError.unsupportedArtifact(
-                "decoder_step has \(matches.count) functions for scale \(scaleIndex); EVARKit needs exactly one "
-                + "per scale (Core ML multifunction export)")
+                "\(role) has \(matches.count) functions for scale \(scaleIndex); EVARKit needs exactly one "
+                + "per scale it runs (Core ML multifunction export)")
         }
         if let patch = function.patchNum, patch != patchNums[scaleIndex] {
             throw EVARError.invalidManifest("function \(function.name) has patch_num \(patch), "
                                             + "patch_nums[\(scaleIndex)] is \(patchNums[scaleIndex])")
         }
-        return GraphFunction(role: Self.decoderStepRole, graph: graph, function: function)
+        return graphFunction(role: role, graph: graph, function: function)
     }
 
     /// The VQVAE decoder function (`f_hat → image`).
     public func vqvaeDecoder() throws -> GraphFunction {
         let graph = try graph(role: Self.vqvaeDecoderRole)
         let function = graph.functions.first { $0.name == graph.defaultFunction } ?? graph.functions[0]
-        return GraphFunction(role: Self.vqvaeDecoderRole, graph: graph, function: function)
+        return graphFunction(role: Self.vqvaeDecoderRole, graph: graph, function: function)
     }
 
     /// Number of samples per call (static Core ML shapes), 1 when the manifest does not say.
@@ -241,13 +281,20 @@ extension Manifest.Function {
 extension Manifest.Tensor {
     /// Concrete sizes: static dims as they are, symbols from `symbols` (`batch`, `cfg_batch`, ...).
     public func concreteShape(symbols: [String: Int]) throws -> [Int] {
+        try Manifest.Dimension.concrete(shape, symbols: symbols, tensor: name)
+    }
+}
+
+extension Manifest.Dimension {
+    /// The sizes of `shape`: static dims as they are, symbols from `symbols`; an unknown symbol names `tensor`.
+    static func concrete(_ shape: [Manifest.Dimension], symbols: [String: Int], tensor: String) throws -> [Int] {
         try shape.map { dim in
             switch dim {
             case .size(let size):
                 return size
             case .symbol(let symbol):
                 guard let size = symbols[symbol] else {
-                    throw EVARError.invalidManifest("tensor \(name) has dimension \(symbol), which EVARKit cannot size")
+                    throw EVARError.invalidManifest("tensor \(tensor) has dimension \(symbol), which EVARKit cannot size")
                 }
                 return size
             }

@@ -145,14 +145,15 @@ extension Manifest {
         public var detail: String?
     }
 
-    /// Optional generation modes (ONNX artifacts; EVARKit runs plain decoding).
+    /// Optional generation modes: which graph runs which scale (`Manifest+GenerationModes.swift` follows a split
+    /// and CFG trimming, and refuses token pruning).
     /// Schema: #/$defs/generation
     public struct Generation: Codable, Hashable, Sendable {
         /// CFG trimming: scales from this index run the conditional rows only.
         public var cfgUntilScale: Int?
         public var unguidedGraph: String?
         /// Scale split: scales before this index run `earlyGraph` (another model's weights), then `prefillGraph`
-        /// builds the step graph's cache. Such manifests are format_version 3, which this EVARKit refuses.
+        /// builds the step graph's cache (format_version 3).
         public var splitScale: Int?
         public var earlyGraph: String?
         public var prefillGraph: String?

@@ -12,13 +12,17 @@ public struct StageTimings: Codable, Hashable, Sendable {
     public var decodeMilliseconds: Double
     /// All scales and the decode, without loading.
     public var endToEndMilliseconds: Double
+    /// Distilled Decoding artifacts (no scales): one entry per student pass of the t-list, the host's noise
+    /// included in the first; nil for VAR artifacts.
+    public var passMilliseconds: [Double]?
 
     public init(loadMilliseconds: Double = 0, scaleMilliseconds: [Double] = [], decodeMilliseconds: Double = 0,
-                endToEndMilliseconds: Double = 0) {
+                endToEndMilliseconds: Double = 0, passMilliseconds: [Double]? = nil) {
         self.loadMilliseconds = loadMilliseconds
         self.scaleMilliseconds = scaleMilliseconds
         self.decodeMilliseconds = decodeMilliseconds
         self.endToEndMilliseconds = endToEndMilliseconds
+        self.passMilliseconds = passMilliseconds
     }
 }
 

@@ -2,6 +2,7 @@
 // prints (ios_demo/README.md, "Bench JSON").
 //
 //   evar-ios-bench --artifact DIR --compute-units cpuAndNeuralEngine --iters 10 [--warmup 2] [--json out.json]
+//   evar-ios-bench --artifact DD_DIR --t-list 0,5      # a Distilled Decoding artifact: the passes of a t-list
 
 import EVARKit
 import Foundation
@@ -13,9 +14,12 @@ import UniformTypeIdentifiers
 let usage = """
     usage: evar-ios-bench --artifact DIR [--compute-units all|cpuOnly|cpuAndGPU|cpuAndNeuralEngine]
                           [--iters 10] [--warmup 2] [--json out.json] [--class 0] [--seed 0] [--cfg 1.5]
-                          [--verify-sampling] [--image out.png] [--tokens tokens.json]
+                          [--verify-sampling] [--image out.png] [--tokens tokens.json] [--t-list 0,5]
     Loads every function once (load_ms), runs --warmup untimed generations, then --iters timed ones,
     and prints per-scale, decode and end-to-end median/p90 (and min) in milliseconds as JSON.
+    A Distilled Decoding artifact (manifest family dd) runs the student passes of --t-list (default: the
+    manifest's default_t_list; 0 = one step, 0,T = two) and reports per-pass times in few_step; --cfg and
+    --verify-sampling do not apply to it.
     """
 
 struct BenchArguments {
@@ -30,6 +34,7 @@ struct BenchArguments {
     var verifySampling = false
     var image: URL?
     var tokens: URL?
+    var tList: [Int]?
 
     init(_ arguments: [String]) throws {
         var rest = arguments[...]
@@ -60,6 +65,13 @@ struct BenchArguments {
             case "--verify-sampling": verifySampling = true
             case "--image": image = URL(fileURLWithPath: try value(flag))
             case "--tokens": tokens = URL(fileURLWithPath: try value(flag))
+            case "--t-list":
+                let text = try value(flag)
+                let values = text.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+                guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else {
+                    throw BenchError.usage("--t-list: comma-separated integers, e.g. 0,5 (got \(text))")
+                }
+                tList = values.compactMap { $0 }
             case "-h", "--help": throw BenchError.help
             default: throw BenchError.usage("unknown argument \(flag)")
             }
@@ -103,30 +115,63 @@ func writePNG(_ result: GenerationResult, to url: URL) throws {
 }
 #endif
 
-func runBench(_ arguments: BenchArguments) async throws {
-    #if os(macOS) && canImport(CoreML)
-    guard let artifact = arguments.artifact else { return }
-    let pipeline = try EVARPipeline(artifactURL: artifact, computeUnits: arguments.computeUnits,
-                                    options: .init(verifySampling: arguments.verifySampling))
-    let configuration = GenerationConfiguration(classLabel: arguments.classLabel, seed: arguments.seed,
-                                                cfg: arguments.cfg, computeUnits: arguments.computeUnits)
-    let loadMs = try await pipeline.loadResources()
+#if os(macOS) && canImport(CoreML)
+/// Warm-up runs, then timed runs: the first result (for --image / --tokens) and the timed runs' timings.
+func timedRuns(_ arguments: BenchArguments, _ generate: () async throws -> GenerationResult) async throws
+    -> (first: GenerationResult?, runs: [StageTimings], mismatches: Int) {
     var first: GenerationResult?
     for _ in 0..<arguments.warmup {
-        let result = try await pipeline.generate(configuration)
+        let result = try await generate()
         first = first ?? result
     }
     var runs: [StageTimings] = []
     var mismatches = 0
     for _ in 0..<arguments.iterations {
-        let result = try await pipeline.generate(configuration)
+        let result = try await generate()
         first = first ?? result
         runs.append(result.timings)
         mismatches += result.samplingMismatches ?? 0
     }
-    let report = BenchReport(manifest: pipeline.manifest, artifactName: artifact.lastPathComponent,
-                             configuration: configuration, runs: runs, warmup: arguments.warmup, loadMs: loadMs,
+    return (first, runs, mismatches)
+}
+#endif
+
+func runBench(_ arguments: BenchArguments) async throws {
+    #if os(macOS) && canImport(CoreML)
+    guard let artifact = arguments.artifact else { return }
+    let report: BenchReport
+    let first: GenerationResult?
+    var mismatches = 0
+    switch try EVARArtifact.load(artifactDirectory: artifact) {
+    case .scaleByScale:
+        if arguments.tList != nil {
+            throw BenchError.usage("--t-list goes with a Distilled Decoding artifact; \(artifact.lastPathComponent) "
+                                   + "is a VAR export")
+        }
+        let pipeline = try EVARPipeline(artifactURL: artifact, computeUnits: arguments.computeUnits,
+                                        options: .init(verifySampling: arguments.verifySampling))
+        let configuration = GenerationConfiguration(classLabel: arguments.classLabel, seed: arguments.seed,
+                                                    cfg: arguments.cfg, computeUnits: arguments.computeUnits)
+        let loadMs = try await pipeline.loadResources()
+        let timed = try await timedRuns(arguments) { try await pipeline.generate(configuration) }
+        first = timed.first
+        mismatches = timed.mismatches
+        report = BenchReport(manifest: pipeline.manifest, artifactName: artifact.lastPathComponent,
+                             configuration: configuration, runs: timed.runs, warmup: arguments.warmup, loadMs: loadMs,
                              tool: "evar-ios-bench")
+    case .fewStep:
+        let pipeline = try FewStepPipeline(artifactURL: artifact, computeUnits: arguments.computeUnits)
+        let tList = arguments.tList ?? pipeline.manifest.fewStep.defaultTList
+        _ = try pipeline.manifest.passes(tList: tList)  // a t-list the artifact lacks: one line, before loading
+        let configuration = GenerationConfiguration(classLabel: arguments.classLabel, seed: arguments.seed, cfg: 0,
+                                                    computeUnits: arguments.computeUnits)
+        let loadMs = try await pipeline.loadResources()
+        let timed = try await timedRuns(arguments) { try await pipeline.generate(configuration, tList: tList) }
+        first = timed.first
+        report = try BenchReport(fewStep: pipeline.manifest, tList: tList, artifactName: artifact.lastPathComponent,
+                                 configuration: configuration, runs: timed.runs, warmup: arguments.warmup,
+                                 loadMs: loadMs, tool: "evar-ios-bench")
+    }
     let data = try report.jsonData()
     print(String(decoding: data, as: UTF8.self))
     if let json = arguments.json {

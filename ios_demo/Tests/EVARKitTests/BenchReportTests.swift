@@ -27,6 +27,7 @@ final class BenchReportTests: XCTestCase {
         // optional fields are written as null, never left out (the contract evar-bench follows too)
         XCTAssertTrue(json["threads"] is NSNull)
         XCTAssertTrue(json["stage_units"] is NSNull)
+        XCTAssertTrue(json["few_step"] is NSNull)
     }
 
     /// A report evar-bench wrote with null optional fields reads, and writes back the same keys and nulls.
@@ -40,6 +41,7 @@ final class BenchReportTests: XCTestCase {
         XCTAssertEqual(Set(written.keys), Set(original.keys))
         XCTAssertTrue(written["threads"] is NSNull)
         XCTAssertTrue(written["stage_units"] is NSNull)
+        XCTAssertTrue(written["few_step"] is NSNull)
     }
 
     func testHostSampledReportNamesTheUnitsOfEachStage() throws {
@@ -51,5 +53,29 @@ final class BenchReportTests: XCTestCase {
         XCTAssertEqual(report.sampling, "host")
         XCTAssertEqual(report.stageUnits?["fhat_update"], "cpuOnly")
         XCTAssertEqual(report.stageUnits?["decoder_step"], "cpuAndNeuralEngine")
+    }
+
+    /// A Distilled Decoding run: its passes in `few_step`, no scales, the student's parameters.
+    func testFewStepReportTimesEachPass() throws {
+        let manifest = try FewStepManifest.decode(Fixtures.data("manifest_tiny_dd.json"))
+        let runs = (1...3).map { run in
+            StageTimings(decodeMilliseconds: 1, endToEndMilliseconds: 10 * Double(run),
+                         passMilliseconds: [Double(run), 2 * Double(run)])
+        }
+        let report = try BenchReport(fewStep: manifest, tList: [0, 2], artifactName: "tiny-dd",
+                                     configuration: GenerationConfiguration(), runs: runs, warmup: 1, loadMs: 3,
+                                     tool: "tests", device: "test", os: "test")
+        XCTAssertEqual(report.perScale, [])
+        XCTAssertEqual(report.fewStep?.tList, [0, 2])
+        XCTAssertEqual(report.fewStep?.perPass.map(\.graph), ["dd_pass_t0", "dd_pass_t2"])
+        XCTAssertEqual(report.fewStep?.perPass[1].medianMs, 4)
+        XCTAssertEqual(report.params, manifest.studentParameterCount)
+        XCTAssertEqual(report.kvCache, "none")
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: report.jsonData()) as? [String: Any])
+        let fewStep = try XCTUnwrap(json["few_step"] as? [String: Any])
+        XCTAssertEqual(fewStep["t_list"] as? [Int], [0, 2])
+        XCTAssertThrowsError(try BenchReport(fewStep: manifest, tList: [0], artifactName: "tiny-dd",
+                                             configuration: GenerationConfiguration(), runs: runs, warmup: 1,
+                                             loadMs: 3, tool: "tests"))
     }
 }

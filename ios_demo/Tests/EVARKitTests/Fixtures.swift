@@ -155,6 +155,57 @@ struct ParamsFixture: Decodable {
     }
 
     var cases: [Case]
+    /// Distilled Decoding students built on these transformers.
+    var ddCases: [Case]
+
+    enum CodingKeys: String, CodingKey {
+        case cases
+        case ddCases = "dd_cases"
+    }
+}
+
+/// evar.contract.few_step: the per-token noise of Distilled Decoding artifacts.
+struct DDNoiseFixture: Decodable {
+    struct TokenCase: Decodable {
+        var seed: String
+        var scaleIndex: Int
+        var firstSample: Int
+        var batch: Int
+        var tokens: Int
+        var dim: Int
+        var values: [Double]
+
+        enum CodingKeys: String, CodingKey {
+            case seed, batch, tokens, dim, values
+            case scaleIndex = "scale_index"
+            case firstSample = "first_sample"
+        }
+    }
+
+    struct SequenceCase: Decodable {
+        var seed: String
+        var firstSample: Int
+        var batch: Int
+        var patchNums: [Int]
+        var dim: Int
+        var values: [Double]
+
+        enum CodingKeys: String, CodingKey {
+            case seed, batch, dim, values
+            case firstSample = "first_sample"
+            case patchNums = "patch_nums"
+        }
+    }
+
+    var rng: String
+    var noiseStream: UInt64
+    var tokens: [TokenCase]
+    var sequences: [SequenceCase]
+
+    enum CodingKeys: String, CodingKey {
+        case rng, tokens, sequences
+        case noiseStream = "noise_stream"
+    }
 }
 
 struct Float16Fixture: Decodable {

@@ -42,19 +42,30 @@ final class ManifestTests: XCTestCase {
 
     func testNewerFormatVersionIsAClearError() throws {
         var manifest = try Manifest.decode(Fixtures.data("manifest_tiny_io.json"))
-        manifest.formatVersion = 3
+        manifest.formatVersion = 4
         XCTAssertThrowsError(try manifest.validate()) { error in
-            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 3, supported: 2))
+            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 4, supported: 3))
         }
     }
 
-    /// A version-3 manifest of another layout (a Distilled Decoding artifact: no kv_cache, no decoder_step)
-    /// is refused by its version before any of its fields are decoded.
+    /// A newer manifest of another layout is refused by its version before any of its fields are decoded.
     func testNewerLayoutIsRefusedByVersionBeforeDecoding() throws {
-        let data = Data(#"{"format": "evar-artifact", "format_version": 3, "family": "dd"}"#.utf8)
+        let data = Data(#"{"format": "evar-artifact", "format_version": 4, "family": "xyz"}"#.utf8)
         XCTAssertThrowsError(try Manifest.decode(data)) { error in
-            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 3, supported: 2))
+            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 4, supported: 3))
         }
+        XCTAssertThrowsError(try FewStepManifest.decode(data)) { error in
+            XCTAssertEqual(error as? EVARError, .unsupportedFormatVersion(found: 4, supported: 3))
+        }
+    }
+
+    /// A plain VAR manifest written at format_version 3 (no generation mode) loads and validates as before.
+    func testVersionThreeWithoutGenerationModesRuns() throws {
+        var manifest = try Manifest.decode(Fixtures.data("manifest_tiny.json"))
+        manifest.formatVersion = 3
+        let again = try Manifest.decode(JSONEncoder().encode(manifest))
+        XCTAssertNoThrow(try again.validate())
+        XCTAssertEqual(again.generationModes, [])
     }
 
     /// `evar-export coreml --target ane`: format 2, sampling on the host, an fhat_update graph pinned to the CPU.
@@ -110,6 +121,10 @@ final class ManifestTests: XCTestCase {
         XCTAssertFalse(fixture.cases.isEmpty)
         for item in fixture.cases {
             XCTAssertEqual(item.transformer.parameterCount, item.params, item.name)
+        }
+        XCTAssertFalse(fixture.ddCases.isEmpty)
+        for item in fixture.ddCases {
+            XCTAssertEqual(item.transformer.fewStepStudentParameterCount, item.params, item.name)
         }
     }
 }
