@@ -126,7 +126,9 @@ def write(root: Path, manifest: dict[str, Any]) -> Path:
     version = FEW_STEP_VERSION if manifest.get("family") == "dd" else \
         HOST_SAMPLING_VERSION if manifest.get("sampling", {}).get("where") == "host" else 1
     generation = manifest.get("generation") or {}
-    if generation.get("split_scale") is not None or generation.get("token_keep"):
+    # any generation mode (CFG trimming too): a reader that ignores `generation` would run another recipe silently
+    if generation.get("split_scale") is not None or generation.get("token_keep") or \
+            generation.get("cfg_until_scale") is not None:
         version = GENERATION_VERSION
     manifest = json.loads(json.dumps({"format": FORMAT, "format_version": version, **manifest,
                                       "files": file_entries(root)}))
