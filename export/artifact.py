@@ -98,7 +98,8 @@ def onnx_parity(model: Model, out: Path, step_file: str, decoder_file: str, opti
     report = pt.ParityReport()
     wrapper = pt.torch_step(DynamicStep(model, top_k=options.top_k, top_p=options.top_p).eval(), iface)
     expected = pt.drive(wrapper, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
-    pt.check_against_reference(report, "wrapper vs generate", ref, expected, pt.LOGITS_TOL, None, pt.IMAGE_TOL)
+    pt.check_against_reference(report, "wrapper vs generate", ref, expected, pt.LOGITS_TOL, None, pt.IMAGE_TOL,
+                               sampling=(options.top_k, options.top_p))
 
     ort_step, dec = pt.session_step(ox.session(out / step_file)), ox.session(out / decoder_file)
 
@@ -113,7 +114,8 @@ def onnx_parity(model: Model, out: Path, step_file: str, decoder_file: str, opti
     pt.check_decoder(report, "onnx decoder", ref, decode, img_tol)
     if not fp16:
         free = pt.drive(ort_step, iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
-        pt.check_against_reference(report, "onnx vs generate (end to end)", ref, free, tol, decode, img_tol)
+        pt.check_against_reference(report, "onnx vs generate (end to end)", ref, free, tol, decode, img_tol,
+                                   sampling=(options.top_k, options.top_p))
     else:
         report.skipped.append("end to end vs generate: fp16 is checked scale by scale on the same inputs "
                               f"(logits <= {tol}, token agreement >= {agreement})")
@@ -328,7 +330,8 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
         pt.share_state(wrappers)
         pt.reset_state(wrappers)
     run = pt.drive(pt.torch_step(wrappers, iface), iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
-    pt.check_against_reference(report, "coreml wrapper vs generate", ref, run, pt.LOGITS_TOL, None, pt.IMAGE_TOL)
+    pt.check_against_reference(report, "coreml wrapper vs generate", ref, run, pt.LOGITS_TOL, None, pt.IMAGE_TOL,
+                               sampling=(options.top_k, options.top_p))
     # 3. prediction (macOS only)
     ok, why = cm.can_predict()
     if not ok:

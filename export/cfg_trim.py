@@ -80,11 +80,12 @@ def trimmed_parity(report: pt.ParityReport, model: Model, root: Path, guided_fil
                 pt.torch_step(DynamicStep(model, top_k=top_k, top_p=top_p, guided=False).eval(), pipe.unguided))
     expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"cfg trimmed at {n}: wrappers vs generate", ref, expected, pt.LOGITS_TOL,
-                               None, pt.IMAGE_TOL)
+                               None, pt.IMAGE_TOL, sampling=(top_k, top_p))
     sessions = [ox.session(root / f) for f in (guided_file, unguided_file)]
     dec = ox.session(root / decoder_file)
     steps = tuple(pt.session_step(s) for s in sessions)
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"cfg trimmed at {n}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
-                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
+                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL,
+                               sampling=(top_k, top_p))
 

@@ -8,6 +8,11 @@ Links, all on labels/seed/batch other than the trace inputs:
      (fp32) or agreeing at least FP16_TOKEN_AGREEMENT (fp16);
   3. backend free-running end to end (its own outputs fed back) → `generate`'s tokens and image (fp32; at
      fp16 one flipped token changes everything after it, so fp16 stops at 2. plus the decoder on the same f_hat).
+Free-running comparisons (1. and 3.) allow one thing at fp32: a token drawn at a near tie (its uniform within
+NEAR_TIE of an inverse-CDF boundary of the reference's distribution, logits within tolerance) may flip, as
+float32 rounding of a differently ordered sum decides it; the comparison then ends at that scale (said in the
+report's `skipped`), since every later scale sees other tokens. Any other differing token fails. On d16's flat
+4096-way distributions such a draw occurs about once per few thousand tokens.
 Every failure is collected; `ParityReport.raise_if_failed` raises one ParityError naming them all.
 """
 from __future__ import annotations
@@ -210,13 +215,52 @@ def share_state(wrappers: list[torch.nn.Module]) -> None:
 # ---------------------------------------------------------------- the checks
 def check_against_reference(report: ParityReport, label: str, ref: Reference, run: Run, logits_tol: float,
                             decode: Callable[[np.ndarray], np.ndarray] | None, image_tol: float,
-                            min_agreement: float = 1.0) -> None:
+                            min_agreement: float = 1.0, sampling: tuple[int, float] | None = None) -> None:
+    """Free-running tokens, logits, f_hat and image against the reference. With `sampling` = (top_k, top_p), a
+    scale whose logits are within tolerance may draw other tokens where the draw sits at a near tie (see
+    `near_tie_flips`): float32 rounding, not a defect. Every later scale then sees other tokens, so the
+    comparison ends at that scale, and the report says so."""
     for si, out in enumerate(run.outputs):
-        report.tokens(f"{label}: tokens scale {si}", out["idx"], ref.tokens[si], min_agreement)
         report.max_abs(f"{label}: logits scale {si}", out["logits"], ref.logits[si], logits_tol, relative=True)
+        name = f"{label}: tokens scale {si}"
+        flips = near_tie_flips(ref.logits[si], out["idx"], ref.tokens[si], run.inputs[si].get("uniforms"),
+                               *sampling) if sampling is not None and report.checks[-1].passed else None
+        if not flips:
+            report.tokens(name, out["idx"], ref.tokens[si], min_agreement)
+            continue
+        report.checks.append(Check(name, True, "near_tie_flips", float(flips), 0.0,
+                                   f"{flips} token(s) differ, each drawn within {NEAR_TIE} of an inverse-CDF "
+                                   "boundary of the reference's distribution"))
+        report.skipped.append(f"{label}: scales after {si}, f_hat and image not compared (they follow other tokens "
+                              f"after {flips} near-tie draw(s) at scale {si})")
+        return
     report.max_abs(f"{label}: f_hat", run.outputs[-1]["next_f_hat"], ref.f_hat, logits_tol * 10)
     if decode is not None:
         report.max_abs(f"{label}: image", decode(run.outputs[-1]["next_f_hat"]), ref.image, image_tol)
+
+
+NEAR_TIE = 1e-4  # a draw whose uniform is this close to a CDF boundary may flip under float32 rounding of logits
+
+
+def near_tie_flips(ref_logits: np.ndarray, got: np.ndarray, want: np.ndarray, uniforms: np.ndarray | None,
+                   top_k: int, top_p: float) -> int | None:
+    """How many tokens differ, if every one of them is a near tie: redrawn from the reference's filtered
+    distribution at u − NEAR_TIE and u + NEAR_TIE, the two draws are the reference's token and the graph's.
+    None when a differing token is not a near tie (or nothing differs, or the uniforms are unknown)."""
+    from evar.contract.host_sampling import filter_logits, sample_from_uniforms
+
+    got, want = got.astype(np.int64), want.astype(np.int64)
+    diff = np.argwhere(got != want)
+    if uniforms is None or got.shape != want.shape or not len(diff):
+        return None
+    for b, t in diff:
+        logits = filter_logits(ref_logits[b, t][None], top_k, top_p)
+        u = float(uniforms[b, t])
+        ends = {int(sample_from_uniforms(logits, np.array([x], np.float32))[0])
+                for x in (max(u - NEAR_TIE, 0.0), min(u + NEAR_TIE, 1.0 - 1e-7))}
+        if ends != {int(got[b, t]), int(want[b, t])}:
+            return None
+    return len(diff)
 
 
 def check_scale_by_scale(report: ParityReport, label: str, expected: Run, got: Run, logits_tol: float,

@@ -191,12 +191,13 @@ def split_parity(report: pt.ParityReport, early: Model, late: Model, root: Path,
     label = f"split at {n}" + (f", cfg trimmed at {trim}" if trim is not None else "")
     expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: wrappers vs generate", ref, expected, pt.LOGITS_TOL, None,
-                               pt.IMAGE_TOL)
+                               pt.IMAGE_TOL, sampling=(top_k, top_p))
     steps = {role: pt.session_step(ox.session(root / f)) for role, f in files.items() if role in wrappers}
     dec = ox.session(root / files["decoder"])
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
-                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
+                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL,
+                               sampling=(top_k, top_p))
 
 
 

@@ -236,12 +236,13 @@ def keep_parity(report: pt.ParityReport, model: Model, root: Path, files: dict[s
     label = "token keep " + ",".join(f"{si}:{k}" for si, k in keep.counts.items())
     expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: wrappers vs generate", ref, expected, pt.LOGITS_TOL, None,
-                               pt.IMAGE_TOL)
+                               pt.IMAGE_TOL, sampling=(top_k, top_p))
     steps = {role: pt.session_step(ox.session(root / files[role])) for role in (STEP_GRAPH, PRUNED_STEP_GRAPH)}
     dec = ox.session(root / files["decoder"])
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
-                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL)
+                               lambda f: dec.run(None, {"f_hat": f.astype(np.float32)})[0], pt.IMAGE_TOL,
+                               sampling=(top_k, top_p))
 
 
 
