@@ -123,8 +123,8 @@ class SplitPipeline:
         for si in range(c.num_scales):
             role = self.role(si)
             iface = self.iface(role)
-            if teacher is None and si == self.n:
-                tokens = np.concatenate([o["idx"] for o in run.outputs], 1).astype(np.int64)
+            if si == self.n:  # teacher forced too: a cache kept as Core ML state is built only by the prefill
+                tokens = np.concatenate([o["idx"] for o in (teacher or run).outputs[:si]], 1).astype(np.int64)
                 kv = self.prefill_kv(steps[PREFILL_GRAPH](si, {"labels": labels.astype(np.int64), "tokens": tokens}))
             if teacher is None and si == self.trim:
                 kv = {name: value[:B] for name, value in kv.items()}  # the conditional rows' cache
@@ -136,6 +136,8 @@ class SplitPipeline:
         return run
 
     def prefill_kv(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.late.kv_mode != "io":  # the prefill wrote the state itself
+            return {}
         kv = {}
         for i in range(self.late.var.depth):
             for kind in ("key", "value"):
@@ -228,6 +230,10 @@ def manifest_parts(early: Model, early_ref: str, late: Model, n: int, early_grap
         PREFILL_GRAPH: {**ox.graph_entry(prefill_graph, [prefill_function(StepInterface(late.config, "onnx"), n).to_json()],
                                          None, opset, prefill_notes), "scale_selection": None},
     }
-    generation = {"split_scale": n, "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
-                  "early_model": {"ref": early_ref, "var": early.config.to_dict()["var"]}}
-    return graphs, generation
+    return graphs, generation_fields(early, early_ref, n)
+
+
+def generation_fields(early: Model, early_ref: str, n: int) -> dict[str, Any]:
+    """The manifest's `generation` fields of a split (ONNX and Core ML alike)."""
+    return {"split_scale": n, "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
+            "early_model": {"ref": early_ref, "var": early.config.to_dict()["var"]}}
