@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from evar.checkpoints import Model
 from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract.recipe import Recipe
 from evar.errors import EvarError
 from evar.export import onnx as ox
 from evar.export import parity as pt
@@ -106,9 +107,7 @@ class SplitPipeline:
     trim: int | None
 
     def role(self, si: int) -> str:
-        if si < self.n:
-            return EARLY_STEP_GRAPH
-        return UNGUIDED_STEP_GRAPH if self.trim is not None and si >= self.trim else STEP_GRAPH
+        return Recipe(self.late.var.num_scales, self.n, self.trim).role(si)
 
     def iface(self, role: str) -> StepInterface:
         return {EARLY_STEP_GRAPH: self.early, STEP_GRAPH: self.late, UNGUIDED_STEP_GRAPH: self.unguided}[role]
