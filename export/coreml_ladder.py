@@ -134,10 +134,9 @@ def _example(role: Role, k: int, batch: int, vocab: int) -> dict[str, np.ndarray
     spec = role.specs[k]
     if role.iface is not None:
         return role.iface.example_inputs(spec.scale_index, batch, seed=0)
-    rs = np.random.default_rng(0)
-    labels, tokens = spec.inputs
+    tokens = spec.inputs[1]
     return {"labels": np.arange(batch, dtype=np.int32) % 2,
-            "tokens": rs.integers(0, vocab, tokens.shape).astype(np.int32)}
+            "tokens": np.random.default_rng(0).integers(0, vocab, tokens.shape).astype(np.int32)}
 
 
 def convert_roles(out: Path, staging: Path, roles: dict[str, Role], late: Model, options: cm.CoremlOptions,

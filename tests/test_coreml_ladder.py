@@ -116,11 +116,14 @@ def test_trimmed_functions_run_batch_b_not_2b(artifact):
 
 
 @pytest.mark.parametrize("target", ["iOS18", "iOS17"])
-def test_split_with_one_model_is_the_unsplit_reference_through_the_converted_wrappers(target):
+@pytest.mark.parametrize("split,trim", [(SPLIT, None), (None, TRIM), (SPLIT, TRIM), (2, TRIM)])
+def test_split_with_one_model_is_the_unsplit_reference_through_the_converted_wrappers(target, split, trim):
     """The wrappers a split export converts (two copies of one model), driven through the recipe, give the tokens
     of plain `generate` without a split (no conversion here: the export runs the same wrappers, see above)."""
     late = tiny3()
-    options = _options(target=target, split_scale=SPLIT, cfg_until_scale=TRIM)
+    options = _options(target=target, split_scale=split, cfg_until_scale=trim)
+    if split is None:
+        options = CoremlOptions(target=target, batch=B, top_k=TOP_K, top_p=TOP_P, cfg_until_scale=trim)
     roles = cl.plan_roles(late, late, options)
     iface = StepInterface(late.config, "coreml", kv_mode=options.kv_mode, batch=B)
     steps = [ScaleStep(late, si, top_k=TOP_K, top_p=TOP_P, kv_mode=options.kv_mode, batch=B,
@@ -129,7 +132,7 @@ def test_split_with_one_model_is_the_unsplit_reference_through_the_converted_wra
     run = cl.recipe_parity(report, late, late, steps, iface, roles, options)
     assert report.passed
     labels = pt.parity_labels(B, 4)
-    plain = _tokens(late, labels, pt.PARITY_CFG, trim=TRIM)
+    plain = _tokens(late, labels, pt.PARITY_CFG, trim=trim)
     assert all(np.array_equal(o["idx"].astype(np.int64), t.numpy()) for o, t in zip(run.outputs, plain))
 
 
