@@ -106,8 +106,9 @@ class SplitPipeline:
     n: int
     trim: int | None
 
-    def role(self, si: int) -> str:
-        return Recipe(self.late.var.num_scales, self.n, self.trim).role(si)
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.late.var.num_scales, self.n, self.trim)
 
     def iface(self, role: str) -> StepInterface:
         return {EARLY_STEP_GRAPH: self.early, STEP_GRAPH: self.late, UNGUIDED_STEP_GRAPH: self.unguided}[role]
@@ -119,13 +120,14 @@ class SplitPipeline:
         f_hat = np.zeros((B, c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
         kv: dict[str, np.ndarray] = {}
         run = pt.Run([], [])
+        recipe = self.recipe
         for si in range(c.num_scales):
-            role = self.role(si)
+            role = recipe.role(si)
             iface = self.iface(role)
-            if si == self.n:  # teacher forced too: a cache kept as Core ML state is built only by the prefill
+            if recipe.prefills_at(si):  # teacher forced too: a cache kept as Core ML state is built only by the prefill
                 tokens = np.concatenate([o["idx"] for o in (teacher or run).outputs[:si]], 1).astype(np.int64)
                 kv = self.prefill_kv(steps[PREFILL_GRAPH](si, {"labels": labels.astype(np.int64), "tokens": tokens}))
-            if teacher is None and si == self.trim:
+            if teacher is None and recipe.trims_at(si):
                 kv = {name: value[:B] for name, value in kv.items()}  # the conditional rows' cache
             feeds = teacher.inputs[si] if teacher else pt.scale_feeds(iface, si, labels, f_hat, seed, cfg, kv)
             out = steps[role](si, feeds)
