@@ -22,6 +22,7 @@ ct = pytest.importorskip("coremltools")
 from evar.export import coreml_ladder as cl  # noqa: E402
 from evar.export import parity as pt  # noqa: E402
 from evar.export.artifact import build_coreml  # noqa: E402
+from evar.export import coreml as cm  # noqa: E402
 from evar.export.coreml import CoremlOptions, package_functions  # noqa: E402
 from evar.export.graphs import ScaleStep, VQVAEDecoder  # noqa: E402
 from evar.export.interface import StepInterface  # noqa: E402
@@ -65,9 +66,13 @@ def _tokens(late, labels, cfg, early=None, n=None, trim=None):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
+    """The split + trimmed iOS18 export, its macOS prediction checks run on simulated Core ML (see FakeMLModel)."""
     late, early = _models()
     out = tmp_path_factory.mktemp("coreml-ladder") / "art"
-    result = build_coreml(late, "tests:late", out, _options(split_scale=SPLIT, cfg_until_scale=TRIM), early=early)
+    options = _options(split_scale=SPLIT, cfg_until_scale=TRIM)
+    with pytest.MonkeyPatch.context() as mp:
+        _simulate(mp, late, early, options)
+        result = build_coreml(late, "tests:late", out, options, early=early)
     return out, result
 
 
@@ -88,8 +93,10 @@ def test_manifest_names_the_recipe_and_the_packages_hold_its_functions(artifact)
     assert [f["scale_index"] for f in a.graph(EARLY_STEP_GRAPH)["functions"]] == list(range(SPLIT))
     assert [f["scale_index"] for f in a.graph(UNGUIDED_STEP_GRAPH)["functions"]] == list(range(TRIM, 3))
     checks = result["parity"].checks
-    recipe = [c for c in checks if c.name.startswith(f"coreml split at {SPLIT}, cfg trimmed at {TRIM}: wrappers")]
-    assert recipe and all(c.passed for c in recipe)
+    label = f"coreml split at {SPLIT}, cfg trimmed at {TRIM}"
+    for what in ("wrappers vs generate", "prediction vs wrappers"):  # the second: macOS, simulated here
+        recipe = [c for c in checks if c.name.startswith(f"{label}: {what}")]
+        assert recipe and all(c.passed for c in recipe)
     assert any(c.name.endswith("package structure matches manifest") for c in checks)
 
 
@@ -137,14 +144,23 @@ def test_split_with_one_model_is_the_unsplit_reference_through_the_converted_wra
 
 
 # ---------------------------------------------------------------- the Core ML backend, predictions simulated
+ROLE_FOLDERS = {STEP_GRAPH, EARLY_STEP_GRAPH, UNGUIDED_STEP_GRAPH, PREFILL_GRAPH}  # iOS17: a package per function
+
+
+def _package_key(path) -> str:
+    """decoder_step.mlpackage (iOS18) or decoder_step/scale_0.mlpackage (iOS17), wherever the artifact is."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name in ROLE_FOLDERS else path.name
+
+
 class FakeMLModel:
-    """coremltools' MLModel as far as the backend uses it, running the wrapper that was converted into each
-    function; a state is a copy of the wrapper's cache buffers, loaded before and saved after each prediction."""
+    """coremltools' MLModel as far as EVAR uses it, running the wrapper that was converted into each function;
+    a state is a copy of the wrapper's cache buffers, loaded before and saved after each prediction."""
 
     functions: dict[tuple[str, str | None], tuple[torch.nn.Module, list[str], list[str]]] = {}
 
-    def __init__(self, path: str, compute_units=None, function_name: str | None = None):
-        self.module, self.inputs, self.outputs = self.functions[(str(path), function_name)]
+    def __init__(self, path, compute_units=None, function_name: str | None = None):
+        self.module, self.inputs, self.outputs = self.functions[(_package_key(path), function_name)]
 
     def make_state(self) -> dict[str, torch.Tensor]:
         return {n: torch.zeros_like(b) for n, b in self.module.named_buffers() if n.startswith(("key_", "value_"))}
@@ -162,30 +178,33 @@ class FakeMLModel:
         return {n: o.numpy() for n, o in zip(self.outputs, outs)}
 
 
-def _simulate(monkeypatch, root: Path, late, early, options: CoremlOptions) -> None:
-    """Register, per (package, function) of the manifest, the wrapper the export converted into it."""
-    a = load_artifact(root)
-    roles = cl.plan_roles(late, early, options)
+def _simulate(monkeypatch, late, early, options: CoremlOptions) -> None:
+    """Core ML on Linux: every (package, function) an export of this recipe writes runs the wrapper converted
+    into it, for the export's macOS checks (predict_runner) and, after `_on_macos`, the runtime."""
+    io = options.kv_mode == "io"
     iface = StepInterface(late.config, "coreml", kv_mode=options.kv_mode, batch=B)
-    table = {}
     names = lambda spec: ([t.name for t in spec.inputs], [t.name for t in spec.outputs])  # noqa: E731
+
+    def key(role: str, file: str, function: str):
+        return (f"{file}/{function}.mlpackage", None) if io else (file, function)
+
+    table = {("vqvae_decoder.mlpackage", None): (VQVAEDecoder(late).eval(), ["f_hat"], ["image"])}
     for si in range(3):
         module = ScaleStep(late, si, top_k=TOP_K, top_p=TOP_P, kv_mode=options.kv_mode, batch=B,
                            index_dtype=torch.int32).eval()
-        table[(STEP_GRAPH, f"scale_{si}")] = (module, *names(iface.function(si)))
-    for role in roles.values():
+        table[key(STEP_GRAPH, STEP_GRAPH if io else f"{STEP_GRAPH}.mlpackage", f"scale_{si}")] = \
+            (module, *names(iface.function(si)))
+    for role in cl.plan_roles(late, early, options).values():
         for spec, module in zip(role.specs, role.modules):
-            table[(role.name, spec.name)] = (module, *names(spec))
-    FakeMLModel.functions = {}
-    for role, graph in a.data["graphs"].items():
-        for f in graph["functions"]:
-            package = str(root / (f.get("file") or graph["file"]))
-            inner = None if f.get("file") or role == DECODER_GRAPH else f["name"]
-            if role == DECODER_GRAPH:
-                spec = (VQVAEDecoder(late).eval(), ["f_hat"], ["image"])
-            else:
-                spec = table[(role, f["name"])]
-            FakeMLModel.functions[(package, inner)] = spec
+            table[key(role.name, role.file, spec.name)] = (module, *names(spec))
+    FakeMLModel.functions = table
+    monkeypatch.setattr(cm, "can_predict", lambda: (True, ""))
+    monkeypatch.setattr(cm, "predict_runner", lambda path, function, compute_units="cpu_only":
+                        FakeMLModel(path, function_name=function))
+
+
+def _on_macos(monkeypatch) -> None:
+    """The runtime's view: macOS, and coremltools' MLModel predicting (after the export: its converter uses it)."""
     monkeypatch.setattr("evar.runtime.backends.base.platform.system", lambda: "Darwin")
     monkeypatch.setattr(ct.models, "MLModel", FakeMLModel)
 
@@ -195,7 +214,8 @@ def test_coreml_backend_follows_the_split_and_trimmed_manifest(artifact, monkeyp
 
     out, _ = artifact
     late, early = _models()
-    _simulate(monkeypatch, out, late, early, _options(split_scale=SPLIT, cfg_until_scale=TRIM))
+    _simulate(monkeypatch, late, early, _options(split_scale=SPLIT, cfg_until_scale=TRIM))
+    _on_macos(monkeypatch)
     labels = np.array([1, 3])
     got = Generator(out, "coreml-cpu").generate(labels, seed=pt.PARITY_SEED, cfg=pt.PARITY_CFG)
     ref = _tokens(late, labels, pt.PARITY_CFG, early, SPLIT, TRIM)
@@ -211,13 +231,16 @@ def test_ios17_split_and_trim_runs_like_onnx(tmp_path, monkeypatch):
     late, early = _models()
     options = _options(target="iOS17", split_scale=SPLIT, cfg_until_scale=TRIM)
     out = tmp_path / "art"
+    _simulate(monkeypatch, late, early, options)
     result = build_coreml(late, "tests:late", out, options, early=early)
     assert result["parity"].passed
+    assert any(c.name.startswith("coreml split at 1, cfg trimmed at 2: prediction vs wrappers")
+               for c in result["parity"].checks)
+    _on_macos(monkeypatch)
     a = load_artifact(out)
     assert all(f.get("file") for r in (EARLY_STEP_GRAPH, UNGUIDED_STEP_GRAPH, PREFILL_GRAPH)
                for f in a.graph(r)["functions"])
     assert [t["shape"][2] for t in a.function(PREFILL_GRAPH)["outputs"]] == [1] * 4  # presents of scale 0
-    _simulate(monkeypatch, out, late, early, options)
     labels = np.array([0, 2])
     got = Generator(out, "coreml-cpu").generate(labels, seed=pt.PARITY_SEED, cfg=pt.PARITY_CFG)
     ref = _tokens(late, labels, pt.PARITY_CFG, early, SPLIT, TRIM)
