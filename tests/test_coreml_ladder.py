@@ -224,6 +224,31 @@ def test_coreml_backend_follows_the_split_and_trimmed_manifest(artifact, monkeyp
     assert not all(np.array_equal(a, b.numpy()) for a, b in zip(got.tokens, _tokens(late, labels, pt.PARITY_CFG)))
 
 
+def test_coreml_backend_runs_what_the_manifest_says_not_what_the_packages_hold(artifact, monkeypatch, tmp_path):
+    """The same packages under a manifest without the recipe: the plain compressed model's tokens."""
+    import json
+    import shutil
+
+    from evar.runtime.generator import Generator
+
+    out, _ = artifact
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    m = json.loads((plain / "manifest.json").read_text())
+    del m["generation"]
+    for role in (EARLY_STEP_GRAPH, UNGUIDED_STEP_GRAPH, PREFILL_GRAPH):
+        del m["graphs"][role]
+    m["files"] = [f for f in m["files"] if not f["path"].startswith(EARLY_STEP_GRAPH)]
+    shutil.rmtree(plain / f"{EARLY_STEP_GRAPH}.mlpackage")
+    (plain / "manifest.json").write_text(json.dumps(m))
+    late, early = _models()
+    _simulate(monkeypatch, late, early, _options(split_scale=SPLIT, cfg_until_scale=TRIM))
+    _on_macos(monkeypatch)
+    labels = np.array([1, 3])
+    got = Generator(plain, "coreml-cpu").generate(labels, seed=pt.PARITY_SEED, cfg=pt.PARITY_CFG)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(got.tokens, _tokens(late, labels, pt.PARITY_CFG)))
+
+
 @pytest.mark.slow  # ~40 s: a second conversion of every function, one package each
 def test_ios17_split_and_trim_runs_like_onnx(tmp_path, monkeypatch):
     from evar.runtime.generator import Generator
