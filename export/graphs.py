@@ -44,7 +44,8 @@ class ScaleStep(nn.Module):
         self.begin, self.end = c.scale_ranges()[si]
         self.depth, self.num_classes = c.depth, c.num_classes
         self.top_k, self.top_p, self.kv_mode, self.index_dtype = top_k, top_p, kv_mode, index_dtype
-        self.guided, self.batch = guided, batch
+        self.guided = guided
+        self.rows = slice(None) if guided else slice(0, batch)  # the state rows this step reads and writes
         if kv_mode == "state":
             if batch is None:
                 raise ValueError("a state KV cache needs a static batch")
@@ -57,9 +58,8 @@ class ScaleStep(nn.Module):
         if self.begin == 0:
             return [None] * self.depth
         if self.kv_mode == "state":
-            rows = slice(None) if self.guided else slice(0, self.batch)
-            return [(getattr(self, f"key_cache_{i}")[rows, :, : self.begin],
-                     getattr(self, f"value_cache_{i}")[rows, :, : self.begin]) for i in range(self.depth)]
+            return [(getattr(self, f"key_cache_{i}")[self.rows, :, : self.begin],
+                     getattr(self, f"value_cache_{i}")[self.rows, :, : self.begin]) for i in range(self.depth)]
         return [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
 
     def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, *rest: Tensor):
@@ -76,12 +76,8 @@ class ScaleStep(nn.Module):
             for i, (k, v) in enumerate(out.presents):
                 if self.begin:  # (a full slice [0:] would trace to an alias, which Core ML cannot convert)
                     k, v = k[:, :, self.begin:], v[:, :, self.begin:]
-                if self.guided:
-                    getattr(self, f"key_cache_{i}")[:, :, self.begin: self.end] = k
-                    getattr(self, f"value_cache_{i}")[:, :, self.begin: self.end] = v
-                else:
-                    getattr(self, f"key_cache_{i}")[: self.batch, :, self.begin: self.end] = k
-                    getattr(self, f"value_cache_{i}")[: self.batch, :, self.begin: self.end] = v
+                getattr(self, f"key_cache_{i}")[self.rows, :, self.begin: self.end] = k
+                getattr(self, f"value_cache_{i}")[self.rows, :, self.begin: self.end] = v
             return out.logits, idx, out.f_hat
         return (out.logits, idx, out.f_hat, *[t for kv in out.presents for t in kv])
 
