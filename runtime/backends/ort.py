@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import DECODER_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, Artifact, ManifestError
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
+                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError)
 from evar.runtime.backends.recipe import RecipeLoop, as_array
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
@@ -83,6 +84,13 @@ class OrtBackend(RecipeLoop):
         self.decoder = open_session(ort, artifact, DECODER_GRAPH, providers, self.threads)
         self.keep = artifact.token_keep  # token pruning: scale → static keep count
         self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
+
+    # each role's session by name (None where the recipe does not run it): benchmarks time them
+    step = property(lambda self: self.sessions.get(STEP_GRAPH))
+    unguided = property(lambda self: self.sessions.get(UNGUIDED_STEP_GRAPH))
+    early = property(lambda self: self.sessions.get(EARLY_STEP_GRAPH))
+    prefill = property(lambda self: self.sessions.get(PREFILL_GRAPH))
+    pruned = property(lambda self: self.sessions.get(PRUNED_STEP_GRAPH))
 
     def _step(self, role: str, si: int, uniforms: np.ndarray) -> np.ndarray:
         if role != PRUNED_STEP_GRAPH:
