@@ -98,6 +98,10 @@ def test_manifest_names_the_recipe_and_the_packages_hold_its_functions(artifact)
         recipe = [c for c in checks if c.name.startswith(f"{label}: {what}")]
         assert recipe and all(c.passed for c in recipe)
     assert any(c.name.endswith("package structure matches manifest") for c in checks)
+    from evar.export.inspect import report
+
+    text = report(out)
+    assert all(f"[{role}] {STEP_GRAPH}.mlpackage" in text for role in (UNGUIDED_STEP_GRAPH, PREFILL_GRAPH))
 
 
 def test_trimmed_functions_run_batch_b_not_2b(artifact):

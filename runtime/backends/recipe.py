@@ -26,6 +26,7 @@ class RecipeLoop:
 
     def _init_recipe(self, artifact: Artifact) -> None:
         self.artifact, self.recipe = artifact, Recipe.of(artifact)
+        self.role_of_scale = [self.recipe.role(si) for si in range(artifact.num_scales)]
         self.links = {role: artifact.kv_links(role) if role == EARLY_STEP_GRAPH else artifact.past_of_present()
                       for role in self.recipe.roles()}  # present output → past input, per step role
         self.idx_name = {role: self._role_of(role, "idx") for role in self.recipe.roles()}
@@ -49,7 +50,7 @@ class RecipeLoop:
         self.tokens: list[np.ndarray] = []  # scale split: the early scales' tokens, for the prefill
 
     def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        role = self.recipe.role(si)
+        role = self.role_of_scale[si]
         if self.recipe.prefills_at(si):
             self.past = self._prefill()
         if self.recipe.trims_at(si):  # keep the conditional rows [0, B) of the cache (a state has none here)
