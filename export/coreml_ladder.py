@@ -31,14 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from evar.checkpoints import Model
-from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract import DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
 from evar.export import cfg_trim
 from evar.export import coreml as cm
 from evar.export import parity as pt
 from evar.export import split as sp
 from evar.export.graphs import ScaleStep
 from evar.export.interface import FunctionSpec, StepInterface, TensorSpec
-from evar.models.decoding import cfg_labels, prefill
 
 UNGUIDED_PREFIX = "unguided_"
 
@@ -285,14 +284,14 @@ def predict_parity(report: pt.ParityReport, root: Path, graphs: dict[str, Any], 
     states: dict[Path, Any] = {}
     steps: dict[str, pt.StepFn] = {}
     for role, graph in graphs.items():
-        if role == "vqvae_decoder":
+        if role == DECODER_GRAPH:
             continue
         fns = {}
         for f in graph["functions"]:
             path, name = cm.function_packages(root, graph)[f["name"]]
             model = cm.predict_runner(path, None if name == "main" else name)
-            if f.get("states"):
-                states.setdefault(path, model.make_state())
+            if f.get("states") and path not in states:  # one state per package file, as the runtime makes them
+                states[path] = model.make_state()
             fns[f["scale_index"] if f["scale_index"] is not None else -1] = _predict_fn(model, states.get(path), f)
         steps[role] = by_scale(fns)
     got = drive(pipeline_for(late, early, options), steps, expected.inputs[0]["labels"], pt.PARITY_SEED,
