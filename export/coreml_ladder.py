@@ -227,7 +227,7 @@ def by_scale(fns: dict[int, pt.StepFn]) -> pt.StepFn:
 
 def pipeline_for(late: Model, early: Model | None, options: cm.CoremlOptions):
     """The recipe's pipeline over Core ML interfaces (the same drivers as the ONNX export)."""
-    kw = dict(kv_mode=options.kv_mode, batch=options.batch)
+    kw: dict[str, Any] = {"kv_mode": options.kv_mode, "batch": options.batch}
     late_iface = StepInterface(late.config, "coreml", **kw)
     trim = options.cfg_until_scale
     unguided = StepInterface(late.config, "coreml", guided=False, **kw) if trim is not None else None

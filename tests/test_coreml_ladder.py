@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -13,19 +14,18 @@ import torch
 
 from evar.checkpoints import build_model, save_model_dir
 from evar.config import ModelConfig, VARConfig, VQVAEConfig
-from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH,
-                           load_artifact)
+from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, load_artifact
 from evar.models.decoding import generate
 
 ct = pytest.importorskip("coremltools")
 
-from evar.export import coreml_ladder as cl  # noqa: E402
-from evar.export import parity as pt  # noqa: E402
-from evar.export.artifact import build_coreml  # noqa: E402
-from evar.export import coreml as cm  # noqa: E402
-from evar.export.coreml import CoremlOptions, package_functions  # noqa: E402
-from evar.export.graphs import ScaleStep, VQVAEDecoder  # noqa: E402
-from evar.export.interface import StepInterface  # noqa: E402
+from evar.export import coreml as cm
+from evar.export import coreml_ladder as cl
+from evar.export import parity as pt
+from evar.export.artifact import build_coreml
+from evar.export.coreml import CoremlOptions, package_functions
+from evar.export.graphs import ScaleStep, VQVAEDecoder
+from evar.export.interface import StepInterface
 
 TOP_K, TOP_P, B = 8, 0.9, 2
 SPLIT, TRIM = 1, 2
@@ -161,7 +161,7 @@ class FakeMLModel:
     """coremltools' MLModel as far as EVAR uses it, running the wrapper that was converted into each function;
     a state is a copy of the wrapper's cache buffers, loaded before and saved after each prediction."""
 
-    functions: dict[tuple[str, str | None], tuple[torch.nn.Module, list[str], list[str]]] = {}
+    functions: ClassVar[dict[tuple[str, str | None], tuple[torch.nn.Module, list[str], list[str]]]] = {}
 
     def __init__(self, path, compute_units=None, function_name: str | None = None):
         self.module, self.inputs, self.outputs = self.functions[(_package_key(path), function_name)]
@@ -187,7 +187,7 @@ def _simulate(monkeypatch, late, early, options: CoremlOptions) -> None:
     into it, for the export's macOS checks (predict_runner) and, after `_on_macos`, the runtime."""
     io = options.kv_mode == "io"
     iface = StepInterface(late.config, "coreml", kv_mode=options.kv_mode, batch=B)
-    names = lambda spec: ([t.name for t in spec.inputs], [t.name for t in spec.outputs])  # noqa: E731
+    names = lambda spec: ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
 
     def key(role: str, file: str, function: str):
         return (f"{file}/{function}.mlpackage", None) if io else (file, function)

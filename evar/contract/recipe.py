@@ -25,7 +25,7 @@ class Recipe:
     cache_scale: int | None = None  # token pruning: the pruned graph runs from here on
 
     @classmethod
-    def of(cls, artifact: Any) -> "Recipe":
+    def of(cls, artifact: Any) -> Recipe:
         """The recipe an `evar.contract.Artifact`'s manifest states."""
         return cls(artifact.num_scales, artifact.split_scale, artifact.cfg_until_scale,
                    artifact.cache_scale if artifact.token_keep else None)
