@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from evar import contract
 from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
                            UNGUIDED_STEP_GRAPH)
 from evar.export import coreml as cm
+from evar.export import coreml_ladder as cl
 from evar.export import onnx as ox
 from evar.export import cfg_trim
 from evar.export import split as sp
@@ -316,13 +318,15 @@ def quantize_onnx_steps(model: Model, tmp: Path, steps: list[ox.OnnxGraph], opti
 def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[torch.nn.Module],
                   manifest_graphs: dict[str, Any], options: cm.CoremlOptions) -> pt.ParityReport:
     report = pt.ParityReport()
-    # 1. the packages declare exactly the manifest's functions, inputs, outputs and states
-    for role, graph in manifest_graphs.items():
-        if any(f.get("file") for f in graph["functions"]):  # one package per function (iOS17)
-            for f in graph["functions"]:
-                check_package_structure(report, out / f["file"], [{**f, "name": "main"}], f"{role}/{f['name']}")
-        else:
-            check_package_structure(report, out / graph["file"], graph["functions"], role)
+    # 1. the packages declare exactly the manifest's functions, inputs, outputs and states (a package may hold
+    # the functions of several roles: a recipe's unguided and prefill functions share decoder_step's state)
+    packages: dict[Path, list[dict[str, Any]]] = {}
+    for graph in manifest_graphs.values():
+        for f in graph["functions"]:
+            path, name = cm.function_packages(out, graph)[f["name"]]
+            packages.setdefault(path, []).append({**f, "name": name})
+    for path, functions in packages.items():
+        check_package_structure(report, path, functions, path.relative_to(out).as_posix())
     # 2. the export-ready wrappers (what was converted) against the original model
     labels = pt.parity_labels(iface.batch, iface.var.num_classes)
     ref = pt.reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, options.top_k, options.top_p)
@@ -400,11 +404,16 @@ def _sparse_details(model: Model, compress: str) -> dict:
                                                                              "constexpr_lut_to_sparse)" if "+" in compress else ")")}
 
 
-def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions, command: str | None = None) -> dict:
+def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOptions, command: str | None = None,
+                 early: Model | None = None) -> dict:
+    """`early` (with options.split_scale): the early model of a scale split (evar.export.coreml_ladder)."""
     options.validate()
     _check_options(options.top_k, options.top_p)
     sparse = _sparse_details(model, options.compress)
+    check_cfg_until_scale(options.cfg_until_scale, model.config.var.num_scales)
+    sp.check_plan(model, early, options.split_scale, options.cfg_until_scale)
     model = export_ready(model)
+    early = export_ready(early) if early is not None else None
     t0 = time.perf_counter()
     meta = {"evar.format": FORMAT, "evar.model_ref": model_ref, "evar.rng": rng.RNG_NAME,
             "evar.top_k": str(options.top_k), "evar.top_p": str(options.top_p)}
@@ -415,7 +424,13 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         return build_ane(model, model_ref, out, options, base, CFG_DEFAULT, meta)
     with atomic_dir(out) as tmp:
         notes: list[str] = []
-        iface, wrappers = cm.export_step(model, tmp, options, meta, notes)
+        roles = cl.plan_roles(model, early, options)
+        with tempfile.TemporaryDirectory(prefix="evar-coreml-", dir=tmp) as staging:
+            packages = cl.convert_roles(tmp, Path(staging), roles, model, options, meta)
+            iface, wrappers = cm.export_step(model, tmp, options, meta, notes,
+                                             extra=packages.pop(f"{STEP_GRAPH}.mlpackage", []))
+            for file, functions in packages.items():  # the early model's package
+                cm.merge_functions(functions, tmp / file, functions[0][0])
         diface = cm.export_decoder(model, tmp, options, meta)
         export_s = time.perf_counter() - t0
         common = {"format": "coreml", "external_data": None, "opset": None, "target": options.target,
@@ -432,7 +447,14 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
             DECODER_GRAPH: {**common, "file": f"{DECODER_GRAPH}.mlpackage", "functions": [diface.function().to_json()],
                             "default_function": "main", "scale_selection": None, "notes": []},
         }
+        graphs.update(cl.graph_entries(roles, common, options, options.early_model))
         report = coreml_parity(model, tmp, iface, wrappers, graphs, options)
+        extra: dict[str, Any] = {}
+        if roles:
+            run = cl.recipe_parity(report, model, early, wrappers, iface, roles, options)
+            if cm.can_predict()[0]:
+                cl.predict_parity(report, tmp, graphs, model, early, run, options)
+            extra["generation"] = cl.generation_fields(model, early, options)
         report.raise_if_failed(f"Core ML export of {model_ref}")
         fp32_ops = ["sampling tail: CFG, top-k/top-p, softmax, cumsum, inverse-CDF compare"] \
             if options.precision == "fp16" else []
@@ -441,7 +463,7 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
                    "2:4+palettize4": "sparse-palettized"}[options.compress]
         compression = {"method": options.compress, "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
                        "details": {"weight_threshold": 2048, **sparse} if options.compress != "none" else {}}
-        manifest = {**_base(model, "coreml", model_ref, command, iface), "graphs": graphs,
+        manifest = {**_base(model, "coreml", model_ref, command, iface), **extra, "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
                     "precision": {"weights": weights, "compute": options.precision, "fp32_ops": fp32_ops},
                     "compression": compression, "parity": report.to_json()}

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from evar.checkpoints import Model
+from evar.contract import UNGUIDED_STEP_GRAPH
+from evar.contract.recipe import Recipe
 from evar.export import parity as pt
 from evar.export.graphs import DynamicStep
 from evar.export.interface import StepInterface
@@ -38,10 +40,11 @@ class TrimmedPipeline:
         f_hat = np.zeros((B, c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
         kv: dict[str, np.ndarray] = {}
         run = pt.Run([], [])
+        recipe = Recipe(c.num_scales, cfg_until_scale=self.n)
         for si in range(c.num_scales):
-            trimmed = si >= self.n
+            trimmed = recipe.role(si) == UNGUIDED_STEP_GRAPH
             iface = self.unguided if trimmed else self.guided
-            if si == self.n:
+            if recipe.trims_at(si):
                 kv = {name: value[:B] for name, value in kv.items()}  # the conditional rows' cache
             feeds = teacher.inputs[si] if teacher else pt.scale_feeds(iface, si, labels, f_hat, seed, cfg, kv)
             out = steps[trimmed](si, feeds)

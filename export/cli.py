@@ -118,6 +118,13 @@ def coreml(
                                                       "from `evar sparsify --pattern 2:4`)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
+    cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run unguided functions, "
+                                                                "conditional rows only (batch B, not 2B)")] = None,
+    early_model: Annotated[Optional[str], typer.Option(help="scale split: the model (same tokenizer) whose functions "
+                                                            "generate the scales before --split-scale")] = None,
+    split_scale: Annotated[Optional[int], typer.Option(help="scale split: the first scale --model generates (after "
+                                                            "its prefill function builds its cache from the early tokens)")] = None,
+    token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: ONNX only for now (refused here)")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
                                                        "function each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
@@ -127,11 +134,13 @@ def coreml(
     from evar.export.coreml import CoremlOptions
 
     options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
-                            batch=batch, top_k=top_k, top_p=top_p)
+                            batch=batch, top_k=top_k, top_p=top_p, cfg_until_scale=cfg_until_scale,
+                            split_scale=split_scale, early_model=early_model, token_keep=token_keep)
     options.validate()
     from evar.export.dd_export import routes_to_dd
 
-    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "target", "compress")):
+    if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "target", "compress", "cfg_until_scale",
+                                             "early_model", "split_scale", "token_keep")):
         from evar.export.dd_coreml import build_dd_coreml
         from evar.export.dd_export import export_command
 
@@ -140,11 +149,12 @@ def coreml(
                                      2 if precision == "fp16" else 4,
                                      lambda m, ts: build_dd_coreml(m, model, out, options, ts, command)))
         return
-    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt]):
+    with claim_output(out, "dir", overwrite=overwrite, inputs=[model, var_ckpt, vae_ckpt, early_model]):
         from evar.export.artifact import build_coreml
 
         loaded = _load(model, var_ckpt, vae_ckpt, out, 2 if precision == "fp16" else 4)
-        result = build_coreml(loaded, model, out, options, command_line("evar-export"))
+        early = _load(early_model, None, None, out, 2 if precision == "fp16" else 4) if early_model is not None else None
+        result = build_coreml(loaded, model, out, options, command_line("evar-export"), early=early)
     _summary(out, result)
 
 

@@ -55,8 +55,13 @@ class CoremlOptions:
     batch: int = 1
     top_k: int = 0
     top_p: float = 0.0
+    cfg_until_scale: int | None = None  # CFG trimming (evar.export.coreml_ladder): unguided functions from N
+    split_scale: int | None = None  # scale split: the early model's functions run scales < N
+    early_model: str | None = None  # its reference, as given
+    token_keep: str | None = None  # refused: late-scale token pruning is ONNX only
 
     def validate(self) -> None:
+        self._validate_recipe()
         if self.precision not in ("fp16", "fp32"):
             raise EvarError(f"Core ML precision must be fp16 or fp32, got '{self.precision}'")
         if self.target not in TARGETS:
@@ -70,6 +75,19 @@ class CoremlOptions:
             raise EvarError(f"batch must be >= 1, got {self.batch}")
         if self.target == "ane" and self.precision != "fp16":
             raise EvarError("--target ane computes in fp16 (the Neural Engine has no fp32); drop --precision fp32")
+
+    def _validate_recipe(self) -> None:
+        """What --token-keep and --target ane do not take: one line, before any model is loaded."""
+        if self.token_keep:
+            raise EvarError("--token-keep is ONNX only for now (its pruned step graph has no Core ML conversion): "
+                            "use `evar-export onnx --token-keep`")
+        asked = [flag for flag, value in (("--cfg-until-scale", self.cfg_until_scale),
+                                          ("--split-scale", self.split_scale)) if value is not None]
+        if self.target == "ane" and asked:
+            raise EvarError(f"--target ane does not take {' / '.join(asked)} yet (its host-sampled layout has no "
+                            "unguided, prefill or early functions): use --target iOS18 or iOS17")
+        if (self.split_scale is None) != (self.early_model is None):
+            raise EvarError("a scale split needs both --early-model and --split-scale")
 
     @property
     def kv_mode(self) -> str:
@@ -225,9 +243,9 @@ def _metadata(mlmodel, fields: dict[str, str]) -> None:
 
 
 def export_step(model: Model, out: Path, options: CoremlOptions, metadata: dict[str, str],
-                notes: list[str]) -> tuple[StepInterface, list[ScaleStep]]:
-    """Convert every scale, merge them into OUT/decoder_step.mlpackage (one weight copy). Returns the wrappers."""
-    ct = _ct()
+                 notes: list[str], extra: list[tuple[str, Path]] = ()) -> tuple[StepInterface, list[ScaleStep]]:
+    """Convert every scale, merge them into OUT/decoder_step.mlpackage (one weight copy). Returns the wrappers.
+    `extra`: more (function name, single-function package) to merge into it (the recipes of coreml_ladder)."""
     c = model.config.var
     iface = StepInterface(model.config, "coreml", kv_mode=options.kv_mode, batch=options.batch)
     wrappers = []
@@ -248,7 +266,7 @@ def export_step(model: Model, out: Path, options: CoremlOptions, metadata: dict[
                      "multifunction packages need iOS18; each package stores its own copy of the weights")
         return iface, wrappers
     with tempfile.TemporaryDirectory(prefix="evar-coreml-", dir=out) as tmp:
-        desc = ct.utils.MultiFunctionDescriptor()
+        functions = []
         for si in range(c.num_scales):
             fn = iface.function(si)
             step = ScaleStep(model, si, top_k=options.top_k, top_p=options.top_p, kv_mode=options.kv_mode,
@@ -259,16 +277,25 @@ def export_step(model: Model, out: Path, options: CoremlOptions, metadata: dict[
             path = Path(tmp) / f"{fn.name}.mlpackage"
             with _quiet():
                 mlmodel.save(str(path))
-            desc.add_function(str(path), src_function_name="main", target_function_name=fn.name)
+            functions.append((fn.name, path))
             del mlmodel
-        desc.default_function_name = iface.function_name(0)
-        with _quiet():
-            ct.utils.save_multifunction(desc, str(out / f"{STEP_GRAPH}.mlpackage"))
+        merge_functions(functions + list(extra), out / f"{STEP_GRAPH}.mlpackage", iface.function_name(0))
     notes.append(f"{c.num_scales} functions scale_0..scale_{c.num_scales - 1}; identical weights are stored once")
     if options.kv_mode == "state":
         notes.append("KV cache as state: make one state per image batch and pass it to every scale's function "
                      "in order; verify on device that a state made by one function is accepted by the others")
     return iface, wrappers
+
+
+def merge_functions(functions: list[tuple[str, Path]], target: Path, default: str) -> None:
+    """Single-function packages (function name, path) → one multifunction package (identical weights stored once)."""
+    ct = _ct()
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in functions:
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = default
+    with _quiet():
+        ct.utils.save_multifunction(desc, str(target))
 
 
 def export_decoder(model: Model, out: Path, options: CoremlOptions, metadata: dict[str, str]) -> DecoderInterface:

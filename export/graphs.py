@@ -29,10 +29,13 @@ from evar.models.vqvae import resize_matrix
 
 class ScaleStep(nn.Module):
     """Scale `si` with static shapes. kv_mode "io": past tensors in (none at scale 0), presents out;
-    "state": per-layer cache buffers (2B, heads_i, L, head_dim) written in place at [begin, end)."""
+    "state": per-layer cache buffers (2B, heads_i, L, head_dim) written in place at [begin, end).
+    `guided=False` (the unguided step of CFG trimming): the conditional rows only and no cfg input; io pasts and
+    presents have B rows, a state keeps its 2B rows (one state for the whole generation) and only rows [0, B)
+    are read and written."""
 
     def __init__(self, model: Model, si: int, *, top_k: int, top_p: float, kv_mode: str = "io",
-                 batch: int | None = None, index_dtype: torch.dtype = torch.int64):
+                 batch: int | None = None, index_dtype: torch.dtype = torch.int64, guided: bool = True):
         super().__init__()
         self.var, self.vqvae = model.var, model.vqvae
         self.ops = EagerOps(model.var, model.vqvae)
@@ -41,6 +44,8 @@ class ScaleStep(nn.Module):
         self.begin, self.end = c.scale_ranges()[si]
         self.depth, self.num_classes = c.depth, c.num_classes
         self.top_k, self.top_p, self.kv_mode, self.index_dtype = top_k, top_p, kv_mode, index_dtype
+        self.guided = guided
+        self.rows = slice(None) if guided else slice(0, batch)  # the state rows this step reads and writes
         if kv_mode == "state":
             if batch is None:
                 raise ValueError("a state KV cache needs a static batch")
@@ -53,21 +58,26 @@ class ScaleStep(nn.Module):
         if self.begin == 0:
             return [None] * self.depth
         if self.kv_mode == "state":
-            return [(getattr(self, f"key_cache_{i}")[:, :, : self.begin],
-                     getattr(self, f"value_cache_{i}")[:, :, : self.begin]) for i in range(self.depth)]
+            return [(getattr(self, f"key_cache_{i}")[self.rows, :, : self.begin],
+                     getattr(self, f"value_cache_{i}")[self.rows, :, : self.begin]) for i in range(self.depth)]
         return [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
 
-    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, cfg: Tensor, *past_flat: Tensor):
-        cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, *rest: Tensor):
+        if self.guided:
+            cfg, past_flat = rest[0], rest[1:]
+            cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+        else:
+            cfg, past_flat = 0.0, rest
+            cond_BD = self.var.class_emb(labels)
         out = decode_scale(self.var, self.ops, self.si, cond_BD, f_hat, uniforms, cfg, self._past(past_flat),
-                           self.top_k, self.top_p)
+                           self.top_k, self.top_p, self.guided)
         idx = out.idx.to(self.index_dtype)
         if self.kv_mode == "state":
             for i, (k, v) in enumerate(out.presents):
                 if self.begin:  # (a full slice [0:] would trace to an alias, which Core ML cannot convert)
                     k, v = k[:, :, self.begin:], v[:, :, self.begin:]
-                getattr(self, f"key_cache_{i}")[:, :, self.begin: self.end] = k
-                getattr(self, f"value_cache_{i}")[:, :, self.begin: self.end] = v
+                getattr(self, f"key_cache_{i}")[self.rows, :, self.begin: self.end] = k
+                getattr(self, f"value_cache_{i}")[self.rows, :, self.begin: self.end] = v
             return out.logits, idx, out.f_hat
         return (out.logits, idx, out.f_hat, *[t for kv in out.presents for t in kv])
 

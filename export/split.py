@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from evar.checkpoints import Model
 from evar.contract import EARLY_STEP_GRAPH, PREFILL_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract.recipe import Recipe
 from evar.errors import EvarError
 from evar.export import onnx as ox
 from evar.export import parity as pt
@@ -110,10 +111,9 @@ class SplitPipeline:
     n: int
     trim: int | None
 
-    def role(self, si: int) -> str:
-        if si < self.n:
-            return EARLY_STEP_GRAPH
-        return UNGUIDED_STEP_GRAPH if self.trim is not None and si >= self.trim else STEP_GRAPH
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.late.var.num_scales, self.n, self.trim)
 
     def iface(self, role: str) -> StepInterface:
         return {EARLY_STEP_GRAPH: self.early, STEP_GRAPH: self.late, UNGUIDED_STEP_GRAPH: self.unguided}[role]
@@ -125,13 +125,14 @@ class SplitPipeline:
         f_hat = np.zeros((B, c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
         kv: dict[str, np.ndarray] = {}
         run = pt.Run([], [])
+        recipe = self.recipe
         for si in range(c.num_scales):
-            role = self.role(si)
+            role = recipe.role(si)
             iface = self.iface(role)
-            if teacher is None and si == self.n:
-                tokens = np.concatenate([o["idx"] for o in run.outputs], 1).astype(np.int64)
+            if recipe.prefills_at(si):  # teacher forced too: a cache kept as Core ML state is built only by the prefill
+                tokens = np.concatenate([o["idx"] for o in (teacher or run).outputs[:si]], 1).astype(np.int64)
                 kv = self.prefill_kv(steps[PREFILL_GRAPH](si, {"labels": labels.astype(np.int64), "tokens": tokens}))
-            if teacher is None and si == self.trim:
+            if teacher is None and recipe.trims_at(si):
                 kv = {name: value[:B] for name, value in kv.items()}  # the conditional rows' cache
             feeds = teacher.inputs[si] if teacher else pt.scale_feeds(iface, si, labels, f_hat, seed, cfg, kv)
             out = steps[role](si, feeds)
@@ -141,6 +142,8 @@ class SplitPipeline:
         return run
 
     def prefill_kv(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.late.kv_mode != "io":  # the prefill wrote the state itself
+            return {}
         kv = {}
         for i in range(self.late.var.depth):
             for kind in ("key", "value"):
@@ -234,6 +237,10 @@ def manifest_parts(early: Model, early_ref: str, late: Model, n: int, early_grap
         PREFILL_GRAPH: {**ox.graph_entry(prefill_graph, [prefill_function(StepInterface(late.config, "onnx"), n).to_json()],
                                          None, opset, prefill_notes), "scale_selection": None},
     }
-    generation = {"split_scale": n, "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
-                  "early_model": {"ref": early_ref, "var": early.config.to_dict()["var"]}}
-    return graphs, generation
+    return graphs, generation_fields(early, early_ref, n)
+
+
+def generation_fields(early: Model, early_ref: str, n: int) -> dict[str, Any]:
+    """The manifest's `generation` fields of a split (ONNX and Core ML alike)."""
+    return {"split_scale": n, "early_graph": EARLY_STEP_GRAPH, "prefill_graph": PREFILL_GRAPH,
+            "early_model": {"ref": early_ref, "var": early.config.to_dict()["var"]}}

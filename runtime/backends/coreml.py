@@ -3,16 +3,21 @@
 macOS only (Core ML prediction does not exist elsewhere); everywhere else the constructor raises one clear
 error before touching coremltools. iOS18 artifacts keep the KV cache in a state made once per generation
 and passed to every scale's function (`make_state` / `predict(..., state=)`); iOS17 artifacts pass it
-as inputs/outputs.
+as inputs/outputs. The recipe (CFG trimming, scale split: the manifest's `generation`) is followed by the loop
+the onnxruntime backend runs too (`RecipeLoop`); here a state belongs to a package file: every function of one
+file (decoder_step.mlpackage holds the compressed model's scale, unguided and prefill functions) gets the
+state made for that file, the early model's package its own.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import DECODER_GRAPH, STEP_GRAPH, Artifact, step_feeds
+from evar.contract import DECODER_GRAPH, PREFILL_GRAPH, Artifact
+from evar.runtime.backends.recipe import RecipeLoop
 
 CT_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
 
@@ -28,51 +33,58 @@ def load_coremltools(artifact: Artifact, device: str):
     return ct
 
 
-class CoremlBackend:
+def function_package(artifact: Artifact, role: str, function: dict[str, Any]) -> tuple[Path, str | None]:
+    """(package, function name inside it) of a manifest function: its own `file` (iOS17: one package per function,
+    whose only function is its default), else the role's multifunction package."""
+    if function.get("file"):
+        return artifact.root / function["file"], None
+    graph = artifact.graph(role)
+    named = graph.get("scale_selection") == "function" or len(graph["functions"]) > 1 or role == PREFILL_GRAPH
+    return artifact.graph_path(role), function["name"] if named else None
+
+
+class CoremlBackend(RecipeLoop):
     name = "coreml"
     threads = None  # Core ML schedules its own threads
 
     def __init__(self, artifact: Artifact, compute_units: str = "cpuAndNeuralEngine", device: str = "ane"):
         ct = load_coremltools(artifact, device)
-        self.artifact, self.compute_units = artifact, compute_units
+        self.compute_units = compute_units
         units = getattr(ct.ComputeUnit, CT_UNITS[compute_units])
-        step = artifact.graph(STEP_GRAPH)
-        path = str(artifact.graph_path(STEP_GRAPH))
-        if any(f.get("file") for f in step["functions"]):  # iOS17: one package per scale
-            self.functions = [ct.models.MLModel(str(artifact.root / artifact.function(STEP_GRAPH, si)["file"]),
-                                                compute_units=units) for si in range(artifact.num_scales)]
-        elif step.get("scale_selection") == "function":
-            self.functions = [ct.models.MLModel(path, function_name=artifact.function(STEP_GRAPH, si)["name"], compute_units=units)
-                              for si in range(artifact.num_scales)]
-        else:  # one function for every scale
-            self.functions = [ct.models.MLModel(path, compute_units=units)] * artifact.num_scales
+        self._init_recipe(artifact)
+        roles = self.recipe.roles() + ([PREFILL_GRAPH] if self.recipe.split_scale is not None else [])
+        self.functions: dict[tuple[str, int | None], Any] = {}  # (role, scale index or None) → loaded function
+        self.package_of: dict[tuple[str, int | None], Path] = {}
+        for role in roles:
+            for f in artifact.graph(role)["functions"]:
+                if role != PREFILL_GRAPH and self.recipe.role(f["scale_index"]) != role:
+                    continue  # a function this recipe never runs (decoder_step's scales before the split)
+                path, name = function_package(artifact, role, f)
+                kw = {"function_name": name} if name else {}
+                key = (role, f["scale_index"] if role != PREFILL_GRAPH else None)
+                self.functions[key] = ct.models.MLModel(str(path), compute_units=units, **kw)
+                self.package_of[key] = path
+        self.stateful = artifact.kv_mode == "state"
         self.decoder = ct.models.MLModel(str(artifact.graph_path(DECODER_GRAPH)), compute_units=units)
-        self.past_of = artifact.past_of_present()
         self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
         self.dec_out = artifact.function(DECODER_GRAPH)["outputs"][0]["name"]
 
     def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
-        var = self.artifact.var
-        H = var["patch_nums"][-1]
-        self.values: dict[str, Any] = {"labels": labels, "cfg": np.array([cfg]),
-                                       "f_hat": np.zeros((len(labels), var["cvae"], H, H), np.float32)}
-        self.past: dict[str, np.ndarray] = {}
-        self.state = self.functions[0].make_state() if self.artifact.kv_mode == "state" else None
+        super().begin(labels, cfg, top_k, top_p)
+        self.states: dict[Path, Any] = {}  # one per package file, made by its first function
+        if self.stateful:
+            for key, fn in self.functions.items():
+                self.states.setdefault(self.package_of[key], fn.make_state())
 
-    def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        fn = self.artifact.function(STEP_GRAPH, si)
-        # Core ML io artifacts give scale 0 no cache inputs at all: nothing empty is ever fed
-        feeds = step_feeds(fn["inputs"], {**self.values, "uniforms": uniforms, "scale_index": np.array([si])},
-                           self.past, lambda t: self.artifact.empty_past(t, len(self.values["labels"])))
-        kw = {"state": self.state} if self.state is not None else {}
-        outs = self.functions[si].predict(feeds, **kw)
-        roles = {t["role"]: t["name"] for t in fn["outputs"]}
-        self.values["f_hat"] = np.asarray(outs[roles["f_hat"]], np.float32)
-        self.past = {self.past_of[k]: np.asarray(v) for k, v in outs.items() if k in self.past_of}
-        return np.asarray(outs[roles["idx"]]).astype(np.int64)
+    def _call(self, role: str, si: int | None, feeds: dict[str, Any]) -> dict[str, Any]:
+        key = (role, si)
+        state = self.states.get(self.package_of[key])
+        kw = {"state": state} if state is not None else {}
+        return {name: np.asarray(value) for name, value in self.functions[key].predict(feeds, **kw).items()}
 
     def decode(self) -> np.ndarray:
-        return np.asarray(self.decoder.predict({self.dec_in: self.values["f_hat"]})[self.dec_out], np.float32)
+        f_hat = np.asarray(self.values["f_hat"], np.float32)
+        return np.asarray(self.decoder.predict({self.dec_in: f_hat})[self.dec_out], np.float32)
 
     def close(self) -> None:
-        self.functions, self.decoder, self.state = [], None, None
+        self.functions, self.decoder, self.states = {}, None, {}

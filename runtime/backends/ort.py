@@ -14,13 +14,10 @@ import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
 from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
-                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError, step_feeds)
+                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError)
+from evar.runtime.backends.recipe import RecipeLoop, as_array
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
-
-
-def _array(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def _ort():
@@ -56,14 +53,14 @@ def open_session(ort, artifact: Artifact, role: str, providers: list[Any], threa
     return sess
 
 
-class OrtBackend:
+class OrtBackend(RecipeLoop):
     name = "onnxruntime"
 
     def __init__(self, artifact: Artifact, threads: int | None = None, io_binding: bool = True,
                  execution_provider: str = "cpu", compute_units: str = "cpuOnly"):
         require_format(artifact.format, "onnx", "cpu" if execution_provider == "cpu" else "ort-coreml")
         ort = _ort()
-        self.artifact, self.io_binding = artifact, io_binding
+        self.io_binding = io_binding
         self.threads = threads if threads else os.cpu_count() or 1
         if execution_provider == "coreml":
             require_macos("onnxruntime's Core ML execution provider")
@@ -78,106 +75,55 @@ class OrtBackend:
             providers = ["CPUExecutionProvider"]
             self.compute_units = "cpuOnly"
         self.execution_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        self.step = self._session(ort, STEP_GRAPH, providers)
-        self.decoder = self._session(ort, DECODER_GRAPH, providers)
-        # CFG trimming: from cfg_until_scale on, the unguided graph runs on the conditional rows' cache
-        self.cfg_until = artifact.cfg_until_scale
-        self.unguided = self._session(ort, UNGUIDED_STEP_GRAPH, providers) if self.cfg_until is not None else None
-        # scale split: the early model's graph before split_scale, then the prefill builds this model's cache
-        self.split = artifact.split_scale
-        self.early = self._session(ort, EARLY_STEP_GRAPH, providers) if self.split is not None else None
-        self.prefill = self._session(ort, PREFILL_GRAPH, providers) if self.split is not None else None
-        self.early_links = artifact.kv_links(EARLY_STEP_GRAPH) if self.split is not None else {}
-        # token pruning: from the cache scale on the pruned graph runs with its static keep count
-        self.keep, self.cache_si = artifact.token_keep, artifact.cache_scale
-        self.pruned = self._session(ort, PRUNED_STEP_GRAPH, providers) if self.keep else None
-        self.pruned_outputs = [o.name for o in self.pruned.get_outputs()] if self.pruned is not None else []
-        self.step_outputs = [o.name for o in self.step.get_outputs()]
-        self.early_outputs = [o.name for o in self.early.get_outputs()] if self.early is not None else []
-        self.past_of = artifact.past_of_present()
-        self.roles = {t["role"]: t["name"] for t in artifact.function(STEP_GRAPH, 0)["outputs"] if t.get("role")}
+        # the recipe's graphs (evar.contract.recipe): the step graph, and the unguided / early / prefill / pruned
+        # graphs the manifest's `generation` names; the loop (RecipeLoop) says which runs when
+        self._init_recipe(artifact)
+        roles = self.recipe.roles() + ([PREFILL_GRAPH] if self.recipe.split_scale is not None else [])
+        self.sessions = {role: open_session(ort, artifact, role, providers, self.threads) for role in roles}
+        self.outputs = {role: [o.name for o in sess.get_outputs()] for role, sess in self.sessions.items()}
+        self.decoder = open_session(ort, artifact, DECODER_GRAPH, providers, self.threads)
+        self.keep = artifact.token_keep  # token pruning: scale → static keep count
         self.dec_in = artifact.function(DECODER_GRAPH)["inputs"][0]["name"]
 
-    def _session(self, ort, role: str, providers: list[Any]):
-        return open_session(ort, self.artifact, role, providers, self.threads)
+    # each role's session by name (None where the recipe does not run it): benchmarks time them
+    step = property(lambda self: self.sessions.get(STEP_GRAPH))
+    unguided = property(lambda self: self.sessions.get(UNGUIDED_STEP_GRAPH))
+    early = property(lambda self: self.sessions.get(EARLY_STEP_GRAPH))
+    prefill = property(lambda self: self.sessions.get(PREFILL_GRAPH))
+    pruned = property(lambda self: self.sessions.get(PRUNED_STEP_GRAPH))
 
-    # ---- one generation
-    def begin(self, labels: np.ndarray, cfg: float, top_k: int, top_p: float) -> None:
-        B = len(labels)
-        var = self.artifact.var
-        H = var["patch_nums"][-1]
-        self.values = {"labels": labels, "cfg": np.array([cfg]), "f_hat": np.zeros((B, var["cvae"], H, H), np.float32)}
-        self.past: dict[str, Any] = {}  # past input name → OrtValue / array; empty at scale 0
-        self.batch = B
-        self.tokens: list[np.ndarray] = []  # scale split: the early scales' tokens, for the prefill
-
-    def _prefill(self) -> dict[str, Any]:
-        """The compressed model's cache of the early scales, from their tokens in one pass."""
-        names = [o.name for o in self.prefill.get_outputs()]
-        outs = self.prefill.run(None, {"labels": self.values["labels"].astype(np.int64),
-                                       "tokens": np.concatenate(self.tokens, 1)})
-        return {self.past_of[name]: value for name, value in zip(names, outs) if name in self.past_of}
-
-    def scale(self, si: int, uniforms: np.ndarray) -> np.ndarray:
-        if self.split is not None and si < self.split:
-            idx = self._run(EARLY_STEP_GRAPH, self.early, self.early_outputs, self.early_links, si, uniforms,
-                            lambda t: np.zeros((2 * self.batch, t["shape"][1], 0, t["shape"][3]), np.float32))
-            self.tokens.append(idx)
-            return idx
-        if si == self.split:
-            self.past = self._prefill()
-        if self.keep and si >= self.cache_si:
-            return self._pruned(si, uniforms)
-        role, sess = STEP_GRAPH, self.step
-        if self.cfg_until is not None and si >= self.cfg_until:
-            role, sess = UNGUIDED_STEP_GRAPH, self.unguided
-            if si == self.cfg_until:  # keep the conditional rows [0, B) of the cache
-                self.past = {name: np.ascontiguousarray(_array(value)[: self.batch]) for name, value in self.past.items()}
-        return self._run(role, sess, self.step_outputs, self.past_of, si, uniforms,
-                         lambda t: self.artifact.empty_past(t, self.batch))
-
-    def _pruned(self, si: int, uniforms: np.ndarray) -> np.ndarray:
+    def _step(self, role: str, si: int, uniforms: np.ndarray) -> np.ndarray:
+        if role != PRUNED_STEP_GRAPH:
+            return super()._step(role, si, uniforms)
         n = uniforms.shape[1]
-        if si == self.cache_si:  # zeros: every token of the cache scale runs and overwrites them
+        if si == self.recipe.cache_scale:  # zeros: every token of the cache scale runs and overwrites them
             var = self.artifact.var
             prev = var["patch_nums"][si - 1] ** 2
             self.values["cached_hidden"] = np.zeros((2 * self.batch, prev, var["embed_dim"]), np.float32)
         self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
-        idx = self._run(PRUNED_STEP_GRAPH, self.pruned, self.pruned_outputs, self.past_of, si, uniforms,
-                        lambda t: self.artifact.empty_past(t, self.batch))
-        self.values["cached_hidden"] = self._hidden  # the next scale restores its pruned tokens from this update map
-        return idx
+        outs = self._call(role, si, self._feeds(role, si, uniforms))
+        self.values["cached_hidden"] = outs["hidden"]  # the next scale restores its pruned tokens from this update map
+        return self._take(role, outs)
 
-    def _run(self, role: str, sess, output_names: list[str], past_of: dict[str, str], si: int, uniforms: np.ndarray,
-             empty) -> np.ndarray:
-        feeds = step_feeds(self.artifact.function(role, si)["inputs"],
-                           {**self.values, "uniforms": uniforms, "scale_index": np.array([si])}, self.past, empty)
-        if not self.io_binding:
-            outs = dict(zip(output_names, sess.run(None, feeds)))
-            idx = outs[self.roles["idx"]]
-        else:
-            ort = _ort()
-            binding = sess.io_binding()
-            for name, value in feeds.items():
-                if isinstance(value, ort.OrtValue):
-                    binding.bind_ortvalue_input(name, value)
-                else:
-                    binding.bind_cpu_input(name, value)
-            for name in output_names:
-                binding.bind_output(name, "cpu")
-            sess.run_with_iobinding(binding)
-            outs = dict(zip(output_names, binding.get_outputs()))
-            idx = outs[self.roles["idx"]].numpy()
-        self.values["f_hat"] = outs[self.roles["f_hat"]]
-        self._hidden = outs.get("hidden")
-        self.past = {past_of[name]: value for name, value in outs.items() if name in past_of}
-        return idx.astype(np.int64, copy=False)
+    def _call(self, role: str, si: int | None, feeds: dict[str, Any]) -> dict[str, Any]:
+        sess, names = self.sessions[role], self.outputs[role]
+        if not self.io_binding or role == PREFILL_GRAPH:
+            return dict(zip(names, sess.run(None, feeds)))
+        ort = _ort()
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+        return dict(zip(names, binding.get_outputs()))
 
     def decode(self) -> np.ndarray:
-        f_hat = self.values["f_hat"]
-        f_hat = f_hat.numpy() if not isinstance(f_hat, np.ndarray) else f_hat
-        return self.decoder.run(None, {self.dec_in: f_hat})[0]
+        return self.decoder.run(None, {self.dec_in: as_array(self.values["f_hat"])})[0]
 
     def close(self) -> None:
-        self.step = self.decoder = self.unguided = self.early = self.prefill = self.pruned = None
+        self.sessions, self.decoder = {}, None
         self.values, self.past = {}, {}
