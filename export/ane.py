@@ -85,6 +85,16 @@ def l2_normalize_channels(x: Tensor) -> Tensor:
     return y / (y * y).sum(1, keepdim=True).sqrt().clamp_min(TINY)
 
 
+def modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """AdaLN: the channel LayerNorm of x, scaled and shifted per sample and channel."""
+    return norm_channels(x, eps) * (1 + scale) + shift
+
+
+def residual(x: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
+    """The residual stream after a gated branch."""
+    return x + branch * gate
+
+
 class SafeGroupNorm(nn.Module):
     """nn.GroupNorm for (B, C, H, W) computed the same way as `norm_channels`: per-channel reductions over
     W then H (each sums at most one row, so an fp16 accumulator stays small), then over each group's channels
@@ -186,12 +196,13 @@ class AneBlock(nn.Module):
             outs.append(torch.einsum("bkhq,bchk->bchq", w, vh))  # (N, hd, 1, n)
         return self.proj(torch.cat(outs, dim=1))
 
+    def mlp(self, h: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
     def forward(self, x: Tensor, cond: Tensor, kc: Tensor, vc: Tensor, begin: int, end: int, mask: Tensor) -> Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
-        h = norm_channels(x, self.eps) * (1 + scale1) + shift1
-        x = x + self.attention(h, kc, vc, begin, end, mask) * gamma1
-        h = norm_channels(x, self.eps) * (1 + scale2) + shift2
-        return x + self.fc2(F.gelu(self.fc1(h), approximate="tanh")) * gamma2
+        x = residual(x, self.attention(modulate(x, scale1, shift1, self.eps), kc, vc, begin, end, mask), gamma1)
+        return residual(x, self.mlp(modulate(x, scale2, shift2, self.eps)), gamma2)
 
 
 class AneVAR(nn.Module):
@@ -256,7 +267,7 @@ class AneStep(nn.Module):
             x = block(x, block_cond, getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}"),
                       self.begin, self.end, self.mask)
         scale, shift = core.head_ada(F.silu(cond)).split(self.C, dim=1)
-        logits = core.head(norm_channels(x, self.eps) * (1 + scale) + shift)  # (2B, V, 1, n)
+        logits = core.head(modulate(x, scale, shift, self.eps))  # (2B, V, 1, n)
         return logits.squeeze(2).transpose(1, 2)
 
 
