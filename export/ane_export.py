@@ -253,9 +253,17 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
         report.max_abs(f"ane wrapper fp16 (CPU) vs fp32, same inputs: logits scale {si}", run16.logits[si],
                        run.logits[si], pt.FP16_LOGITS_TOL, relative=True)
         report.tokens(f"ane wrapper fp16 (CPU) vs fp32, same inputs: tokens scale {si}", run16.tokens[si],
-                      run.tokens[si], pt.FP16_TOKEN_AGREEMENT)
+                      run.tokens[si], fp16_scale_agreement(run.tokens[si].size))
     every = np.concatenate([t.ravel() for t in run16.tokens]), np.concatenate([t.ravel() for t in run.tokens])
     report.tokens("ane wrapper fp16 (CPU) vs fp32, same inputs: tokens of every scale", *every, pt.FP16_TOKEN_AGREEMENT)
+
+
+def fp16_scale_agreement(n: int) -> float:
+    """The fp16 token agreement one scale of n tokens must reach: FP16_TOKEN_AGREEMENT, or n − 3 of n tokens
+    if that is fewer. At an fp16 flip rate of 1.5% (builtin:digits, benchmarks/ane_fp16_agreement.py), a scale
+    of 9 tokens flips one 13% of the time, which a 95% gate would fail; a broken scale (a wrong cache or mask)
+    disagrees on far more than 3 tokens and on its logits, and the rate itself is gated over every scale."""
+    return min(pt.FP16_TOKEN_AGREEMENT, (n - 3) / n)
 
 
 # ---------------------------------------------------------------- the artifact

@@ -145,6 +145,29 @@ def test_fp16_wrappers_agree_with_fp32_scale_by_scale(ready):
     assert agree >= 0.95
 
 
+def test_fp16_scale_gate_allows_three_flips_on_small_scales():
+    from evar.export.ane_export import fp16_scale_agreement
+
+    assert fp16_scale_agreement(9) == 6 / 9 and fp16_scale_agreement(16) == 13 / 16
+    assert fp16_scale_agreement(64) == fp16_scale_agreement(680) == 0.95
+
+
+def test_class_tables_are_what_the_reference_derives_from_each_label():
+    from evar.export.ane import class_tables
+
+    model = export_ready(tiny_model(shared_aln=True))
+    var, C = model.var, model.config.var.embed_dim
+    first, blocks, head = class_tables(var)
+    labels = torch.tensor([0, 3, model.config.var.num_classes])
+    cond = var.class_emb(labels)
+    torch.testing.assert_close(first[labels], var.first_tokens(cond)[:, 0], rtol=0, atol=1e-6)
+    mod = var.blocks[1].modulation(var.block_condition(cond)).reshape(len(labels), 6, C)
+    want = torch.cat((mod[:, :2], 1 + mod[:, 2:4], mod[:, 4:]), 1).reshape(len(labels), -1)
+    torch.testing.assert_close(blocks[1][labels], want, rtol=0, atol=1e-6)
+    scale, shift = var.head_nm.ada_lin(cond).reshape(len(labels), 2, C).unbind(1)
+    torch.testing.assert_close(head[labels], torch.cat((1 + scale, shift), 1), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the lint, on op lists
 def _op(kind, dtype=10, dims=(1, 32, 1, 8), const=None):
     return {"type": kind, "outputs": [(dtype, list(dims))], "const_inputs": const or {}}
