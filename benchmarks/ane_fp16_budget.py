@@ -7,7 +7,7 @@ torch function mode that rounds the output of every op of the chosen phases to f
 that computes internally in fp32 returns), and `weights` rounds the parameters. With every phase rounded
 this reproduces the `.half()` wrappers of benchmarks/ane_fp16_agreement.py; with none it is the fp32 run.
 Phases: which code the op belongs to (`PHASES`: a conv module by name, a function of export/ane.py, the rest
-of attention or of the MLP, the scale's input; `rest` is what none of them claims).
+of attention or of the MLP, the scale's input).
 
 Per phase: token agreement (scale by scale on the fp32 run's f_hat, as the agreement benchmark) with only
 that phase in fp16, and with every phase but it in fp16. Also the agreement under Gaussian noise added to
@@ -42,7 +42,7 @@ FUNCTIONS = {"norm_channels": "layernorm", "l2_normalize_channels": "l2norm", "m
              "residual": "residual", "by_class": "class_condition"}
 FLOOR = ["weights", "input", "head", "residual"]
 PHASES = ["weights", "input", "class_condition", "adaln_apply", "layernorm", "qkv", "l2norm", "attention", "proj", "mlp",
-          "residual", "head", "rest"]
+          "residual", "head"]  # what no phase claims runs in "rest", never rounded: only views (split, squeeze)
 
 
 class Rounding(TorchFunctionMode):
