@@ -123,7 +123,7 @@ def _convert(module: torch.nn.Module, fn: FunctionSpec, precision: str, units: s
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(int(d) for d in t.shape), dtype=np.float16), name=t.name)
               for t in fn.states] or None
     with cm._quiet():
-        pipeline = cm.pass_pipeline(ct, compress)
+        pipeline = keep_tables_uncompressed(cm.pass_pipeline(ct, compress), module)
     try:
         with cm._quiet():
             return ct.convert(program, inputs=cm._tensor_types(ct, fn.inputs),
@@ -134,6 +134,23 @@ def _convert(module: torch.nn.Module, fn: FunctionSpec, precision: str, units: s
                               skip_model_load=True)
     except Exception as err:  # the converter raises ValueError/NotImplementedError/KeyError/RuntimeError
         raise cm.CoremlExportError(f"ct.convert failed for {fn.name}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+COMPRESSION_PASSES = ("compression::palettize_weights", "compression::linear_quantize_weights", "compression::prune_weights")
+
+
+def keep_tables_uncompressed(pipeline, module: torch.nn.Module):
+    """Leave the class tables (`class_tables`) in fp16. A table entry is an AdaLN gate, 1 + scale or shift
+    itself: one 64-entry palette over all of them would move each by up to half a palette step, where
+    compressing the linear they replace only perturbed its inputs' weighted sum. The converter names a
+    buffer's constant after its path (dots as underscores, `b_` first)."""
+    names = [f"b_{n.replace('.', '_')}" for n, _ in module.named_buffers() if n.endswith("_table")]
+    for name in COMPRESSION_PASSES:
+        for option in pipeline.get_options(name) or []:
+            if option.option_name == "config":
+                for const in names:
+                    option.option_val.set_op_name(const, None)
+    return pipeline
 
 
 def _save_functions(modules: list[torch.nn.Module], specs: list[FunctionSpec], path: Path, precision: str, units: str,

@@ -152,10 +152,10 @@ def test_fp16_scale_gate_allows_three_flips_on_small_scales():
     assert fp16_scale_agreement(64) == fp16_scale_agreement(680) == 0.95
 
 
-def test_class_tables_are_what_the_reference_derives_from_each_label():
+def test_class_tables_are_what_the_reference_derives_from_each_label(ready):
     from evar.export.ane import class_tables
 
-    model = export_ready(tiny_model(shared_aln=True))
+    model = ready
     var, C = model.var, model.config.var.embed_dim
     first, blocks, head = class_tables(var)
     labels = torch.tensor([0, 3, model.config.var.num_classes])
@@ -166,6 +166,22 @@ def test_class_tables_are_what_the_reference_derives_from_each_label():
     torch.testing.assert_close(blocks[1][labels], want, rtol=0, atol=1e-6)
     scale, shift = var.head_nm.ada_lin(cond).reshape(len(labels), 2, C).unbind(1)
     torch.testing.assert_close(head[labels], torch.cat((1 + scale, shift), 1), rtol=0, atol=1e-6)
+
+
+def test_compression_leaves_the_class_tables_in_fp16(ready):
+    """--compress palettize*/int8 of an ANE step skips the class tables (their entries are AdaLN values themselves)."""
+    ct = pytest.importorskip("coremltools")
+    from evar.export import coreml as cm
+    from evar.export.ane_export import keep_tables_uncompressed
+
+    step = ane_steps(ready, 1)[1]
+    tables = {"b_core_first_table", "b_core_head_table"} | {f"b_core_blocks_{i}_modulation_table"
+                                                             for i in range(ready.config.var.depth)}
+    for method, pass_name in (("palettize6", "compression::palettize_weights"), ("int8", "compression::linear_quantize_weights")):
+        pipeline = keep_tables_uncompressed(cm.pass_pipeline(ct, method), step)
+        config = next(o.option_val for o in pipeline.get_options(pass_name) if o.option_name == "config")
+        assert config.op_name_configs == dict.fromkeys(tables)
+    keep_tables_uncompressed(cm.pass_pipeline(ct, "none"), step)  # no compression pass: nothing to change
 
 
 # ---------------------------------------------------------------- the lint, on op lists
