@@ -3,9 +3,10 @@
     python benchmarks/ane_fp16_agreement.py [--model builtin:digits] [--seeds 0,1,2] [--batch 10]
 
 For each seed: the ANE-layout wrappers (export/ane.py, what `evar-export coreml --target ane` converts) run
-at fp32 with the host sampler against `generate` (tokens must be identical: the layout is exact), then the
-same wrappers cast to fp16 run on the CPU scale by scale on the fp32 run's f_hat (the parity protocol of
-fp16 exports: a flipped token cannot cascade), and their tokens are compared with the fp32 ones. Also the
+at fp32, fed in float32, with the host sampler against `generate` (tokens must be identical and logits within
+fp32 reassociation: the layout is exact), then the same wrappers cast to fp16 run on the CPU scale by scale
+on the fp32 run's f_hat (the parity protocol of fp16 exports: a flipped token cannot cascade), and their
+tokens are compared with the fp32 ones. Also the
 decoder (overflow-free GroupNorm) in fp16 against the reference image. torch's CPU fp16 kernels are not the
 ANE's, so this bounds what fp16 arithmetic does to the layout, not the device's exact numbers.
 Writes benchmarks/results/ane_fp16_agreement.json.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from evar import zoo
+from evar.contract.host_sampling import guided_logits
 from evar.export.ane import AneDecoder, FhatUpdate, ane_steps
 from evar.export.ane_export import AneInterface, half_steps, host_run, loop_manifest
 from evar.export.artifact import export_ready
@@ -43,8 +45,9 @@ def main() -> None:
     model = export_ready(zoo.load(args.model, attn_impl="math"))
     c = model.config.var
     labels = np.arange(args.batch) % c.num_classes
-    iface = AneInterface(model.config, args.batch)
+    iface, iface32 = AneInterface(model.config, args.batch), AneInterface(model.config, args.batch).at_fp32()
     specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
+    specs32 = [iface32.step(si) for si in range(c.num_scales)], specs[1]
     steps = ane_steps(model, args.batch)
     steps16 = half_steps(steps)
     updates = [FhatUpdate(model, si).eval() for si in range(c.num_scales)]
@@ -53,11 +56,12 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         ref = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=args.cfg, top_k=args.top_k,
-                       top_p=args.top_p, seed=seed)
-        run = host_run(loop_manifest(iface), steps, updates, labels, seed, args.cfg, args.top_k, args.top_p, *specs)
+                       top_p=args.top_p, seed=seed, keep_logits=True)
+        run = host_run(loop_manifest(iface32), steps, updates, labels, seed, args.cfg, args.top_k, args.top_p, *specs32)
         run16 = host_run(loop_manifest(iface), steps16, updates, labels, seed, args.cfg, args.top_k, args.top_p, *specs,
                          teacher=run, dtype=torch.float16)
         exact = all(np.array_equal(a, b.numpy()) for a, b in zip(run.tokens, ref.tokens))
+        ref_logits = [guided_logits(r.numpy(), args.batch, args.cfg, si, c.num_scales) for si, r in enumerate(ref.scale_logits)]
         same = [int((a == b).sum()) for a, b in zip(run16.tokens, run.tokens)]
         total = [int(a.size) for a in run.tokens]
         with torch.no_grad():
@@ -65,6 +69,8 @@ def main() -> None:
             image32 = decoder(f_hat)
             image16 = decoder16(f_hat.half()).float()
         rows.append({"seed": seed, "fp32_tokens_equal_reference": exact,
+                     "fp32_logits_max_rel_vs_reference_per_scale": [
+                         float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(run.logits, ref_logits)],
                      "fp16_token_agreement": sum(same) / sum(total),
                      "fp16_token_agreement_per_scale": [s / t for s, t in zip(same, total)],
                      "fp32_image_max_abs_vs_reference": float((image32 - ref.images).abs().max()),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,6 @@ from evar.export.ane import ALIGN, AneDecoder, AneStep, FhatUpdate, aligned, ane
 from evar.export.interface import CFG_BATCH, FunctionSpec, TensorSpec
 
 ANE_UNITS, CPU_UNITS = "cpu_and_ne", "cpu_only"
-# fp32 logits of the ANE layout vs the reference, relative to their scale: the layout computes the same
-# function with other roundings (norms divide by the max first, attention per head, 1x1 convolutions), which
-# guidance at cfg 2.5 amplifies sixfold; tokens are still required identical.
-ANE_FP32_LOGITS_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -48,10 +44,17 @@ class AneInterface:
     config: ModelConfig
     batch: int
     pad_to: int = ALIGN
+    # the dtype of the step functions' inputs and logits: what the fp16 artifact declares, or float32 for the
+    # fp32 parity run (feeding it f_hat rounded to fp16 would make "the layout at fp32" a mixed-precision run)
+    io_dtype: str = "float16"
 
     @property
     def var(self):
         return self.config.var
+
+    def at_fp32(self) -> "AneInterface":
+        """The same functions fed and read in float32: how parity runs the fp32 wrappers."""
+        return replace(self, io_dtype="float32")
 
     @property
     def padded_length(self) -> int:
@@ -73,10 +76,10 @@ class AneInterface:
     def step(self, si: int) -> FunctionSpec:
         c = self.var
         pn, (begin, end) = c.patch_nums[si], c.scale_ranges()[si]
-        ins = (TensorSpec("class_onehot", (2 * self.batch, c.num_classes + 1), "float16", "class_onehot",
+        ins = (TensorSpec("class_onehot", (2 * self.batch, c.num_classes + 1), self.io_dtype, "class_onehot",
                           doc=f"rows [0, batch): one-hot of the labels; rows [batch, 2*batch): of class {c.num_classes} (unconditional)"),
-               self._f_hat("float16", doc="the running f_hat (fhat_update's output); zeros at scale 0"))
-        outs = (TensorSpec("logits", (2 * self.batch, pn * pn, c.vocab_size), "float16", "raw_logits",
+               self._f_hat(self.io_dtype, doc="the running f_hat (fhat_update's output); zeros at scale 0"))
+        outs = (TensorSpec("logits", (2 * self.batch, pn * pn, c.vocab_size), self.io_dtype, "raw_logits",
                            doc="before guidance: conditional rows first; the host applies CFG, top-k/top-p and draws"),)
         return FunctionSpec(f"scale_{si}", ins, outs, tuple(self.states()), si, pn, (begin, end))
 
@@ -120,7 +123,7 @@ def _convert(module: torch.nn.Module, fn: FunctionSpec, precision: str, units: s
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(int(d) for d in t.shape), dtype=np.float16), name=t.name)
               for t in fn.states] or None
     with cm._quiet():
-        pipeline = cm.pass_pipeline(ct, compress)
+        pipeline = keep_tables_uncompressed(cm.pass_pipeline(ct, compress), module)
     try:
         with cm._quiet():
             return ct.convert(program, inputs=cm._tensor_types(ct, fn.inputs),
@@ -131,6 +134,23 @@ def _convert(module: torch.nn.Module, fn: FunctionSpec, precision: str, units: s
                               skip_model_load=True)
     except Exception as err:  # the converter raises ValueError/NotImplementedError/KeyError/RuntimeError
         raise cm.CoremlExportError(f"ct.convert failed for {fn.name}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+COMPRESSION_PASSES = ("compression::palettize_weights", "compression::linear_quantize_weights", "compression::prune_weights")
+
+
+def keep_tables_uncompressed(pipeline, module: torch.nn.Module):
+    """Leave the class tables (`class_tables`) in fp16. A table entry is an AdaLN gate, 1 + scale or shift
+    itself: one 64-entry palette over all of them would move each by up to half a palette step, where
+    compressing the linear they replace only perturbed its inputs' weighted sum. The converter names a
+    buffer's constant after its path (dots as underscores, `b_` first)."""
+    names = [f"b_{n.replace('.', '_')}" for n, _ in module.named_buffers() if n.endswith("_table")]
+    for name in COMPRESSION_PASSES:
+        for option in pipeline.get_options(name) or []:
+            if option.option_name == "config":
+                for const in names:
+                    option.option_val.set_op_name(const, None)
+    return pipeline
 
 
 def _save_functions(modules: list[torch.nn.Module], specs: list[FunctionSpec], path: Path, precision: str, units: str,
@@ -230,12 +250,14 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
     updates = [FhatUpdate(model, si).eval() for si in range(c.num_scales)]
     step_specs = [iface.step(si) for si in range(c.num_scales)]
     update_specs = [iface.update(si) for si in range(c.num_scales)]
-    run = host_run(manifest, steps, updates, labels, pt.PARITY_SEED, pt.PARITY_CFG, top_k, top_p, step_specs, update_specs)
+    iface32 = iface.at_fp32()
+    run = host_run(loop_manifest(iface32), steps, updates, labels, pt.PARITY_SEED, pt.PARITY_CFG, top_k, top_p,
+                   [iface32.step(si) for si in range(c.num_scales)], update_specs)
     label = "ane wrapper fp32 + host sampling vs generate"
     for si in range(c.num_scales):
         report.tokens(f"{label}: tokens scale {si}", run.tokens[si], ref.tokens[si])
-        report.max_abs(f"{label}: logits scale {si}", run.logits[si], ref.logits[si], ANE_FP32_LOGITS_TOL, relative=True)
-    report.max_abs(f"{label}: f_hat", run.f_hat, ref.f_hat, ANE_FP32_LOGITS_TOL)
+        report.max_abs(f"{label}: logits scale {si}", run.logits[si], ref.logits[si], pt.LOGITS_TOL, relative=True)
+    report.max_abs(f"{label}: f_hat", run.f_hat, ref.f_hat, pt.LOGITS_TOL)
     decoder = AneDecoder(model).eval()
     with torch.no_grad():
         image = decoder(torch.from_numpy(ref.f_hat)).numpy()
@@ -248,9 +270,17 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
         report.max_abs(f"ane wrapper fp16 (CPU) vs fp32, same inputs: logits scale {si}", run16.logits[si],
                        run.logits[si], pt.FP16_LOGITS_TOL, relative=True)
         report.tokens(f"ane wrapper fp16 (CPU) vs fp32, same inputs: tokens scale {si}", run16.tokens[si],
-                      run.tokens[si], pt.FP16_TOKEN_AGREEMENT)
+                      run.tokens[si], fp16_scale_agreement(run.tokens[si].size))
     every = np.concatenate([t.ravel() for t in run16.tokens]), np.concatenate([t.ravel() for t in run.tokens])
     report.tokens("ane wrapper fp16 (CPU) vs fp32, same inputs: tokens of every scale", *every, pt.FP16_TOKEN_AGREEMENT)
+
+
+def fp16_scale_agreement(n: int) -> float:
+    """The fp16 token agreement one scale of n tokens must reach: FP16_TOKEN_AGREEMENT, or n − 3 of n tokens
+    if that is fewer. At an fp16 flip rate of 1.5% (builtin:digits, benchmarks/ane_fp16_agreement.py), a scale
+    of 9 tokens flips one 13% of the time, which a 95% gate would fail; a broken scale (a wrong cache or mask)
+    disagrees on far more than 3 tokens and on its logits, and the rate itself is gated over every scale."""
+    return min(pt.FP16_TOKEN_AGREEMENT, (n - 3) / n)
 
 
 # ---------------------------------------------------------------- the artifact
