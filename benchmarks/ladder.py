@@ -135,6 +135,29 @@ def latency(rungs: dict[str, tuple[Path, str]], settings: rb.BenchSettings, mode
             "seconds": time.perf_counter() - t0}
 
 
+def grouped_latency(rungs: dict[str, tuple[Path, str]], groups: list[list[str]], settings: rb.BenchSettings,
+                    model_ref: str) -> dict[str, Any]:
+    """`latency` over groups of rungs run one after another, each with PyTorch eager dense in it: d16's nine
+    artifacts do not fit in memory at once (about 20 GB), and a speedup is only taken against the eager runs of
+    its own group (each rung then says its group). One group = `latency` itself."""
+    if len(groups) == 1:
+        return latency({r: rungs[r] for r in groups[0]}, settings, model_ref)
+    merged: dict[str, Any] = {"rungs": {}, "groups": []}
+    for i, group in enumerate(groups):
+        names = ["eager", *[r for r in group if r != "eager"]]
+        lat = latency({r: rungs[r] for r in names}, settings, model_ref)
+        for name, r in lat["rungs"].items():
+            if name not in merged["rungs"]:
+                merged["rungs"][name] = {**r, "group": i}
+        merged["groups"].append({k: v for k, v in lat.items() if k != "rungs"} |
+                                {"speedups_vs_eager": {n: r["speedup_vs_eager"] for n, r in lat["rungs"].items()}})
+    first = merged["groups"][0]
+    merged.update(settings=first["settings"], load_average_before=first["load_average_before"],
+                  load_average_after=merged["groups"][-1]["load_average_after"],
+                  seconds=sum(g["seconds"] for g in merged["groups"]))
+    return merged
+
+
 def host_overhead(artifact: Path, runs: int = 20) -> dict[str, float]:
     """Per scale, process CPU time spent outside onnxruntime's run (uniforms, feeds, binding, copies), 1 thread."""
     from evar.runtime.generator import Generator
@@ -376,6 +399,10 @@ def main() -> None:
                     help="+token-keep on digits: SCALE:RATIO pairs (default: half of the last scale's 64 tokens)")
     ap.add_argument("--d16-split", type=int, default=6)
     ap.add_argument("--d16-token-keep", default="8:0.6,9:0.4")
+    ap.add_argument("--d16-groups", default="ort-fp32,+prune40,+int8,+cfg-trim,+token-keep;"
+                                            "ort-fp32,+split,+dec-prune40,+dec-int8",
+                    help="d16 rungs measured together, ';' between groups run one after another (each with eager "
+                         "dense as its own baseline): all nine d16 artifacts need about 20 GB at once; '' = one group")
     ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
     args = ap.parse_args()
     if args.quick:
@@ -405,13 +432,14 @@ def main() -> None:
     if "random:d16" in fams:
         fam = fams["random:d16"]
         settings = rb.BenchSettings(iters=args.d16_iters, warmup=1 if not args.quick else 0, threads=args.d16_threads)
+        groups = [g.split(",") for g in args.d16_groups.split(";")] if args.d16_groups else [list(fam["artifacts"])]
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
                     f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
                     "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +split, then its "
                     "convolutions int8",
             "command": " ".join(sys.argv), "machine": rb.machine(),
-            "latency": latency(fam["artifacts"], settings, fam["dense"]),
+            "latency": grouped_latency(fam["artifacts"], groups, settings, fam["dense"]),
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
     result["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
