@@ -4,20 +4,21 @@
     python benchmarks/ladder.py --quick      # the same path with fewer runs, seeds and samples (smoke / shared machine)
     python benchmarks/ladder.py --skip-d16   # digits only (d16 exports take minutes and ~6 GB of RAM)
 
-Rungs (each an `evar-export onnx` artifact, cumulative):
+Rungs (each an `evar-export onnx` artifact, cumulative down to +dec-int8; +split and +token-keep branch off):
   eager            dense model, PyTorch eager (`evar sample`'s path: runtime backend torch-cpu)
   ort-fp32         dense, onnxruntime fp32
   +prune40         40% of heads and FFN units removed (d16: magnitude on random:d16, latency does not depend on
                    values; digits: OBS + `evar distill`, EVAR's recipe)
   +int8            `--quantize int8` (dynamic int8 of the blocks' linears; AdaLN and head fp32)
   +cfg-trim        `--cfg-until-scale N`: the last two scales run without the unconditional half
-  +split           + `--early-model DENSE --split-scale M`: the dense model (fp32) generates scales < M, the
-                   pruned int8 model prefills its cache from those tokens in one pass and generates the rest
-                   (CFG trimming as the rung before)
-  +dec-prune40     +split with 40% of the VQVAE decoder's conv channels removed (`evar prune-decoder`; d16:
-                   magnitude; digits: OBS + `evar distill-decoder`); the transformer is +split's
+  +dec-prune40     +cfg-trim with 40% of the VQVAE decoder's conv channels removed (`evar prune-decoder`; d16:
+                   magnitude; digits: OBS + `evar distill-decoder`); the transformer is +cfg-trim's
   +dec-int8        + `--quantize-decoder int8`: that decoder's convolutions in static int8 (calibrated on the
-                   model's own generations, gated on image PSNR against its fp32 graph)
+                   model's own generations, gated on image PSNR against its fp32 graph): every speed rung at once
+  +split           branches off +cfg-trim, a quality rung: + `--early-model DENSE --split-scale M`: the dense
+                   model (fp32) generates scales < M, the pruned int8 model prefills its cache from those tokens in
+                   one pass and generates the rest. On a CPU it costs time: the early scales hold few tokens, but
+                   each runs a full pass over the dense fp32 weights, and the prefill one more over the pruned ones
   +token-keep      branches off +int8 (token pruning does not combine with trimming in one export yet):
                    `--token-keep SCALE:RATIO,…`, the transformer runs on that share of the last scales' tokens
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
@@ -50,7 +51,7 @@ from latency import sh, tool  # noqa: E402  (beside this script: how both run th
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
-RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+dec-prune40", "+dec-int8",
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+dec-prune40", "+dec-int8", "+split",
          "+token-keep")
 
 
@@ -87,12 +88,11 @@ def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], d
     p_split = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}",
                      [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
                       "--early-model", dense_ref, "--split-scale", str(split_at)])
-    p_dec = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}-dec40",
-                   [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
-                    "--early-model", dense_ref, "--split-scale", str(split_at)])
-    p_qdec = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}-dec40-int8",
+    p_dec = ensure(arts / f"p40-int8-trim{trim_at}-dec40",
+                   [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at)])
+    p_qdec = ensure(arts / f"p40-int8-trim{trim_at}-dec40-int8",
                     [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
-                     "--early-model", dense_ref, "--split-scale", str(split_at), "--quantize-decoder", "int8"])
+                     "--quantize-decoder", "int8"])
     p_keep = ensure(arts / f"p40-int8-keep{token_keep.replace(':', '_').replace(',', '-')}",
                     [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
     return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
@@ -290,8 +290,8 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
             "+int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
             "+cfg-trim": trim, "+cfg-trim_stepped_check": trim_stepped,
             "+split": split,
-            "+dec-prune40": split,  # the decoder draws the image from the same tokens: the token KL is +split's
-            "+dec-int8": split,
+            "+dec-prune40": trim,  # the decoder draws the image from the same tokens: the token KL is +cfg-trim's
+            "+dec-int8": trim,
             "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts))}
 
 
@@ -363,8 +363,8 @@ def measure_digits(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     host = {rung: host_overhead(art) for rung, (art, device) in fam["artifacts"].items() if device == "cpu"}
     return {"what": "pruned = OBS 40% + evar distill; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
                     f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
-                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +split, then "
-                    "its convolutions int8",
+                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +cfg-trim, "
+                    "then its convolutions int8; split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(), "latency": lat, "quality": q, "kl": kls,
             "per_class": args.per_class, "seeds": list(range(args.seeds)), "host_overhead_outside_graph": host,
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
@@ -399,10 +399,10 @@ def main() -> None:
                     help="+token-keep on digits: SCALE:RATIO pairs (default: half of the last scale's 64 tokens)")
     ap.add_argument("--d16-split", type=int, default=6)
     ap.add_argument("--d16-token-keep", default="8:0.6,9:0.4")
-    ap.add_argument("--d16-groups", default="ort-fp32,+prune40,+int8,+cfg-trim,+token-keep;"
-                                            "ort-fp32,+split,+dec-prune40,+dec-int8",
+    ap.add_argument("--d16-groups", default="",
                     help="d16 rungs measured together, ';' between groups run one after another (each with eager "
-                         "dense as its own baseline): all nine d16 artifacts need about 20 GB at once; '' = one group")
+                         "dense as its own baseline) when memory is short: the nine d16 artifacts need about 16 GB "
+                         "at once; '' = all in one group")
     ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
     args = ap.parse_args()
     if args.quick:
@@ -436,8 +436,8 @@ def main() -> None:
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
                     f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
-                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +split, then its "
-                    "convolutions int8",
+                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +cfg-trim, then its "
+                    "convolutions int8; split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(),
             "latency": grouped_latency(fam["artifacts"], groups, settings, fam["dense"]),
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
