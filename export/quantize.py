@@ -217,7 +217,7 @@ class DecoderInt8Options:
     """`--quantize-decoder int8`: static int8 of the decoder's convolutions, calibrated on f_hat of the model's
     own generations. 7-bit weights (onnxruntime's `reduce_range`): x86 CPUs without VNNI multiply uint8 × int8
     pairs into saturating int16 sums, so full-range weights could give other images there; 7 bits cannot
-    overflow, so the graph computes the same on every x86 CPU."""
+    overflow, so no x86 CPU saturates (float rounding in requantization may still differ by kernel)."""
     calib_samples: int = 8  # generations whose f_hat set each activation's range (min/max)
     check_samples: int = 4  # other generations (another seed) the gate compares images on
     min_psnr_db: float = 30.0  # int8 image vs the fp32 graph's image, [-1, 1] range (peak-to-peak 2)
