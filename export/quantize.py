@@ -260,6 +260,7 @@ def decoder_int8_gate(report: pt.ParityReport, decode_fp32: Callable[[np.ndarray
                       options: DecoderInt8Options) -> float:
     """The int8 decoder's images against the fp32 graph's on f_hat it was not calibrated on → the PSNR (dB)."""
     value = psnr_db(decode_fp32(f_hat), decode_int8(f_hat))
-    report.checks.append(pt.Check("int8 decoder vs fp32 decoder graph: image PSNR (dB)", bool(value >= options.min_psnr_db),
+    report.checks.append(pt.Check("int8 decoder vs fp32 decoder graph: image PSNR (dB)",
+                                  bool(value >= options.min_psnr_db),
                                   "psnr_db", value, options.min_psnr_db))
     return value

@@ -74,7 +74,8 @@ def test_psnr():
     assert psnr_db(a, a + 5.0) == pytest.approx(10 * np.log10(4 / 1.0))  # clipped to [-1, 1] first
 
 
-@pytest.mark.parametrize("args", [["--quantize-decoder", "int4"], ["--quantize-decoder", "int8", "--precision", "fp16"]])
+@pytest.mark.parametrize("args", [["--quantize-decoder", "int4"],
+                                  ["--quantize-decoder", "int8", "--precision", "fp16"]])
 def test_bad_decoder_int8_options_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, args):
     from evar.export import cli
 
