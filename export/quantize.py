@@ -227,6 +227,17 @@ class DecoderInt8Options:
             raise EvarError("--quantize-decoder int8 needs at least one calibration and one check sample")
 
 
+class _FhatReader:
+    """onnxruntime's calibration reader protocol: one f_hat per call, then None."""
+
+    def __init__(self, f_hat: np.ndarray) -> None:
+        self._rows = iter(f_hat.astype(np.float32)[:, None])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        row = next(self._rows, None)
+        return None if row is None else {"f_hat": row}
+
+
 def quantize_decoder(src: Path, dst: Path, calib_f_hat: np.ndarray, options: DecoderInt8Options) -> dict[str, Any]:
     """src (fp32 decoder graph, f_hat → image) → dst (QDQ int8 convolutions); → the compression details."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -234,9 +245,7 @@ def quantize_decoder(src: Path, dst: Path, calib_f_hat: np.ndarray, options: Dec
 
     pre = dst.with_name(dst.name + ".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    feeds = iter([{"f_hat": calib_f_hat[i:i + 1].astype(np.float32)} for i in range(len(calib_f_hat))])
-    reader = type("FhatReader", (), {"get_next": lambda self: next(feeds, None)})()
-    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+    quantize_static(str(pre), str(dst), _FhatReader(calib_f_hat), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                     per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     for leftover in pre.parent.glob(pre.name + "*"):
