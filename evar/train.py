@@ -77,6 +77,15 @@ class VARTraining:
     data: str = "digits"
     schedule: Schedule = Schedule(steps=4000, batch_size=64, lr=1e-3, weight_decay=0.05)
     shift_augment: int = 1  # also train on copies shifted by up to this many pixels
+    # Share of each batch drawn from the unshifted images (None: uniform over all copies, 1/9 at shift 1).
+    # Shifted copies alone are a distribution of their own; the originals alone get memorised.
+    unshifted_share: float | None = None
+
+    def __post_init__(self):
+        if self.unshifted_share is not None and not 0.0 < self.unshifted_share < 1.0:
+            raise EvarError(f"unshifted share must be in (0, 1), got {self.unshifted_share}")
+        if self.unshifted_share is not None and self.shift_augment == 0:
+            raise EvarError("an unshifted share needs shifted copies (--shift-augment >= 1)")
 
 
 # ---------------------------------------------------------------- the shared loop
@@ -245,9 +254,20 @@ def split_scales(tokens_NL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[t
     return list(tokens_NL.split([pn * pn for pn in patch_nums], dim=1))
 
 
-def draw_batch(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+def draw_batch(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Indices drawn with replacement: stateless but for `gen`, so a resumed run sees the same batches."""
-    return torch.randint(n, (batch_size,), generator=gen)
+    if weights is None:
+        return torch.randint(n, (batch_size,), generator=gen)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+
+
+def unshifted_weights(n_images: int, max_shift: int, share: float) -> torch.Tensor:
+    """Draw weights over `shifted_copies` rows so that the unshifted view gets `share` of the draws."""
+    views = (2 * max_shift + 1) ** 2
+    centre = views // 2  # (dy, dx) = (0, 0) in shifted_copies' order
+    w = torch.full((views, n_images), (1.0 - share) / ((views - 1) * n_images), dtype=torch.float64)
+    w[centre] = share / n_images
+    return w.flatten()
 
 
 def drop_labels(labels: torch.Tensor, rate: float, num_classes: int, gen: torch.Generator) -> torch.Tensor:
@@ -271,6 +291,8 @@ def train_var(job: VARTraining, out: str | Path, model_config: ModelConfig | Non
     images, labels = load_images(job.data, "train", vqvae.cfg.image_size)
     if int(labels.max()) >= arch.num_classes:
         raise EvarError(f"data has {int(labels.max()) + 1} classes but the model has {arch.num_classes}")
+    weights = None if job.unshifted_share is None else unshifted_weights(len(images), job.shift_augment,
+                                                                          job.unshifted_share)
     images, labels = shifted_copies(images, labels, job.shift_augment)
     tokens = encode_dataset(vqvae, images)
     for p in vqvae.parameters():
@@ -280,7 +302,7 @@ def train_var(job: VARTraining, out: str | Path, model_config: ModelConfig | Non
     work = out / "work"
 
     def loss_fn(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        pick = draw_batch(len(tokens), job.schedule.batch_size, gen)
+        pick = draw_batch(len(tokens), job.schedule.batch_size, gen, weights)
         lab = drop_labels(labels[pick], arch.cond_drop_rate, arch.num_classes, gen)
         return {"loss": var_loss(var, vqvae, tokens[pick], lab)}
 

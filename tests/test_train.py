@@ -62,3 +62,20 @@ def test_shifted_copies_translate_with_background():
     shifted, labels = train.shifted_copies(img, torch.tensor([7]), 1)
     assert shifted.shape == (9, 3, 4, 4) and labels.tolist() == [7] * 9
     assert all((s == 1).sum() == 3 for s in shifted)  # the bright pixel stays inside for every shift
+
+
+def test_unshifted_share_weights_pick_the_centre_view():
+    img = torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 3, 4, 4).contiguous()
+    shifted, _ = train.shifted_copies(img, torch.tensor([0, 1]), 1)
+    w = train.unshifted_weights(2, 1, 0.5)
+    assert w.shape == (len(shifted),) and abs(w.sum().item() - 1.0) < 1e-12
+    centre = w == w.max()
+    assert torch.equal(shifted[centre], img)  # the heavy rows are exactly the originals
+    picks = train.draw_batch(len(w), 20_000, torch.Generator().manual_seed(0), w)
+    assert abs(centre[picks].double().mean().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("share, shift", [(0.0, 1), (1.0, 1), (0.5, 0)])
+def test_unshifted_share_out_of_range_is_refused(share, shift):
+    with pytest.raises(EvarError):
+        train.VARTraining(tokenizer="x", shift_augment=shift, unshifted_share=share)

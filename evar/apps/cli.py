@@ -332,6 +332,8 @@ def train_cmd(
     data: Annotated[str, typer.Option(help="'digits' or an image folder (class subfolders)")] = "digits",
     steps: int = 4000, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
     shift_augment: Annotated[int, typer.Option(help="train on copies shifted by up to N pixels")] = 1,
+    unshifted_share: Annotated[Optional[float], typer.Option(
+        help="share of each batch drawn from the unshifted images (default: uniform over all copies)")] = None,
     ckpt_every: Annotated[int, typer.Option(help="resumable checkpoint interval (steps)")] = 500,
 ) -> None:
     """Train a class-conditional VAR (digits architecture) on tokens from a frozen tokenizer; resumable."""
@@ -341,8 +343,8 @@ def train_cmd(
         sched = Schedule(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, ckpt_every=ckpt_every,
                          seed=seed)
         t0 = time.perf_counter()
-        path = train_var(VARTraining(tokenizer=str(tokenizer), data=data, schedule=sched, shift_augment=shift_augment),
-                         out)
+        path = train_var(VARTraining(tokenizer=str(tokenizer), data=data, schedule=sched, shift_augment=shift_augment,
+                                         unshifted_share=unshifted_share), out)
     print(f"model directory → {path} ({time.perf_counter() - t0:.0f}s)")
 
 
