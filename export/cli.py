@@ -51,6 +51,9 @@ def onnx(
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 weights, fp32 compute)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 17,
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxsim when it shrinks the graph")] = True,
+    fuse_gelu: Annotated[bool, typer.Option("--fuse-gelu/--no-fuse-gelu", help=(
+        "one com.microsoft.FastGelu per FFN instead of ten elementwise nodes (onnxruntime's Core ML provider "
+        "runs it on the CPU)"))] = True,
     external_data: Annotated[str, typer.Option(help="auto (>= 1 GiB of weights) | always | never")] = "auto",
     top_k: TopK = 900, top_p: TopP = 0.96,
     quantize: Annotated[str, typer.Option(help="none | int8 (onnxruntime dynamic int8 of the transformer's "
@@ -79,8 +82,8 @@ def onnx(
     from evar.export.onnx import OnnxOptions
     from evar.export.quantize import DecoderInt8Options, Int8Options, parse_fp32_groups
 
-    options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, external_data=external_data,
-                          top_k=top_k, top_p=top_p, quantize=quantize,
+    options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, fuse_gelu=fuse_gelu,
+                          external_data=external_data, top_k=top_k, top_p=top_p, quantize=quantize,
                           int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale,
                           split_scale=split_scale, early_model=early_model, token_keep=token_keep,
                           quantize_decoder=quantize_decoder,

@@ -24,6 +24,7 @@ from evar.errors import EvarError
 from evar.export.graphs import DynamicStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, StepInterface
+from evar.export.onnx_fusion import fuse_tanh_gelu
 from evar.export.quantize import QUANTIZE_CHOICES, DecoderInt8Options, Int8Options
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
@@ -39,6 +40,7 @@ class OnnxOptions:
     precision: str = "fp32"  # fp32 | fp16 (fp16 weights, fp32 compute)
     opset: int = 17
     simplify: bool = True
+    fuse_gelu: bool = True  # tanh GELU → com.microsoft.FastGelu (evar.export.onnx_fusion)
     external_data: str = "auto"  # auto | always | never
     top_k: int = 0
     top_p: float = 0.0
@@ -180,6 +182,8 @@ def _postprocess(raw: Path, final: Path, options: OnnxOptions, notes: list[str])
         else:
             model, simplified, msg = _simplify(model)
             notes.append(f"{final.name}: {msg}")
+    if options.fuse_gelu and (fused := fuse_tanh_gelu(model)):
+        notes.append(f"{final.name}: {fused} tanh GELUs fused into FastGelu")
     if options.precision == "fp16":
         _to_fp16_weights(model)
     for leftover in raw.parent.glob(raw.name + "*"):
