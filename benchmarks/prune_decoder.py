@@ -28,7 +28,7 @@ import torch
 from evar import zoo
 from evar.checkpoints import Model, load_model_dir
 from evar.config import ModelConfig, VQVAEConfig
-from evar.files import atomic_write_bytes, atomic_write_json, figure_png
+from evar.files import atomic_write_bytes, atomic_write_json, figure_png, read_json
 from evar.models.var import VAR
 from evar.models.vqvae import VQVAE
 from evar.prune.decoder import DecoderRecipe, decoder_macs, decoder_params, prune_decoder
@@ -189,6 +189,10 @@ def main() -> None:
     t0 = time.perf_counter()
     result: dict[str, Any] = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                           "processor": platform.processor()}, "versions": versions()}
+    previous = args.out / "prune_decoder.json"
+    kept = read_json(previous).get("latency") if args.skip_latency and previous.exists() else None
+    if kept:  # a part not re-measured keeps its last numbers, and says so
+        result["latency"] = {**kept, "kept_from_previous_run": True}
     if not args.skip_latency:
         result["latency"] = latency(args.work, args.iters, args.threads)
         print(f"d16 decoder: {result['latency']['speedup_wall']:.2f}× wall, {result['latency']['speedup_cpu']:.2f}× CPU")
