@@ -3,9 +3,10 @@
 The tanh GELU of every FFN (`F.gelu(x, approximate="tanh")`) leaves the legacy exporter as ten elementwise nodes:
 x·x, x·x², 0.044715·x³, x + …, √(2/π)·…, tanh, 1 + …, x·…, 0.5·…  Each reads and writes the whole (rows, FFN)
 activation, and onnxruntime's own FastGelu fusion misses this node order (and its MatMulScaleFusion then folds
-the trailing 0.5 into the next MatMul, so the pattern is gone for good). On d16 those nodes took 12% of the step
-graph's kernel time. `fuse_tanh_gelu` rewrites each into one `com.microsoft.FastGelu` (the same formula in fp32;
-onnxruntime's CPU kernel), folding the FFN's bias Add into it when it feeds nothing else.
+the trailing 0.5 into the next MatMul, so the pattern is gone for good). `fuse_tanh_gelu` rewrites each into one
+`com.microsoft.FastGelu` (the same formula in fp32; onnxruntime's CPU kernel), folding the FFN's bias Add into it
+when it feeds nothing else. Measured, it saves node dispatch on small graphs (digits: a few percent) and is within
+noise on d16, where the matmuls dominate.
 
 onnxruntime alone runs these graphs (Core ML is converted from PyTorch), so a contrib op costs no portability;
 onnxruntime's Core ML execution provider runs FastGelu on the CPU (`--no-fuse-gelu` keeps the plain nodes).
