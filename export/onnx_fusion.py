@@ -23,7 +23,8 @@ CUBE_COEF, SQRT_2_OVER_PI = 0.044715, math.sqrt(2.0 / math.pi)
 
 @dataclass
 class _Graph:
-    """Name → producing node, name → consuming nodes, and scalar constants of one ONNX graph."""
+    """Name → producing node, name → consuming nodes, and the constants (initializers, Constant nodes) of one ONNX
+    graph, kept as TensorProtos: converting every weight of a d16 graph to numpy would copy it for nothing."""
 
     producer: dict[str, Any]
     consumers: dict[str, list[Any]]
@@ -32,23 +33,28 @@ class _Graph:
 
     @classmethod
     def of(cls, graph) -> _Graph:
-        from onnx import numpy_helper
-
-        producer, consumers, constants = {}, {}, {}
-        for init in graph.initializer:
-            constants[init.name] = numpy_helper.to_array(init)
+        producer, consumers = {}, {}
+        constants = {init.name: init for init in graph.initializer}  # TensorProtos: read only where needed
         for node in graph.node:
             for name in node.output:
                 producer[name] = node
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                constants[node.output[0]] = node.attribute[0].t
         return cls(producer, consumers, constants, {o.name for o in graph.output})
 
     def scalar(self, name: str) -> float | None:
-        value = self.constants.get(name)
-        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+        from onnx import numpy_helper
+
+        tensor = self.constants.get(name)
+        if tensor is None or math.prod(tensor.dims) != 1:
+            return None
+        return float(numpy_helper.to_array(tensor).reshape(-1)[0])
+
+    def is_vector(self, name: str) -> bool:
+        tensor = self.constants.get(name)
+        return tensor is not None and len(tensor.dims) == 1
 
     def node(self, name: str, op: str):
         node = self.producer.get(name)
@@ -120,8 +126,7 @@ def _bias_of(g: _Graph, x: str, pattern: list) -> tuple[list[str], Any] | None:
     if add is None or x in g.outputs or not all(u.output[0] in pattern_outs for u in g.consumers[x]):
         return None
     for a, b in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
-        bias = g.constants.get(b)
-        if bias is not None and bias.ndim == 1 and g.node(a, "MatMul") is not None:
+        if g.is_vector(b) and g.node(a, "MatMul") is not None:
             return [a, b], add
     return None
 
