@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from conftest import few_scale_model, tiny_model
 from evar import rng
 from evar.contract import host_sampling as hs
 from evar.export.ane import AneDecoder, FhatUpdate, SafeGroupNorm, ane_steps, norm_channels
@@ -236,21 +236,7 @@ def _opt_in(request):
 
 
 def _two_scale_model():
-    from evar.checkpoints import build_model
-    from evar.config import ModelConfig, VARConfig, VQVAEConfig
-
-    vqvae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1,), num_res_blocks=1, using_sa=False,
-                        using_mid_sa=False, v_patch_nums=(1, 2))
-    var = VARConfig(depth=2, embed_dim=32, num_heads=(2, 1), ffn_dims=(64, 48), head_dim=16, vocab_size=32, cvae=8,
-                    num_classes=4, patch_nums=(1, 2))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(var, vqvae, {"source": "tests"}))
-    with torch.no_grad():
-        for block in model.var.blocks:
-            block.ada_lin[-1].weight.normal_(0, 0.05)
-            block.ada_lin[-1].bias.normal_(0, 0.5)
-        model.var.head.weight.normal_(0, 0.2)
-    return model.eval()
+    return few_scale_model((1, 2))
 
 
 @pytest.mark.slow

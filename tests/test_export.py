@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from evar.checkpoints import build_model, save_model_dir
-from evar.config import ModelConfig, VARConfig, VQVAEConfig
+from evar.checkpoints import save_model_dir
 from evar.models.decoding import generate
-from tests.conftest import tiny_model
+from tests.conftest import few_scale_model, tiny_model
 
 onnxruntime = pytest.importorskip("onnxruntime")
 ct = pytest.importorskip("coremltools")
@@ -30,18 +29,7 @@ TOP_K, TOP_P = 40, 0.9
 
 def tiny_coreml_model():
     """Two scales and a one-level VQVAE: every Core ML conversion is per scale, so fewer scales = faster tests."""
-    vqvae = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1,), num_res_blocks=1, using_sa=False,
-                        using_mid_sa=False, v_patch_nums=(1, 2))
-    var = VARConfig(depth=2, embed_dim=32, num_heads=(2, 1), ffn_dims=(64, 48), head_dim=16, vocab_size=32, cvae=8,
-                    num_classes=4, patch_nums=(1, 2))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(var, vqvae, {"source": "tests"}))
-    with torch.no_grad():
-        for block in model.var.blocks:
-            block.ada_lin[-1].weight.normal_(0, 0.05)
-            block.ada_lin[-1].bias.normal_(0, 0.5)
-        model.var.head.weight.normal_(0, 0.2)
-    return model.eval()
+    return few_scale_model((1, 2))
 
 
 @pytest.fixture(scope="module")
