@@ -32,19 +32,24 @@ from evar.models.decoding import generate
 OUT = Path(__file__).resolve().parent / "results" / "ane_fp16_agreement.json"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(doc: str, seeds: str):
+    """The ANE benchmarks' shared command line and inputs: (args, the export-ready model, one label per row)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="builtin:digits")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=seeds)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
     args = ap.parse_args()
-    t0 = time.perf_counter()
     model = export_ready(zoo.load(args.model, attn_impl="math"))
+    return args, model, np.arange(args.batch) % model.config.var.num_classes
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    args, model, labels = setup(__doc__, "0,1,2")
     c = model.config.var
-    labels = np.arange(args.batch) % c.num_classes
     iface, iface32 = AneInterface(model.config, args.batch), AneInterface(model.config, args.batch).at_fp32()
     specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
     specs32 = [iface32.step(si) for si in range(c.num_scales)], specs[1]

@@ -16,9 +16,7 @@ Writes benchmarks/results/ane_fp16_budget.json.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import os
 import time
 from pathlib import Path
@@ -27,13 +25,14 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from evar import rng, zoo
+from evar import rng
 from evar.contract import host_sampling as hs
 from evar.export import ane
 from evar.export.ane_export import AneInterface, host_run, loop_manifest
-from evar.export.artifact import export_ready
 from evar.export.parity import reset_state
 from evar.files import atomic_write_json
+
+from ane_fp16_agreement import setup  # beside this script: the same command line and inputs
 
 OUT = Path(__file__).resolve().parent / "results" / "ane_fp16_budget.json"
 CONVS = {"qkv": "qkv", "proj": "proj", "fc1": "mlp", "fc2": "mlp", "head": "head", "word_embed": "input"}
@@ -127,18 +126,9 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="builtin:digits")
-    ap.add_argument("--seeds", default="0,1,2,3,4,5")
-    ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--cfg", type=float, default=1.5)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.96)
-    args = ap.parse_args()
     t0 = time.perf_counter()
-    model = export_ready(zoo.load(args.model, attn_impl="math"))
+    args, model, labels = setup(__doc__, "0,1,2,3,4,5")
     c = model.config.var
-    labels = np.arange(args.batch) % c.num_classes
     iface = AneInterface(model.config, args.batch).at_fp32()
     specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
     steps = ane.ane_steps(model, args.batch)
