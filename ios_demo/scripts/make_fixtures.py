@@ -515,19 +515,10 @@ UNGUIDED_PREFIX = "unguided_"
 
 
 def _prefill_function(iface, split: int) -> dict:
-    """The prefill function of a Core ML split (int32 in; io: every layer's presents out, length T; state: writes
-    the state and returns the last layer's keys), as evar-export coreml lays it out."""
-    from evar.export.interface import FunctionSpec, TensorSpec
+    """The prefill function of a Core ML split, exactly as evar-export coreml lays it out."""
+    from evar.export.coreml_ladder import prefill_spec
 
-    T = iface.var.scale_ranges()[split][0]
-    ins = (TensorSpec("labels", (iface.batch,), "int32", "labels", doc="class ids"),
-           TensorSpec("tokens", (iface.batch, T), "int32", "idx",
-                      doc=f"the tokens of scales 0 … {split - 1} (the early functions' idx outputs), concatenated"))
-    if iface.kv_mode == "io":
-        outs = tuple(iface.kv_tensor(i, k, T) for i in range(iface.var.depth) for k in ("present_key", "present_value"))
-        return FunctionSpec("prefill", ins, outs, token_range=(0, T)).to_json()
-    last = iface.kv_tensor(iface.var.depth - 1, "present_key", T)
-    return FunctionSpec("prefill", ins, (last,), tuple(iface.kv_states()), token_range=(0, T)).to_json()
+    return prefill_spec(iface, split).to_json()
 
 
 def tiny_recipe_manifest(kv_mode: str) -> dict:
