@@ -1,6 +1,7 @@
 """How often the Neural Engine layout in fp16 draws the tokens it draws in fp32 (what a Mac cannot be asked here).
 
     python benchmarks/ane_fp16_agreement.py [--model builtin:digits] [--seeds 0,1,2] [--batch 10]
+                                            [--compress none|palettize6|palettize4|int8]
 
 For each seed: the ANE-layout wrappers (export/ane.py, what `evar-export coreml --target ane` converts) run
 at fp32, fed in float32, with the host sampler against `generate` (tokens must be identical and logits within
@@ -13,7 +14,10 @@ every near-tie a shifted CDF boundary flips, so it measures the sampler as much 
 Gaussian noise of 0.001 to the fp32 guided logits and reports both for it. Also the
 decoder (overflow-free GroupNorm) in fp16 against the reference image. torch's CPU fp16 kernels are not the
 ANE's, so this bounds what fp16 arithmetic does to the layout, not the device's exact numbers.
-Writes benchmarks/results/ane_fp16_agreement.json.
+`--compress` gives the fp16 wrappers (steps and decoder) the weights `evar-export coreml --target ane
+--compress X` stores, compressed by coremltools' own routines (export/coreml_emulate.py): still an emulation
+on the CPU, with the converter's look-up tables and int8 scales.
+Writes benchmarks/results/ane_fp16_agreement.json (ane_fp16_agreement_<compress>.json with --compress).
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ from evar import zoo
 from evar import rng
 from evar.contract.host_sampling import filter_logits, guided_logits, sample_from_uniforms
 from evar.export.ane import AneDecoder, FhatUpdate, ane_steps
-from evar.export.ane_export import AneInterface, half_steps, host_run, loop_manifest
+from evar.export.ane_export import AneInterface, host_run, loop_manifest
 from evar.export.artifact import export_ready
+from evar.export.coreml_emulate import EMULATED, compressed_half_decoder, compressed_half_steps
 from evar.export.quantize import token_agreement
 from evar.files import atomic_write_json
 from evar.models.decoding import generate
@@ -39,9 +44,11 @@ OUT = Path(__file__).resolve().parent / "results" / "ane_fp16_agreement.json"
 NOISE = 0.001  # the control: Gaussian noise on the fp32 guided logits (a sixteenth of an fp16 logit's spacing at 16-32)
 
 
-def setup(doc: str, seeds: str):
+def setup(doc: str, seeds: str, compress: bool = False):
     """The ANE benchmarks' shared command line and inputs: (args, the export-ready model, one label per row)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if compress:
+        ap.add_argument("--compress", choices=EMULATED, default="none")
     ap.add_argument("--model", default="builtin:digits")
     ap.add_argument("--seeds", default=seeds)
     ap.add_argument("--batch", type=int, default=10)
@@ -80,16 +87,17 @@ def mean_std(rows: list[dict], key: str) -> dict:
 
 def main() -> None:
     t0 = time.perf_counter()
-    args, model, labels = setup(__doc__, "0,1,2")
+    args, model, labels = setup(__doc__, "0,1,2", compress=True)
+    out = OUT if args.compress == "none" else OUT.with_name(f"{OUT.stem}_{args.compress}.json")
     c = model.config.var
     iface, iface32 = AneInterface(model.config, args.batch), AneInterface(model.config, args.batch).at_fp32()
     specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
     specs32 = [iface32.step(si) for si in range(c.num_scales)], specs[1]
     steps = ane_steps(model, args.batch)
-    steps16 = half_steps(steps)
+    steps16 = compressed_half_steps(steps, args.compress)
     updates = [FhatUpdate(model, si).eval() for si in range(c.num_scales)]
     decoder = AneDecoder(model).eval()
-    decoder16 = AneDecoder(model).eval().half()
+    decoder16 = compressed_half_decoder(decoder, args.compress)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         ref = generate(model.var, model.vqvae, torch.from_numpy(labels), guidance=args.cfg, top_k=args.top_k,
@@ -114,11 +122,13 @@ def main() -> None:
                      "fp16_decoder_max_abs_vs_fp32": float((image16 - image32).abs().max())})
         print(rows[-1])
     keys = [f"{who}_{k}" for who in ("fp16", "noise_control") for k in ("sampled_token_agreement", "best_coupling_agreement")]
-    result = {"model": args.model, "batch": args.batch, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+    result = {"model": args.model, "compress": args.compress, "batch": args.batch, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
               "seeds": rows, "fp32_exact_on_every_seed": all(r["fp32_tokens_equal_reference"] for r in rows),
               **{k: v for key in keys for k, v in mean_std(rows, key).items()},
               "per_scale_mean": {key: np.mean([r[f"{key}_per_scale"] for r in rows], axis=0).tolist() for key in keys},
-              "protocol": "fp16 wrappers on the CPU, scale by scale on the fp32 run's f_hat; host sampling in float32",
+              "protocol": "fp16 wrappers on the CPU, scale by scale on the fp32 run's f_hat; host sampling in float32"
+                          + ("" if args.compress == "none" else f"; their weights compressed as --compress {args.compress} "
+                             "stores them (coremltools' own routines, export/coreml_emulate.py), not run on a device"),
               "metrics": {"sampled_token_agreement": "share of equal tokens drawn with shared uniforms (inverse CDF)",
                           "best_coupling_agreement": "mean over tokens of 1 - TV(fp32, other) of the filtered guided "
                                                      "logits' distributions (export/quantize.py token_agreement)",
@@ -126,10 +136,10 @@ def main() -> None:
               "load_average": list(os.getloadavg()), "seconds": time.perf_counter() - t0,
               "command": "python benchmarks/ane_fp16_agreement.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}
-    atomic_write_json(OUT, result)
+    atomic_write_json(out, result)
     for key in keys:
         print(f"{key} {result[key + '_mean']:.4f} ± {result[key + '_std']:.4f}")
-    print(f"fp32 exact: {result['fp32_exact_on_every_seed']} → {OUT}")
+    print(f"fp32 exact: {result['fp32_exact_on_every_seed']} → {out}")
 
 
 if __name__ == "__main__":

@@ -139,12 +139,17 @@ def _convert(module: torch.nn.Module, fn: FunctionSpec, precision: str, units: s
 COMPRESSION_PASSES = ("compression::palettize_weights", "compression::linear_quantize_weights", "compression::prune_weights")
 
 
+def is_class_table(name: str) -> bool:
+    """A buffer of `class_tables` (export/ane.py names them `*_table`)."""
+    return name.endswith("_table")
+
+
 def keep_tables_uncompressed(pipeline, module: torch.nn.Module):
     """Leave the class tables (`class_tables`) in fp16. A table entry is an AdaLN gate, 1 + scale or shift
     itself: one 64-entry palette over all of them would move each by up to half a palette step, where
     compressing the linear they replace only perturbed its inputs' weighted sum. The converter names a
     buffer's constant after its path (dots as underscores, `b_` first)."""
-    names = [f"b_{n.replace('.', '_')}" for n, _ in module.named_buffers() if n.endswith("_table")]
+    names = [f"b_{n.replace('.', '_')}" for n, _ in module.named_buffers() if is_class_table(n)]
     for name in COMPRESSION_PASSES:
         for option in pipeline.get_options(name) or []:
             if option.option_name == "config":
