@@ -21,8 +21,9 @@ from evar.checkpoints import Model, build_model
 from evar.errors import EvarError
 from evar.files import atomic_dir
 from evar import contract
-from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAPH, STEP_GRAPH,
                            UNGUIDED_STEP_GRAPH)
+from evar.contract.recipe import Recipe
 from evar.export import coreml as cm
 from evar.export import coreml_ladder as cl
 from evar.export import onnx as ox
@@ -137,6 +138,8 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
     sp.check_plan(model, early, split, n)
     keep = tk.plan(options.token_keep, model)
     tk.check_combination(keep, n, split)
+    # which graph runs which scale: the graphs exported are the roles this recipe runs
+    recipe = Recipe(model.config.var.num_scales, split, n, keep.cache_si if keep is not None else None)
     early = export_ready(early) if early is not None else None
     with atomic_dir(out) as tmp:
         step_notes: list[str] = []
@@ -144,20 +147,21 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
         unguided_notes: list[str] = []
         step, iface = ox.export_step(model, tmp, options, step_notes)
         unguided = ox.export_step(model, tmp, options, unguided_notes, guided=False, role=UNGUIDED_STEP_GRAPH) \
-            if n is not None else None
+            if UNGUIDED_STEP_GRAPH in recipe.roles() else None
         dec, diface = ox.export_decoder(model, tmp, options, dec_notes)
         split_notes: tuple[list[str], list[str]] = ([], [])
         if split is not None:
             split_graphs = (ox.export_step(early, tmp, options, split_notes[0], role=EARLY_STEP_GRAPH)[0],
                             sp.export_prefill(model, split, tmp, options, split_notes[1]))
-        keep_notes: list[str] = []
-        pruned = tk.export_pruned(model, keep, tmp, options, keep_notes) if keep is not None else None
+        keep_notes: dict[str, list[str]] = {}
+        pruned = tk.export_pruned_roles(model, keep, n, tmp, options, keep_notes) if keep is not None else {}
         export_s = time.perf_counter() - t0
         report = onnx_parity(model, tmp, step.file, dec.file, options)
-        if pruned is not None:
-            tk.keep_parity(report, model, tmp, {STEP_GRAPH: step.file, PRUNED_STEP_GRAPH: pruned[0].file,
-                                                "decoder": dec.file}, options.top_k, options.top_p, keep)
-        if unguided is not None:
+        if pruned:  # token pruning, with CFG trimming when n is given: one pipeline over every role
+            files = {STEP_GRAPH: step.file, **({UNGUIDED_STEP_GRAPH: unguided[0].file} if unguided else {}),
+                     **{role: g.file for role, (g, _) in pruned.items()}, "decoder": dec.file}
+            tk.keep_parity(report, model, tmp, files, options.top_k, options.top_p, keep, n)
+        elif unguided is not None:
             cfg_trim.trimmed_parity(report, model, tmp, step.file, unguided[0].file, dec.file, options.top_k,
                                     options.top_p, n)
         if split is not None:
@@ -167,15 +171,18 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
         report.raise_if_failed(f"ONNX export of {model_ref}")
         compression = {"method": "none", "tool": None, "details": {}}
         if options.quantize == "int8":
-            gate = _gate_driver(model, iface, n) if split is None else sp.gate_driver(early, model, tmp, split, n)
-            second = unguided or pruned
-            if pruned is not None:
-                gate = tk.gate_driver(model, keep)
-            steps, compression = quantize_onnx_steps(model, tmp, [step] + ([second[0]] if second else []), options,
-                                                     report, step_notes, gate)
-            step = steps[0]
-            unguided = (steps[1], unguided[1]) if unguided else None
-            pruned = (steps[1], pruned[1]) if pruned else None
+            fp32 = {STEP_GRAPH: step, **({UNGUIDED_STEP_GRAPH: unguided[0]} if unguided else {}),
+                    **{role: g for role, (g, _) in pruned.items()}}
+            if pruned:
+                gate = tk.gate_driver(model, keep, list(fp32), n)
+            else:
+                gate = _gate_driver(model, iface, n) if split is None else sp.gate_driver(early, model, tmp, split, n)
+            steps, compression = quantize_onnx_steps(model, tmp, list(fp32.values()), options, report, step_notes,
+                                                     gate)
+            int8 = dict(zip(fp32, steps))
+            step = int8[STEP_GRAPH]
+            unguided = (int8[UNGUIDED_STEP_GRAPH], unguided[1]) if unguided else None
+            pruned = {role: (int8[role], pi) for role, (_, pi) in pruned.items()}
             report.raise_if_failed(f"int8 ONNX export of {model_ref}")
         if options.quantize_decoder == "int8":
             dec, compression = quantize_onnx_decoder(model, tmp, dec, options.decoder_int8, report, dec_notes,
@@ -191,20 +198,23 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
             DECODER_GRAPH: ox.graph_entry(dec, [diface.function().to_json()], None, options.opset, dec_notes),
         }
         extra: dict[str, Any] = {}
+        if n is not None:
+            extra["generation"] = {"cfg_until_scale": n}
         if unguided is not None:
             u, uiface = unguided
             uins, uouts = uiface.signature()
-            unguided_notes.append(f"CFG trimming: scales >= {n} run this graph on the conditional rows only "
-                                  "(B rows, B-row KV cache: keep rows [0, B) of the guided graph's presents at scale "
-                                  f"{n}); no cfg input")
+            scales = [si for si in range(model.config.var.num_scales) if recipe.role(si) == UNGUIDED_STEP_GRAPH]
+            unguided_notes.append(f"CFG trimming: scales {scales[0]} … {scales[-1]} run this graph on the conditional "
+                                  "rows only (B rows, B-row KV cache: keep rows [0, B) of the guided graph's presents "
+                                  f"at scale {n}); no cfg input")
             graphs[UNGUIDED_STEP_GRAPH] = ox.graph_entry(
-                u, [uiface.function(si).to_json() for si in range(n, model.config.var.num_scales)],
+                u, [uiface.function(si).to_json() for si in scales],
                 {"inputs": [t.to_json() for t in uins], "outputs": [t.to_json() for t in uouts]}, options.opset,
                 unguided_notes)
-            extra["generation"] = {"cfg_until_scale": n, "unguided_graph": UNGUIDED_STEP_GRAPH}
-        if pruned is not None:
-            keep_entries, generation = tk.manifest_parts(model, keep, *pruned, options.opset, keep_notes)
-            extra["generation"] = generation
+            extra["generation"]["unguided_graph"] = UNGUIDED_STEP_GRAPH
+        if pruned:
+            keep_entries, generation = tk.manifest_parts(model, keep, pruned, n, options.opset, keep_notes)
+            extra["generation"] = {**extra.get("generation", {}), **generation}
         if split is not None:
             split_entries, generation = sp.manifest_parts(early, options.early_model, model, split, *split_graphs,
                                                           options.opset, *split_notes)
@@ -216,7 +226,7 @@ def build_onnx(model: Model, model_ref: str, out: Path, options: ox.OnnxOptions,
             graphs[UNGUIDED_STEP_GRAPH]["scale_selection"] = "scale_index_input"
         if split is not None:
             graphs.update(split_entries)
-        if pruned is not None:
+        if pruned:
             graphs.update(keep_entries)
         manifest = {**_base(model, "onnx", model_ref, command, iface), **extra, "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),

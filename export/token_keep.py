@@ -8,6 +8,13 @@ on the K selected tokens only and returns this scale's update map (`hidden`: the
 to the KV cache, so every later scale's past is shorter: the manifest's per-scale function entries state each
 static shape. What is selected and restored: `evar.models.token_keep`. Parity: tokens identical to
 `generate(..., token_keep=counts)` at fp32.
+
+With CFG trimming (`--cfg-until-scale N`) in the same artifact, the pruned scales from N on run a third graph,
+`decoder_step_pruned_unguided` (`PrunedStep(guided=False)`: B rows everywhere, no cfg input), and the scales
+between N and the cache scale (when N is before it) the ordinary unguided graph; at N the runtime keeps rows [0, B)
+of the KV cache and of the carried update map. `evar.contract.recipe.Recipe.role` says which graph runs which
+scale; the parity is `generate(..., cfg_until_scale=N, token_keep=counts)`, whatever the order of N and the cache
+scale.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from evar.checkpoints import Model
-from evar.contract import PRUNED_STEP_GRAPH, STEP_GRAPH
+from evar.contract import PRUNED_STEP_GRAPH, PRUNED_UNGUIDED_STEP_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract.recipe import Recipe
 from evar.errors import EvarError
 from evar.export import onnx as ox
 from evar.export import parity as pt
@@ -52,49 +60,67 @@ def plan(text: str | None, model: Model) -> KeepPlan | None:
 
 
 def check_combination(keep: KeepPlan | None, cfg_until_scale: int | None, split_scale: int | None) -> None:
-    if keep is not None and (cfg_until_scale is not None or split_scale is not None):
-        raise EvarError("--token-keep does not combine with --cfg-until-scale or --split-scale in one export yet: "
-                        "export them separately")
+    if keep is not None and split_scale is not None:
+        raise EvarError("--token-keep does not combine with --split-scale in one export yet: export them separately")
+
+
+def recipe(model: Model, keep: KeepPlan, cfg_until_scale: int | None) -> Recipe:
+    return Recipe(model.config.var.num_scales, cfg_until_scale=cfg_until_scale, cache_scale=keep.cache_si)
 
 
 class PrunedStep(nn.Module):
     """(labels, f_hat, uniforms, cfg, scale_index, keep_count, cached_hidden, *past)
-    → (logits, idx, next_f_hat, hidden, *present)."""
+    → (logits, idx, next_f_hat, hidden, *present). `guided=False` (the pruned scales of CFG trimming): the
+    conditional rows only (B rows in the cache and the update maps too) and no cfg input."""
 
-    def __init__(self, model: Model, cache_si: int, *, top_k: int, top_p: float):
+    def __init__(self, model: Model, cache_si: int, *, top_k: int, top_p: float, guided: bool = True):
         super().__init__()
         c = model.config.var
         self.var, self.ops, self.keep_ops = model.var, GatheredOps(model), KeepOps(model.var, cache_si)
         self.depth, self.num_classes = c.depth, c.num_classes
-        self.top_k, self.top_p = top_k, top_p
+        self.top_k, self.top_p, self.guided = top_k, top_p, guided
 
-    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, cfg: Tensor, scale_index: Tensor,
-                keep_count: Tensor, cached_hidden: Tensor, *past_flat: Tensor):
-        cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+    def forward(self, labels: Tensor, f_hat: Tensor, uniforms: Tensor, *rest: Tensor):
+        if self.guided:
+            cfg, (scale_index, keep_count, cached_hidden), past_flat = rest[0], rest[1:4], rest[4:]
+            cond_BD = self.var.class_emb(cfg_labels(labels, self.num_classes))
+        else:
+            cfg, (scale_index, keep_count, cached_hidden), past_flat = 0.0, rest[:3], rest[3:]
+            cond_BD = self.var.class_emb(labels)
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.depth)]
         out, full = decode_pruned_scale(self.var, self.ops, self.keep_ops, scale_index, scale_index, cond_BD, f_hat,
-                                        uniforms, cfg, past, self.top_k, self.top_p, keep_count[0], cached_hidden)
+                                        uniforms, cfg, past, self.top_k, self.top_p, keep_count[0], cached_hidden,
+                                        self.guided)
         return (out.logits, out.idx, out.f_hat, full, *[t for kv in out.presents for t in kv])
 
 
 @dataclass(frozen=True)
 class PrunedInterface:
-    """The pruned graph's tensors: the step's, plus keep_count, cached_hidden in and hidden out; pasts as pruned."""
+    """The pruned graph's tensors: the step's, plus keep_count, cached_hidden in and hidden out; pasts as pruned.
+    An unguided `step` gives the unguided pruned graph: B rows, no cfg input."""
 
     step: StepInterface
     keep: KeepPlan
+
+    @property
+    def var(self):
+        return self.step.var
+
+    def rows(self, batch: int) -> int:
+        """The rows of the cache and of the update maps for `batch` images."""
+        return 2 * batch if self.step.guided else batch
 
     def past_length(self, si: int) -> int:
         pns = self.step.var.patch_nums
         return sum(self.keep.keep(s, pns[s] ** 2) for s in range(si))
 
     def _extra(self, n: Any, n_prev: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        C = self.step.var.embed_dim
+        C, R = self.step.var.embed_dim, self.step.cfg_b
         ins = [TensorSpec("keep_count", (1,), "int64", "keep_count",
                           doc="K: the tokens of this scale the transformer runs on (pn² where nothing is pruned)"),
-               TensorSpec("cached_hidden", (CFG_BATCH, n_prev, C), "float32", "cached_hidden",
+               TensorSpec("cached_hidden", (R, n_prev, C), "float32", "cached_hidden",
                           doc="the previous scale's `hidden` output (its update map); zeros at the cache scale itself")]
-        outs = [TensorSpec("hidden", (CFG_BATCH, n, C), "float32", "hidden",
+        outs = [TensorSpec("hidden", (R, n, C), "float32", "hidden",
                            doc="this scale's update map: final hidden − input embedding (kept tokens computed, the "
                                "rest restored)")]
         return ins, outs
@@ -141,47 +167,70 @@ class PrunedInterface:
         return out
 
 
-def export_pruned(model: Model, keep: KeepPlan, out: Path, options: ox.OnnxOptions, notes: list[str]
-                  ) -> tuple[ox.OnnxGraph, PrunedInterface]:
-    iface = PrunedInterface(StepInterface(model.config, "onnx"), keep)
+PRUNED_ROLES = (PRUNED_STEP_GRAPH, PRUNED_UNGUIDED_STEP_GRAPH)
+
+
+def export_pruned(model: Model, keep: KeepPlan, out: Path, options: ox.OnnxOptions, notes: list[str],
+                  role: str = PRUNED_STEP_GRAPH) -> tuple[ox.OnnxGraph, PrunedInterface]:
+    """The pruned step graph of `role` (decoder_step_pruned, or its unguided twin) → `out/<role>.onnx`."""
+    guided = role == PRUNED_STEP_GRAPH
+    iface = PrunedInterface(StepInterface(model.config, "onnx", guided=guided), keep)
     ins, outs = iface.signature()
     si = max(keep.counts)  # trace at a pruned scale: every path (gather, topk, scatter, restore) runs
     example = iface.example_inputs(si, 2)
     args = tuple(torch.from_numpy(example[t.name]) for t in ins)
-    raw = out / f".{PRUNED_STEP_GRAPH}.raw.onnx"
-    ox._torch_export(PrunedStep(model, keep.cache_si, top_k=options.top_k, top_p=options.top_p).eval(), args, raw,
-                     [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
-    return ox._postprocess(raw, out / f"{PRUNED_STEP_GRAPH}.onnx", options, notes), iface
+    raw = out / f".{role}.raw.onnx"
+    ox._torch_export(PrunedStep(model, keep.cache_si, top_k=options.top_k, top_p=options.top_p, guided=guided).eval(),
+                     args, raw, [t.name for t in ins], [t.name for t in outs], iface.dynamic_axes(), options.opset)
+    return ox._postprocess(raw, out / f"{role}.onnx", options, notes), iface
+
+
+def export_pruned_roles(model: Model, keep: KeepPlan, cfg_until_scale: int | None, out: Path,
+                        options: ox.OnnxOptions, notes: dict[str, list[str]]
+                        ) -> dict[str, tuple[ox.OnnxGraph, PrunedInterface]]:
+    """The pruned graphs the recipe runs (with CFG trimming: the guided one only if a pruned scale comes before
+    the trimming scale), by role; `notes[role]` collects each graph's notes."""
+    roles = [r for r in recipe(model, keep, cfg_until_scale).roles() if r in PRUNED_ROLES]
+    return {r: export_pruned(model, keep, out, options, notes.setdefault(r, []), r) for r in roles}
 
 
 # ---------------------------------------------------------------- driving it through the interfaces
 @dataclass(frozen=True)
 class KeepPipeline:
-    step: StepInterface
-    pruned: PrunedInterface
+    """Drives each scale through the graph `recipe` names for it, through the manifest interfaces."""
+
+    ifaces: dict[str, StepInterface | PrunedInterface]  # by role
+    recipe: Recipe
 
     def drive(self, steps: dict[str, pt.StepFn], labels: np.ndarray, seed: int, cfg: float,
               teacher: pt.Run | None = None) -> pt.Run:
-        c, keep = self.step.var, self.pruned.keep
+        c = self.ifaces[STEP_GRAPH].var
         B = len(labels)
         f_hat = np.zeros((B, c.cvae, c.patch_nums[-1], c.patch_nums[-1]), np.float32)
         kv: dict[str, np.ndarray] = {}
-        cached = np.zeros((2 * B, c.patch_nums[keep.cache_si - 1] ** 2, c.embed_dim), np.float32)
+        cached: np.ndarray | None = None
         run = pt.Run([], [])
         for si in range(c.num_scales):
-            pruned = si >= keep.cache_si
+            role = self.recipe.role(si)
+            iface = self.ifaces[role]
+            pruned = isinstance(iface, PrunedInterface)
+            if self.recipe.trims_at(si):  # the conditional rows of the cache and of the update map
+                kv = {name: value[:B] for name, value in kv.items()}
+                cached = cached[:B] if cached is not None else None
+            if pruned and si == self.recipe.cache_scale:  # run in full: zeros, every token overwrites them
+                cached = np.zeros((iface.rows(B), c.patch_nums[si - 1] ** 2, c.embed_dim), np.float32)
             if teacher is not None:
                 feeds = teacher.inputs[si]
             elif pruned:
-                feeds = pruned_feeds(self.pruned, si, labels, f_hat, seed, cfg, kv, cached)
+                feeds = pruned_feeds(iface, si, labels, f_hat, seed, cfg, kv, cached)
             else:
-                feeds = pt.scale_feeds(self.step, si, labels, f_hat, seed, cfg, kv)
-            out = steps[PRUNED_STEP_GRAPH if pruned else STEP_GRAPH](si, feeds)
+                feeds = pt.scale_feeds(iface, si, labels, f_hat, seed, cfg, kv)
+            out = steps[role](si, feeds)
             run.inputs.append(feeds)
             run.outputs.append(out)
             if pruned:
                 cached = out["hidden"]
-            f_hat, kv = out["next_f_hat"], pt.next_kv(self.step, si, out)
+            f_hat, kv = out["next_f_hat"], pt.next_kv(iface.step if pruned else iface, si, out)
         return run
 
 
@@ -197,17 +246,19 @@ def pruned_feeds(iface: PrunedInterface, si: int, labels: np.ndarray, f_hat: np.
     return step_feeds([t.to_json() for t in iface.function(si).inputs], values, kv, lambda t: None)
 
 
-def pipeline(model: Model, keep: KeepPlan) -> KeepPipeline:
-    step = StepInterface(model.config, "onnx")
-    return KeepPipeline(step, PrunedInterface(step, keep))
+def pipeline(model: Model, keep: KeepPlan, cfg_until_scale: int | None = None) -> KeepPipeline:
+    guided, unguided = StepInterface(model.config, "onnx"), StepInterface(model.config, "onnx", guided=False)
+    ifaces = {STEP_GRAPH: guided, UNGUIDED_STEP_GRAPH: unguided, PRUNED_STEP_GRAPH: PrunedInterface(guided, keep),
+              PRUNED_UNGUIDED_STEP_GRAPH: PrunedInterface(unguided, keep)}
+    return KeepPipeline(ifaces, recipe(model, keep, cfg_until_scale))
 
 
 @torch.no_grad()
 def reference(model: Model, labels: np.ndarray, seed: int, cfg: float, top_k: int, top_p: float,
-              keep: KeepPlan) -> pt.Reference:
+              keep: KeepPlan, cfg_until_scale: int | None = None) -> pt.Reference:
     S, B = model.config.var.num_scales, len(labels)
     gen = generate(model.var, model.vqvae, torch.from_numpy(labels.astype(np.int64)), guidance=cfg, top_k=top_k,
-                   top_p=top_p, seed=seed, keep_logits=True, token_keep=keep.counts)
+                   top_p=top_p, seed=seed, keep_logits=True, token_keep=keep.counts, cfg_until_scale=cfg_until_scale)
     logits = [apply_cfg(lg[:B], lg[B:], cfg_ratio(cfg, si, S)).numpy() if len(lg) == 2 * B else lg.numpy()
               for si, lg in enumerate(gen.scale_logits)]
     f_hat = model.vqvae.idx_to_fhat(gen.tokens)
@@ -224,20 +275,33 @@ def _torch_fn(module: nn.Module, fn_of) -> pt.StepFn:
     return call
 
 
+def wrappers(model: Model, pipe: KeepPipeline, top_k: int, top_p: float) -> dict[str, pt.StepFn]:
+    """The PyTorch modules the graphs were exported from, as step functions of the roles the recipe runs."""
+    out: dict[str, pt.StepFn] = {}
+    for role in pipe.recipe.roles():
+        iface = pipe.ifaces[role]
+        if isinstance(iface, PrunedInterface):
+            module = PrunedStep(model, pipe.recipe.cache_scale, top_k=top_k, top_p=top_p, guided=iface.step.guided)
+            out[role] = _torch_fn(module.eval(), iface.function)
+        else:
+            out[role] = pt.torch_step(DynamicStep(model, top_k=top_k, top_p=top_p, guided=iface.guided).eval(), iface)
+    return out
+
+
 def keep_parity(report: pt.ParityReport, model: Model, root: Path, files: dict[str, str], top_k: int, top_p: float,
-                keep: KeepPlan, batch: int = 3) -> None:
-    """Wrappers and ONNX graphs, free-running with token pruning, against `generate(token_keep=counts)`."""
-    pipe = pipeline(model, keep)
+                keep: KeepPlan, cfg_until_scale: int | None = None, batch: int = 3) -> None:
+    """Wrappers and ONNX graphs (`files`: role → file, and "decoder"), free-running with token pruning (and CFG
+    trimming from `cfg_until_scale`), against `generate(token_keep=counts, cfg_until_scale=...)`."""
+    pipe = pipeline(model, keep, cfg_until_scale)
     labels = pt.parity_labels(batch, model.config.var.num_classes)
-    ref = reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, top_k, top_p, keep)
-    wrappers = {STEP_GRAPH: pt.torch_step(DynamicStep(model, top_k=top_k, top_p=top_p).eval(), pipe.step),
-                PRUNED_STEP_GRAPH: _torch_fn(PrunedStep(model, keep.cache_si, top_k=top_k, top_p=top_p).eval(),
-                                             pipe.pruned.function)}
+    ref = reference(model, labels, pt.PARITY_SEED, pt.PARITY_CFG, top_k, top_p, keep, cfg_until_scale)
     label = "token keep " + ",".join(f"{si}:{k}" for si, k in keep.counts.items())
-    expected = pipe.drive(wrappers, labels, pt.PARITY_SEED, pt.PARITY_CFG)
+    if cfg_until_scale is not None:
+        label += f", cfg trimmed at {cfg_until_scale}"
+    expected = pipe.drive(wrappers(model, pipe, top_k, top_p), labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: wrappers vs generate", ref, expected, pt.LOGITS_TOL, None,
                                pt.IMAGE_TOL, sampling=(top_k, top_p))
-    steps = {role: pt.session_step(ox.session(root / files[role])) for role in (STEP_GRAPH, PRUNED_STEP_GRAPH)}
+    steps = {role: pt.session_step(ox.session(root / files[role])) for role in pipe.recipe.roles()}
     dec = ox.session(root / files["decoder"])
     got = pipe.drive(steps, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, f"{label}: onnx vs generate (end to end)", ref, got, pt.LOGITS_TOL,
@@ -245,27 +309,38 @@ def keep_parity(report: pt.ParityReport, model: Model, root: Path, files: dict[s
                                sampling=(top_k, top_p))
 
 
+def gate_driver(model: Model, keep: KeepPlan, roles: list[str], cfg_until_scale: int | None = None):
+    """drive(step_fns, labels, seed, teacher) for the int8 gate over the graphs of `roles`, in that order."""
+    pipe = pipeline(model, keep, cfg_until_scale)
+    return lambda fns, labels, seed, teacher: pipe.drive(dict(zip(roles, fns)), labels, seed, pt.PARITY_CFG,
+                                                         teacher=teacher)
 
-def gate_driver(model: Model, keep: KeepPlan):
-    """drive(step_fns, labels, seed, teacher) for the int8 gate over (decoder_step, decoder_step_pruned)."""
-    pipe = pipeline(model, keep)
-    return lambda fns, labels, seed, teacher: pipe.drive(dict(zip((STEP_GRAPH, PRUNED_STEP_GRAPH), fns)), labels,
-                                                         seed, pt.PARITY_CFG, teacher=teacher)
 
-
-def manifest_parts(model: Model, keep: KeepPlan, graph: ox.OnnxGraph, iface: PrunedInterface, opset: int,
-                   notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    S = model.config.var.num_scales
-    ins, outs = iface.signature()
-    notes.append(f"token pruning: scales {keep.cache_si} … {S - 1} run this graph with keep_count K per scale "
-                 f"({', '.join(f'scale {si}: {k}' for si, k in keep.counts.items())}; pn² elsewhere); the transformer "
-                 f"runs on K tokens, the others keep their input embedding plus the previous scale's update map "
-                 f"upsampled; feed each scale's `hidden` "
-                 f"output as the next scale's `cached_hidden` (zeros at scale {keep.cache_si})")
-    entry = {**ox.graph_entry(graph, [iface.function(si).to_json() for si in range(keep.cache_si, S)],
-                              {"inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]},
-                              opset, notes), "scale_selection": "scale_index_input"}
+def manifest_parts(model: Model, keep: KeepPlan, pruned: dict[str, tuple[ox.OnnxGraph, PrunedInterface]],
+                   cfg_until_scale: int | None, opset: int, notes: dict[str, list[str]]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """→ (the pruned graphs' manifest entries by role, the manifest's `generation` fields of token pruning)."""
+    S, n = model.config.var.num_scales, cfg_until_scale
+    plan_ = recipe(model, keep, n)
+    counts = ", ".join(f"scale {si}: {k}" for si, k in keep.counts.items())
+    entries = {}
+    for role, (graph, iface) in pruned.items():
+        scales = [si for si in range(S) if plan_.role(si) == role]
+        rows = "the conditional and unconditional rows" if iface.step.guided else \
+            f"the conditional rows only (B rows, no cfg input; at scale {n} keep rows [0, B) of the KV cache and of " \
+            "`cached_hidden`)"
+        notes[role].append(f"token pruning: scales {scales[0]} … {scales[-1]} run this graph on {rows} with keep_count "
+                           f"K per scale ({counts}; pn² elsewhere); the transformer runs on K tokens, the others keep "
+                           f"their input embedding plus the previous scale's update map upsampled; feed each scale's "
+                           f"`hidden` output as the next scale's `cached_hidden` (zeros at scale {keep.cache_si})")
+        ins, outs = iface.signature()
+        entries[role] = {**ox.graph_entry(graph, [iface.function(si).to_json() for si in scales],
+                                          {"inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]},
+                                          opset, notes[role]), "scale_selection": "scale_index_input"}
     generation = {"token_keep": {str(si): r for si, r in keep.ratios.items()},
                   "token_keep_counts": {str(si): k for si, k in keep.counts.items()},
-                  "cache_scale": keep.cache_si, "pruned_graph": PRUNED_STEP_GRAPH}
-    return {PRUNED_STEP_GRAPH: entry}, generation
+                  "cache_scale": keep.cache_si}
+    for role, key in ((PRUNED_STEP_GRAPH, "pruned_graph"), (PRUNED_UNGUIDED_STEP_GRAPH, "pruned_unguided_graph")):
+        if role in pruned:
+            generation[key] = role
+    return entries, generation

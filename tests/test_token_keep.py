@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from evar.errors import EvarError
 from evar.models.decoding import generate
 from evar.models.token_keep import keep_counts, parse_token_keep
 from tests.conftest import TINY_PATCH_NUMS, tiny_model
@@ -115,12 +114,6 @@ def test_bad_token_keep_is_one_line_and_writes_nothing(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and what in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-
-
-def test_token_keep_with_trimming_is_refused():
-    with pytest.raises(EvarError, match="token-keep"):
-        build_onnx(tiny_model(), "tests:tiny", __import__("pathlib").Path("/nonexistent/x"),
-                   OnnxOptions(token_keep="3:0.5", cfg_until_scale=2))
 
 
 def test_macs_count_the_kept_tokens_and_the_split():

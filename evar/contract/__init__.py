@@ -36,6 +36,7 @@ UNGUIDED_STEP_GRAPH = "decoder_step_unguided"  # CFG trimming: the conditional r
 EARLY_STEP_GRAPH = "decoder_step_early"  # scale split: the early model's step, scales < split_scale
 PREFILL_GRAPH = "prefill"  # scale split: the compressed model's KV cache from the early tokens, one pass
 PRUNED_STEP_GRAPH = "decoder_step_pruned"  # token pruning: scales from generation.cache_scale on
+PRUNED_UNGUIDED_STEP_GRAPH = "decoder_step_pruned_unguided"  # token pruning + CFG trimming: pruned scales >= both
 # tensor roles of a step's inputs/outputs whose values cross from one scale to the next by name
 PAST_ROLES, PRESENT_ROLES = ("past_key", "past_value"), ("present_key", "present_value")
 # numpy dtypes of the manifest's dtype names

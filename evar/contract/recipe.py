@@ -3,9 +3,10 @@
 
     scales < split_scale         early_graph (the early model, its own cache); its tokens are kept
     scale == split_scale         first prefill_graph(labels, those tokens) → the compressed model's cache
-    scales >= cache_scale        pruned_graph (token pruning)
     scale == cfg_until_scale     first keep rows [0, B) of every cached key/value (a Core ML state: the unguided
-                                 functions touch rows [0, B) only, so there is nothing to cut)
+                                 functions touch rows [0, B) only, so there is nothing to cut) and of the pruned
+                                 graph's update map (`hidden`, fed back as `cached_hidden`)
+    scales >= cache_scale        pruned_graph (token pruning), or pruned_unguided_graph from cfg_until_scale on
     scales >= cfg_until_scale    unguided_graph
     otherwise                    decoder_step
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from evar.contract import EARLY_STEP_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH
+from evar.contract import (EARLY_STEP_GRAPH, PRUNED_STEP_GRAPH, PRUNED_UNGUIDED_STEP_GRAPH, STEP_GRAPH,
+                           UNGUIDED_STEP_GRAPH)
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,10 @@ class Recipe:
     def role(self, si: int) -> str:
         if self.split_scale is not None and si < self.split_scale:
             return EARLY_STEP_GRAPH
+        trimmed = self.cfg_until_scale is not None and si >= self.cfg_until_scale
         if self.cache_scale is not None and si >= self.cache_scale:
-            return PRUNED_STEP_GRAPH
-        if self.cfg_until_scale is not None and si >= self.cfg_until_scale:
-            return UNGUIDED_STEP_GRAPH
-        return STEP_GRAPH
+            return PRUNED_UNGUIDED_STEP_GRAPH if trimmed else PRUNED_STEP_GRAPH
+        return UNGUIDED_STEP_GRAPH if trimmed else STEP_GRAPH
 
     def roles(self) -> list[str]:
         """The step roles a generation runs, in order of first use."""

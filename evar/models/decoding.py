@@ -121,14 +121,17 @@ class DecodeState:
         return self.guided and (self.cfg_until_scale is None or si < self.cfg_until_scale)
 
     def drop_unconditional(self) -> None:
-        """Keep rows [0, B) of the condition and of every cached key/value: the unguided scales attend to the
-        conditional rows' own history, exactly what those rows saw while guidance ran."""
+        """Keep rows [0, B) of the condition, of every cached key/value and (token pruning) of the update map the
+        next pruned scale restores from: the unguided scales continue the conditional rows' own history, exactly
+        what those rows saw while guidance ran."""
         B = self.f_hat.shape[0]
         if self.cond_BD.shape[0] == B:
             return
         self.cond_BD = self.cond_BD[:B]
         if self.past is not None:
             self.past = [(k[:B], v[:B]) for k, v in self.past]
+        if self.cached_hidden is not None:
+            self.cached_hidden = self.cached_hidden[:B]
 
 
 class Decoder:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from evar.runtime.backends.base import BackendUnavailable, require_format, require_macos
-from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH, STEP_GRAPH,
-                           UNGUIDED_STEP_GRAPH, Artifact, ManifestError)
+from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, PREFILL_GRAPH, PRUNED_STEP_GRAPH,
+                           PRUNED_UNGUIDED_STEP_GRAPH, STEP_GRAPH, UNGUIDED_STEP_GRAPH, Artifact, ManifestError)
 from evar.runtime.backends.recipe import RecipeLoop, as_array
 
 COREML_UNITS = {"all": "ALL", "cpuOnly": "CPUOnly", "cpuAndGPU": "CPUAndGPU", "cpuAndNeuralEngine": "CPUAndNeuralEngine"}
@@ -91,15 +91,17 @@ class OrtBackend(RecipeLoop):
     early = property(lambda self: self.sessions.get(EARLY_STEP_GRAPH))
     prefill = property(lambda self: self.sessions.get(PREFILL_GRAPH))
     pruned = property(lambda self: self.sessions.get(PRUNED_STEP_GRAPH))
+    pruned_unguided = property(lambda self: self.sessions.get(PRUNED_UNGUIDED_STEP_GRAPH))
 
     def _step(self, role: str, si: int, uniforms: np.ndarray) -> np.ndarray:
-        if role != PRUNED_STEP_GRAPH:
+        if role not in (PRUNED_STEP_GRAPH, PRUNED_UNGUIDED_STEP_GRAPH):
             return super()._step(role, si, uniforms)
         n = uniforms.shape[1]
         if si == self.recipe.cache_scale:  # zeros: every token of the cache scale runs and overwrites them
             var = self.artifact.var
             prev = var["patch_nums"][si - 1] ** 2
-            self.values["cached_hidden"] = np.zeros((2 * self.batch, prev, var["embed_dim"]), np.float32)
+            rows = self.batch if role == PRUNED_UNGUIDED_STEP_GRAPH else 2 * self.batch  # trimmed: B rows
+            self.values["cached_hidden"] = np.zeros((rows, prev, var["embed_dim"]), np.float32)
         self.values["keep_count"] = np.array([self.keep.get(si, n)], np.int64)
         outs = self._call(role, si, self._feeds(role, si, uniforms))
         self.values["cached_hidden"] = outs["hidden"]  # the next scale restores its pruned tokens from this update map

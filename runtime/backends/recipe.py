@@ -55,6 +55,8 @@ class RecipeLoop:
             self.past = self._prefill()
         if self.recipe.trims_at(si):  # keep the conditional rows [0, B) of the cache (a state has none here)
             self.past = {name: np.ascontiguousarray(as_array(value)[: self.batch]) for name, value in self.past.items()}
+            if "cached_hidden" in self.values:  # token pruning: and of the update map the next pruned scale restores
+                self.values["cached_hidden"] = np.ascontiguousarray(as_array(self.values["cached_hidden"])[: self.batch])
         idx = self._step(role, si, uniforms)
         if role == EARLY_STEP_GRAPH:
             self.tokens.append(idx)

@@ -27,7 +27,8 @@ extension Manifest {
             modes.append("scale split")
         }
         if !(generation.tokenKeep ?? [:]).isEmpty || !(generation.tokenKeepCounts ?? [:]).isEmpty
-            || generation.cacheScale != nil || generation.prunedGraph != nil {
+            || generation.cacheScale != nil || generation.prunedGraph != nil
+            || generation.prunedUnguidedGraph != nil {
             modes.append("token pruning")
         }
         if generation.cfgUntilScale != nil || generation.unguidedGraph != nil {

@@ -163,6 +163,8 @@ extension Manifest {
         public var tokenKeepCounts: [String: Int]?
         public var cacheScale: Int?
         public var prunedGraph: String?
+        /// Token pruning with CFG trimming: the pruned graph of the conditional rows (refused like token pruning).
+        public var prunedUnguidedGraph: String?
 
         enum CodingKeys: String, CodingKey {
             case cfgUntilScale = "cfg_until_scale"
@@ -175,6 +177,7 @@ extension Manifest {
             case tokenKeepCounts = "token_keep_counts"
             case cacheScale = "cache_scale"
             case prunedGraph = "pruned_graph"
+            case prunedUnguidedGraph = "pruned_unguided_graph"
         }
     }
 
