@@ -4,7 +4,7 @@
     python benchmarks/ladder.py --quick      # the same path with fewer runs, seeds and samples (smoke / shared machine)
     python benchmarks/ladder.py --skip-d16   # digits only (d16 exports take minutes and ~6 GB of RAM)
 
-Rungs (each an `evar-export onnx` artifact, cumulative down to +dec-int8; +split and +token-keep branch off):
+Rungs (each an `evar-export onnx` artifact, cumulative down to +dec-int8; +split, +token-keep, +keep+trim branch off):
   eager            dense model, PyTorch eager (`evar sample`'s path: runtime backend torch-cpu)
   ort-fp32         dense, onnxruntime fp32
   +prune40         40% of the blocks' weights removed (d16: magnitude on random:d16, 40% of heads and FFN units,
@@ -20,8 +20,10 @@ Rungs (each an `evar-export onnx` artifact, cumulative down to +dec-int8; +split
                    model (fp32) generates scales < M, the pruned int8 model prefills its cache from those tokens in
                    one pass and generates the rest. On a CPU it costs time: the early scales hold few tokens, but
                    each runs a full pass over the dense fp32 weights, and the prefill one more over the pruned ones
-  +token-keep      branches off +int8 (token pruning does not combine with trimming in one export yet):
-                   `--token-keep SCALE:RATIO,…`, the transformer runs on that share of the last scales' tokens
+  +token-keep      branches off +int8, untrimmed: `--token-keep SCALE:RATIO,…`, the transformer runs on that share
+                   of the last scales' tokens
+  +keep+trim       branches off +cfg-trim: + `--token-keep` in the same export (int8, CFG trimming and token
+                   pruning on the pruned model; the decoder is the fp32 one)
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
 top-k 900, top-p 0.96; medians of end to end and of the transformer scales alone (wall clock and process CPU
 time). Quality on builtin:digits, per rung: class accuracy and Fréchet distance (mean ± std over seeds, the
@@ -53,7 +55,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
 RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+dec-prune40", "+dec-int8", "+split",
-         "+token-keep")
+         "+token-keep", "+keep+trim")
 
 
 def ensure(out: Path, args: list[str]) -> Path:
@@ -94,11 +96,16 @@ def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], d
     p_qdec = ensure(arts / f"p40-int8-trim{trim_at}-dec40-int8",
                     [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
                      "--quantize-decoder", "int8"])
-    p_keep = ensure(arts / f"p40-int8-keep{token_keep.replace(':', '_').replace(',', '-')}",
+    keep_name = f"keep{token_keep.replace(':', '_').replace(',', '-')}"
+    p_keep = ensure(arts / f"p40-int8-{keep_name}",
                     [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
+    p_keep_trim = ensure(arts / f"p40-int8-trim{trim_at}-{keep_name}",
+                         [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
+                          "--token-keep", token_keep])
     return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
                           "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu"), "+split": (p_split, "cpu"),
-                          "+dec-prune40": (p_dec, "cpu"), "+dec-int8": (p_qdec, "cpu"), "+token-keep": (p_keep, "cpu")},
+                          "+dec-prune40": (p_dec, "cpu"), "+dec-int8": (p_qdec, "cpu"), "+token-keep": (p_keep, "cpu"),
+                          "+keep+trim": (p_keep_trim, "cpu")},
             "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at, "split_at": split_at,
             "token_keep": token_keep}
 
@@ -138,8 +145,8 @@ def latency(rungs: dict[str, tuple[Path, str]], settings: rb.BenchSettings, mode
 
 def grouped_latency(rungs: dict[str, tuple[Path, str]], groups: list[list[str]], settings: rb.BenchSettings,
                     model_ref: str) -> dict[str, Any]:
-    """`latency` over groups of rungs run one after another, each with PyTorch eager dense in it: d16's nine
-    artifacts do not fit in memory at once (about 20 GB), and a speedup is only taken against the eager runs of
+    """`latency` over groups of rungs run one after another, each with PyTorch eager dense in it: d16's ten
+    artifacts do not fit in memory at once (over 20 GB), and a speedup is only taken against the eager runs of
     its own group (each rung then says its group). One group = `latency` itself."""
     if len(groups) == 1:
         return latency({r: rungs[r] for r in groups[0]}, settings, model_ref)
@@ -165,7 +172,8 @@ def host_overhead(artifact: Path, runs: int = 20) -> dict[str, float]:
 
     gen = Generator(artifact, "cpu", threads=1)
     inside = [0.0]
-    for sess in filter(None, (gen.backend.step, gen.backend.unguided, gen.backend.early, gen.backend.pruned)):
+    b = gen.backend
+    for sess in filter(None, (b.step, b.unguided, b.early, b.pruned, b.pruned_unguided)):
         def timed(binding, _run=sess.run_with_iobinding):
             t0 = time.process_time()
             _run(binding)
@@ -293,7 +301,8 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
             "+split": split,
             "+dec-prune40": trim,  # the decoder draws the image from the same tokens: the token KL is +cfg-trim's
             "+dec-int8": trim,
-            "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts))}
+            "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts)),
+            "+keep+trim": kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], keep=counts))}
 
 
 # ---------------------------------------------------------------- report
@@ -365,7 +374,7 @@ def measure_digits(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     return {"what": "pruned = OBS 40% of the blocks' weights (a quarter of the heads, the rest FFN units) + evar "
                     "distill --data digits; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
                     f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
-                    "(on +int8, untrimmed); decoder pruned 40% (OBS + evar distill-decoder) on +cfg-trim, "
+                    "(on +int8, untrimmed; and on +cfg-trim: +keep+trim); decoder pruned 40% (OBS + evar distill-decoder) on +cfg-trim, "
                     "then its convolutions int8; split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(), "latency": lat, "quality": q, "kl": kls,
             "per_class": args.per_class, "seeds": list(range(args.seeds)), "host_overhead_outside_graph": host,
@@ -403,7 +412,7 @@ def main() -> None:
     ap.add_argument("--d16-token-keep", default="8:0.6,9:0.4")
     ap.add_argument("--d16-groups", default="",
                     help="d16 rungs measured together, ';' between groups run one after another (each with eager "
-                         "dense as its own baseline) when memory is short: the nine d16 artifacts need about 16 GB "
+                         "dense as its own baseline) when memory is short: the ten d16 artifacts need over 16 GB "
                          "at once; '' = all in one group")
     ap.add_argument("--out", type=Path, default=RESULTS / "ladder.json")
     args = ap.parse_args()
@@ -441,7 +450,7 @@ def main() -> None:
         groups = [g.split(",") for g in args.d16_groups.split(";")] if args.d16_groups else [list(fam["artifacts"])]
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
-                    f"token keep {args.d16_token_keep} (on +int8, untrimmed); CFG trimmed from scale 8 of 10 "
+                    f"token keep {args.d16_token_keep} (on +int8, untrimmed; and on +cfg-trim: +keep+trim); CFG trimmed from scale 8 of 10 "
                     "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +cfg-trim, then its "
                     "convolutions int8; split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(),
