@@ -72,7 +72,8 @@ def onnx(
                                                             "prefilling its cache from the early tokens in one pass)")] = None,
     token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: SCALE:RATIO,… (e.g. 4:0.6,5:0.4): "
                                                            "the transformer runs on that share of a scale's tokens (the "
-                                                           "highest-frequency ones), the rest are restored")] = None,
+                                                           "highest-frequency ones), the rest are restored; composes "
+                                                           "with --cfg-until-scale and --quantize int8")] = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
                                                        "graph each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
