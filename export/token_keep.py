@@ -33,7 +33,7 @@ from evar.errors import EvarError
 from evar.export import onnx as ox
 from evar.export import parity as pt
 from evar.export.graphs import DynamicStep, GatheredOps
-from evar.export.interface import BATCH, CFG_BATCH, PAST, SEQ, TOTAL, FunctionSpec, StepInterface, TensorSpec
+from evar.export.interface import BATCH, CFG_BATCH, SEQ, FunctionSpec, StepInterface, TensorSpec
 from evar.models.decoding import cfg_labels, generate
 from evar.models.sampling import apply_cfg, cfg_ratio
 from evar.models.token_keep import KeepOps, cache_scale, decode_pruned_scale, keep_counts, parse_token_keep

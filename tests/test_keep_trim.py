@@ -89,7 +89,7 @@ def test_manifest_names_the_recipe_graphs_and_parity_passed(artifact):
 
 
 def test_unguided_pruned_graph_has_b_row_static_shapes(artifact):
-    n, out = artifact
+    _, out = artifact
     a = load_artifact(out)
     fn = a.function(PRUNED_UNGUIDED_STEP_GRAPH, 3)
     ins = {t["name"]: t for t in fn["inputs"]}
