@@ -61,6 +61,15 @@ def test_recipe_roles_for_every_order_of_n_and_the_cache_scale():
     assert roles[3] == [STEP_GRAPH, STEP_GRAPH, PRUNED_STEP_GRAPH, PRUNED_UNGUIDED_STEP_GRAPH]
 
 
+def test_pytorch_token_keep_before_the_split_is_one_clear_error():
+    from evar.errors import EvarError
+
+    m = tiny_model()
+    with pytest.raises(EvarError, match="after --split-scale 2"):
+        _gen(m, 1.5, {2: 5}, early=m.var, split_scale=2)
+    assert len(_gen(m, 1.5, COUNTS, 3, early=m.var, split_scale=2).tokens) == 4  # pruned after the split: runs
+
+
 # ---------------------------------------------------------------- one artifact
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=["before", "at", "after"])  # N vs the cache scale 2
 def artifact(request, tmp_path_factory):

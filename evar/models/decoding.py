@@ -272,6 +272,10 @@ def generate(var: VAR, vqvae: torch.nn.Module, labels: Tensor, *, guidance: floa
     if (early is None) != (split_scale is None):
         raise EvarError("a scale split needs both the early model and --split-scale")
     check_split_scale(split_scale, var.cfg.num_scales)
+    if token_keep and split_scale is not None and min(token_keep) <= split_scale:
+        # the compressed model's restoration cache is its own scale before the first pruned one
+        raise EvarError(f"--token-keep scale {min(token_keep)} is not after --split-scale {split_scale}: with a scale "
+                        "split, token pruning must start after the split")
     decoder = Decoder(var, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits, token_keep=token_keep)
     first = decoder if early is None else Decoder(early, vqvae, top_k=top_k, top_p=top_p, keep_logits=keep_logits)
     state = first.begin(labels, guidance, cfg_until_scale)
