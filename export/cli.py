@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="artifact directory (written atomically)")]
 TopK = Annotated[int, typer.Option(help="baked into the graph: keep the k most likely tokens (0 = off)")]
 TopP = Annotated[float, typer.Option(help="baked into the graph: nucleus mass (0 = off)")]
-_GATE = "with --target ane --compress palettize6|palettize4|int8: the quality gate's "
+_GATE = "with --compress palettize6|palettize4|int8: the quality gate's "
 GateMaxKl = Annotated[Optional[float], typer.Option(GATE_FLAGS["mean_token_kl"], help=_GATE + (
     f"bound on each scale's mean token KL(fp32 || compressed) (default {CompressGate.max_kl})"))]
 GateMinAgreement = Annotated[Optional[float], typer.Option(GATE_FLAGS["token_agreement"], help=_GATE + (
@@ -126,7 +126,8 @@ def coreml(
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 | 2:4 | 2:4+palettize6 | "
                                                       "2:4+palettize4 (coremltools.optimize.coreml; 2:4 needs a model "
-                                                      "from `evar sparsify --pattern 2:4`)")] = "none",
+                                                      "from `evar sparsify --pattern 2:4`; palettize*/int8 are "
+                                                      "gated on KL, 1 - TV and PSNR: --compress-*)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
     cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run unguided functions, "

@@ -60,7 +60,7 @@ class CoremlOptions:
     split_scale: int | None = None  # scale split: the early model's functions run scales < N
     early_model: str | None = None  # its reference, as given
     token_keep: str | None = None  # refused: late-scale token pruning is ONNX only
-    compress_gate: CompressGate | None = None  # thresholds of the --target ane --compress gate; None = its defaults
+    compress_gate: CompressGate | None = None  # thresholds of the --compress gate (coreml_gate.py); None = its defaults
 
     @property
     def gate(self) -> CompressGate:
@@ -82,9 +82,9 @@ class CoremlOptions:
         if self.target == "ane" and self.precision != "fp16":
             raise EvarError("--target ane computes in fp16 (the Neural Engine has no fp32); drop --precision fp32")
         if self.compress_gate is not None:
-            if self.target != "ane" or self.compress not in GATED:
-                raise EvarError(f"the --compress-* gate thresholds apply to --target ane --compress "
-                                f"{'|'.join(GATED)} (got --target {self.target} --compress {self.compress})")
+            if self.compress not in GATED:
+                raise EvarError(f"the --compress-* gate thresholds apply to --compress {'|'.join(GATED)} "
+                                f"(got --compress {self.compress})")
             self.compress_gate.validate()
 
     def _validate_recipe(self) -> None:

@@ -51,11 +51,11 @@ def test_a_compressed_export_states_its_gate(no_conversion, tmp_path):
     gate = {c["name"]: c for c in m["parity"]["checks"] if c["name"].startswith("--compress int8")}
     defaults = CompressGate()
     for si in range(2):
-        kl = gate[f"--compress int8 (fp16, CPU) vs fp32 wrappers: mean token KL scale {si}"]
-        agree = gate[f"--compress int8 (fp16, CPU) vs fp32 wrappers: token agreement (1 - TV) scale {si}"]
+        kl = gate[f"--compress int8 (CPU emulation) vs fp32 wrappers: mean token KL scale {si}"]
+        agree = gate[f"--compress int8 (CPU emulation) vs fp32 wrappers: token agreement (1 - TV) scale {si}"]
         assert (kl["metric"], kl["tolerance"]) == ("mean_token_kl", 0.02) and 0 < kl["value"] < 0.02
         assert agree["tolerance"] == defaults.min_token_agreement and defaults.min_token_agreement < agree["value"] < 1
-    psnr = gate["--compress int8 decoder (fp16, CPU) vs fp32 decoder: image PSNR (dB)"]
+    psnr = gate["--compress int8 decoder (CPU emulation) vs fp32 decoder: image PSNR (dB)"]
     assert psnr["tolerance"] == defaults.min_psnr_db < psnr["value"] < float("inf")
     assert len(gate) == 5
     stated = m["compression"]["details"]["gate"]
@@ -110,10 +110,37 @@ def test_bad_thresholds_are_refused(gate, words):
         CoremlOptions(target="ane", compress="palettize6", compress_gate=gate).validate()
 
 
-@pytest.mark.parametrize("target,compress", [("ane", "none"), ("iOS18", "palettize6"), ("ane", "2:4")])
+@pytest.mark.parametrize("target,compress", [("ane", "none"), ("iOS18", "none"), ("ane", "2:4"), ("iOS18", "2:4+palettize4")])
 def test_thresholds_only_where_a_gate_runs(target, compress):
-    with pytest.raises(EvarError, match="apply to --target ane --compress palettize6"):
+    with pytest.raises(EvarError, match=r"apply to --compress palettize6\|palettize4\|int8 \(got --compress"):
         CoremlOptions(target=target, compress=compress, compress_gate=CompressGate(max_kl=0.1)).validate()
+
+
+@pytest.mark.parametrize("target", ["iOS18", "iOS17"])
+def test_the_default_target_is_gated_too(tmp_path, target):
+    """`--target iOS18/iOS17 --compress`: the step wrappers carrying the stored weights (in fp32) on the fp32
+    wrappers' inputs, and the decoder; a breach is the same one line."""
+    import torch
+
+    from evar.export.artifact import coreml_parity, export_ready
+    from evar.export.coreml_gate import raise_if_failed
+    from evar.export.graphs import ScaleStep
+    from evar.export.interface import StepInterface
+
+    model = export_ready(few_scale_model((1, 2)))
+    options = CoremlOptions(target=target, compress="palettize4", top_k=40, top_p=0.9,
+                            compress_gate=CompressGate(max_kl=1.0, min_token_agreement=1.0, min_psnr_db=10.0))
+    kv = "io" if target == "iOS17" else "state"
+    iface = StepInterface(model.config, "coreml", kv_mode=kv, batch=1)
+    wrappers = [ScaleStep(model, si, top_k=40, top_p=0.9, kv_mode=kv, batch=1, index_dtype=torch.int32).eval()
+                for si in range(2)]
+    report = coreml_parity(model, tmp_path, iface, wrappers, {}, options)  # no packages: nothing converted
+    gate = {c.name: c for c in report.checks if c.name.startswith("--compress palettize4")}
+    assert len(gate) == 5 and all(c.passed for c in gate.values() if c.metric != "token_agreement")
+    assert all(0.5 < c.value < 1 and not c.passed for c in gate.values() if c.metric == "token_agreement")
+    with pytest.raises(ParityError, match=r"^Core ML export of t: --compress palettize4 fails its quality gate .*"
+                                          r"at scale 0, .* at scale 1 \(threshold ≥ 1.0; relax with --compress-min-agreement\)$"):
+        raise_if_failed(report, "Core ML export of t", "palettize4")
 
 
 def test_the_cli_refuses_a_bad_threshold_before_loading(tmp_path):
