@@ -120,7 +120,6 @@ def default_target_gate(report, model, iface, wrappers: list, run, ref, options)
     ANE wrappers they do not run in fp16 on the CPU. The gate measures the weights; fp16 compute adds to it
     (on the ANE layout, fp16 alone costs 0.3% of 1 − TV on builtin:digits against int8's 1.8%)."""
     import torch
-
     from evar.export import parity as pt
     from evar.export.coreml_emulate import compressed_copy, compressed_wrappers
     from evar.export.graphs import VQVAEDecoder
