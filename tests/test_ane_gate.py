@@ -1,5 +1,6 @@
-"""The quality gate of `evar-export coreml --target ane --compress X` (export/coreml_gate.py): thresholds and
-values in the manifest, a breach fails in one line and writes nothing, bad thresholds are refused first.
+"""The quality gate of `evar-export coreml --compress X` (export/coreml_gate.py; --target ane and the default
+target): thresholds and values in the manifest, a breach fails in one line and writes nothing, bad thresholds
+are refused first.
 
 The Core ML conversion itself is replaced here by empty packages (it takes minutes on a shared machine and is
 tested in test_ane.py, slow): everything after it (parity, the gate, the manifest) runs as in an export."""
@@ -11,15 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import few_scale_model
+from evar.contract import load_artifact
+from evar.errors import EvarError
 from evar.export import ane_export
 from evar.export.artifact import build_coreml
 from evar.export.coreml import CoremlOptions
 from evar.export.coreml_gate import CompressGate
 from evar.export.parity import ParityError
-
-from evar.contract import load_artifact
-from evar.errors import EvarError
 
 ROOT = Path(__file__).resolve().parents[1]
 
