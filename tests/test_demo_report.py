@@ -14,3 +14,12 @@ def test_quality_table_has_recall_and_reads_old_reports(tmp_path):
     assert "| precision | recall |" in text
     assert "| dense | 1.30M | 100.0% | 88.0 (26.0) | 0.860 | 0.700 |" in text
     assert "| pruned | 0.80M | 90.0% | 99.0 (26.0) | – | – |" in text
+
+
+def test_report_states_the_recipe_and_digits_distil_on_digits(tmp_path):
+    from evar.apps.demo import distill_data
+
+    text = write_report(DemoPlan(model="builtin:digits", out=tmp_path), {}, []).read_text()
+    assert "40% of the blocks' weights with obs (25% of the heads, the rest FFN units)" in text
+    assert "(on digits data)" in text
+    assert distill_data("builtin:digits") == "digits" and distill_data("runs/d16") == "teacher"

@@ -63,6 +63,9 @@ def test_heads_only_ffn_only_and_iterative_steps():
     assert heads.model.config.var.num_heads == (1, 1, 2) and heads.model.config.var.ffn_dims == (128, 96, 64)
     ffn = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="magnitude", heads=False), progress=False)
     assert ffn.model.config.var.num_heads == (2, 1, 3) and ffn.model.config.var.ffn_dims == (77, 58, 38)
+    spared = prune_model(tiny_model(), PruneRecipe(sparsity=0.3, method="magnitude", head_sparsity=0.0), progress=False)
+    assert spared.model.config.var.num_heads == (2, 1, 3) and spared.model.config.var.ffn_dims == (70, 58, 16)
+    assert spared.report["recipe"]["head_sparsity"] == 0.0
     steps = prune_model(tiny_model(), PruneRecipe(sparsity=0.4, method="obs", iterative_steps=3, **FAST),
                         progress=False)
     assert steps.model.config.var.ffn_dims == (77, 58, 38)  # the steps add up to the one-shot amounts
@@ -240,6 +243,29 @@ def test_schedules_give_the_intended_per_block_amounts():
         Schedule("log_increase", 0.49, 0.1, 0.5).per_block(16)
     assert [step_amount(1638, k, 3) for k in (1, 2, 3)] == [546, 546, 546]
     assert sum(step_amount(7, k, 4) for k in range(1, 5)) == 7
+
+
+def test_head_sparsity_moves_the_cut_to_the_ffn_at_the_same_weight_share():
+    arch = VARConfig.official(16)  # 16 heads of 64, FFN 4096: a head weighs as much as 128 units
+    targets = block_targets(arch, Schedule("uniform", 0.4), head_sparsity=0.25)
+    assert {(t.heads, t.units) for t in targets} == {(4, 1946)}  # 0.4·(16·128 + 4096) − 4·128 = 1945.6
+    kept = arch.with_blocks(tuple(h - t.heads for h, t in zip(arch.num_heads, targets)),
+                            tuple(f - t.units for f, t in zip(arch.ffn_dims, targets)))
+    block = lambda a, i: 4 * a.embed_dim * a.head_dim * a.num_heads[i] + 2 * a.embed_dim * a.ffn_dims[i]
+    assert 1 - block(kept, 0) / block(arch, 0) == pytest.approx(0.4, abs=1e-3)
+    # where H·s is whole, the head's own share equal to --sparsity is the uniform cut
+    assert block_targets(arch, Schedule("uniform", 0.25), head_sparsity=0.25) == \
+        block_targets(arch, Schedule("uniform", 0.25))
+    with pytest.raises(EvarError, match="more than --sparsity"):
+        block_targets(arch, Schedule("uniform", 0.2), head_sparsity=0.9)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"head_sparsity": 1.0}, "in \\[0, 1\\)"),
+                                           ({"head_sparsity": 0.2, "ffn": False}, "drop --heads-only"),
+                                           ({"head_sparsity": -0.1}, "in \\[0, 1\\)")])
+def test_head_sparsity_bad_values_fail_before_loading(kwargs, match):
+    with pytest.raises(EvarError, match=match):
+        PruneRecipe(sparsity=0.4, **kwargs).validate()
 
 
 @pytest.mark.parametrize("sparsity, millions", [(0.4, 231.0), (0.2, 271.0)])

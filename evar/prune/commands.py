@@ -42,6 +42,9 @@ def prune(
     min_sparsity: MinSparsity = 0.1, max_sparsity: MaxSparsity = 0.5, iterative_steps: IterativeSteps = 1,
     heads_only: Annotated[bool, typer.Option("--heads-only", help="prune attention heads only")] = False,
     ffn_only: Annotated[bool, typer.Option("--ffn-only", help="prune FFN units only")] = False,
+    head_sparsity: Annotated[Optional[float], typer.Option(
+        help="share of each block's heads to remove; the FFN then loses enough units that the block's weights "
+             "still shrink by --sparsity (default: heads and FFN both lose --sparsity)")] = None,
     seed: CalibSeed = 0, var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
 ) -> None:
     """Remove whole attention heads and FFN units (OBS with compensation, Taylor or magnitude). Rerun an
@@ -58,7 +61,7 @@ def prune(
                          calib_scale=calib_scale, calib_uncond=calib_uncond, calib_batch=calib_batch,
                          calib_precision=calib_precision, schedule=schedule, min_sparsity=min_sparsity,
                          max_sparsity=max_sparsity, iterative_steps=iterative_steps, heads=not ffn_only,
-                         ffn=not heads_only, seed=seed)
+                         ffn=not heads_only, head_sparsity=head_sparsity, seed=seed)
     recipe.validate()  # before loading: a bad flag costs nothing and writes nothing
     with _claim(out, overwrite, [model, var_ckpt, vae_ckpt, calib_data]):
         t0 = time.perf_counter()

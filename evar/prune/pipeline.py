@@ -17,7 +17,7 @@ from evar.prune.blockwise import BlockPruner, Kept, run_step
 from evar.prune.calibrate import cached_calibration, calibration  # noqa: F401  (calibration: imported from here)
 from evar.prune.recipe import PruneRecipe
 from evar.prune.resume import ProgressSaver, PruneCheckpoint, resume
-from evar.prune.schedule import block_targets, step_amount
+from evar.prune.schedule import step_amount
 from evar.prune.sequential import ActivationStream, Calibration  # noqa: F401  (imported from here by other modules)
 from evar.prune.var_adapter import rebuild
 
@@ -37,7 +37,7 @@ def prune_model(model: Model, recipe: PruneRecipe, parent: str = "", progress: b
     recipe.validate()
     arch = model.config.var
     recipe.token_range(arch)
-    targets = block_targets(arch, recipe.sparsity_schedule(), recipe.heads, recipe.ffn)
+    targets = recipe.targets(arch)
     criterion = recipe.criterion()
     work = any(t.heads or t.units for t in targets)  # sparsity 0 (or rounding to 0): nothing to calibrate
     needs_data = work and criterion.needs != "weights"

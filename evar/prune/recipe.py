@@ -9,7 +9,7 @@ from evar.calibration import generation_dtype
 from evar.config import VARConfig
 from evar.errors import EvarError
 from evar.prune.criteria import TAYLOR_TYPES, Criterion, CriterionOptions, make_criterion
-from evar.prune.schedule import Schedule
+from evar.prune.schedule import BlockTarget, Schedule, block_targets
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,17 @@ class PruneRecipe(Recipe):
     calib_precision: str = "fp32"
     heads: bool = True
     ffn: bool = True
+    # Heads' own share; the FFN then loses what keeps each block's weights at `sparsity` (None: both lose it).
+    head_sparsity: float | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.head_sparsity is not None:
+            if not 0.0 <= self.head_sparsity < 1.0:
+                raise EvarError(f"--head-sparsity must be in [0, 1), got {self.head_sparsity}")
+            if not (self.heads and self.ffn):
+                raise EvarError("--head-sparsity splits the cut between heads and FFN units: "
+                                "drop --heads-only/--ffn-only")
         if not 0.0 <= self.calib_uncond <= 1.0:
             raise EvarError(f"--calib-uncond must be in [0, 1], got {self.calib_uncond}")
         generation_dtype(self.calib_precision)
@@ -80,3 +88,7 @@ class PruneRecipe(Recipe):
         if not -arch.num_scales <= si < arch.num_scales:
             raise EvarError(f"--calib-scale {self.calib_scale}: the model has scales 0..{arch.num_scales - 1}")
         return slice(*arch.scale_ranges()[si])
+
+    def targets(self, arch: VARConfig) -> list[BlockTarget]:
+        """How many heads and FFN units each block loses."""
+        return block_targets(arch, self.sparsity_schedule(), self.heads, self.ffn, self.head_sparsity)

@@ -115,7 +115,9 @@ def summary(report: dict[str, Any]) -> str:
     p, m = report["params"], report["macs_per_image"]
     lines = [
         f"pruned {report['parent']} with {report['recipe']['method']} "
-        f"(sparsity {report['recipe']['sparsity']}, schedule {report['recipe']['schedule']})",
+        f"(sparsity {report['recipe']['sparsity']}, schedule {report['recipe']['schedule']}"
+        + ("" if report["recipe"].get("head_sparsity") is None else f", head sparsity {report['recipe']['head_sparsity']}")
+        + ")",
         f"VAR params {_si(p['before'])} → {_si(p['after'])} ({p['ratio'] * 100:.1f}%)   "
         f"MACs/image {_si(m['before'])} → {_si(m['after'])} ({m['ratio'] * 100:.1f}%)",
         "block  heads     ffn units      kept heads",

@@ -77,12 +77,18 @@ class BlockTarget:
     units: int
 
 
-def block_targets(arch: VARConfig, schedule: Schedule, heads: bool = True, ffn: bool = True) -> list[BlockTarget]:
-    """round(H·s) heads and round(F·s) units per block; refuses to empty a block (clear error, nothing done)."""
+def block_targets(arch: VARConfig, schedule: Schedule, heads: bool = True, ffn: bool = True,
+                  head_sparsity: float | None = None) -> list[BlockTarget]:
+    """round(H·s) heads and round(F·s) units per block; refuses to empty a block (clear error, nothing done).
+    With `head_sparsity`, heads lose that share instead, and the FFN as many units as bring the block's
+    weights down by s all the same (`weight_matched_units`)."""
     targets = []
     for i, s in enumerate(schedule.per_block(arch.depth)):
-        h = round_half_up(arch.num_heads[i] * s) if heads else 0
-        u = round_half_up(arch.ffn_dims[i] * s) if ffn else 0
+        h = round_half_up(arch.num_heads[i] * (s if head_sparsity is None else head_sparsity)) if heads else 0
+        if head_sparsity is None:
+            u = round_half_up(arch.ffn_dims[i] * s) if ffn else 0
+        else:
+            u = weight_matched_units(arch, i, s, h)
         if h >= arch.num_heads[i]:
             raise EvarError(f"sparsity {s:.3f} would remove all {arch.num_heads[i]} attention head(s) of block {i}; "
                             f"lower --sparsity (or use --ffn-only)")
@@ -90,6 +96,19 @@ def block_targets(arch: VARConfig, schedule: Schedule, heads: bool = True, ffn: 
             raise EvarError(f"sparsity {s:.3f} would remove all {arch.ffn_dims[i]} FFN units of block {i}")
         targets.append(BlockTarget(i, s, h, u))
     return targets
+
+
+def weight_matched_units(arch: VARConfig, block: int, sparsity: float, heads_removed: int) -> int:
+    """FFN units to remove so that, with `heads_removed` heads gone, the block's attention and FFN weights
+    shrink by `sparsity`. A head holds 4·C·d weights (its q, k, v rows and proj columns), an FFN unit 2·C
+    (its fc1 row and fc2 column), so a head weighs as much as 2·d units (biases and norms are left out)."""
+    unit_per_head = 2 * arch.head_dim
+    total = arch.num_heads[block] * unit_per_head + arch.ffn_dims[block]
+    units = round_half_up(sparsity * total - heads_removed * unit_per_head)
+    if units < 0:
+        raise EvarError(f"--head-sparsity removes {heads_removed} of block {block}'s {arch.num_heads[block]} heads: "
+                        f"more than --sparsity {sparsity:.3f} of its weights already; lower --head-sparsity")
+    return units
 
 
 def step_amount(total: int, step: int, steps: int) -> int:
