@@ -17,7 +17,10 @@ ANE's, so this bounds what fp16 arithmetic does to the layout, not the device's 
 `--compress` gives the fp16 wrappers (steps and decoder) the weights `evar-export coreml --target ane
 --compress X` stores, compressed by coremltools' own routines (export/coreml_emulate.py): still an emulation
 on the CPU, with the converter's look-up tables and int8 scales.
-Writes benchmarks/results/ane_fp16_agreement.json (ane_fp16_agreement_<compress>.json with --compress).
+Also what the export's `--compress` gate measures (export/coreml_gate.py), per scale: the mean token KL and
+1 − TV of the guided logits before top-k/top-p, and the decoder's image PSNR against fp32 (`gate`).
+Writes benchmarks/results/ane_fp16_agreement.json (ane_fp16_agreement_<compress>.json with --compress;
+_b<batch> before .json for a batch other than 10).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from evar.export.ane import AneDecoder, FhatUpdate, ane_steps
 from evar.export.ane_export import AneInterface, host_run, loop_manifest
 from evar.export.artifact import export_ready
 from evar.export.coreml_emulate import EMULATED, compressed_half_decoder, compressed_half_steps
-from evar.export.quantize import token_agreement
+from evar.export.quantize import psnr_db, token_agreement, token_kl
 from evar.files import atomic_write_json
 from evar.models.decoding import generate
 
@@ -80,6 +83,14 @@ def noise_control(run, seed: int, top_k: int, top_p: float) -> dict:
     return agreements(tokens, logits, run.tokens, run.logits, top_k, top_p)
 
 
+def gate_metrics(ref_logits, logits, image32: np.ndarray, image16: np.ndarray) -> dict:
+    """What the export's `--compress` gate measures (export/coreml_gate.py): per scale the mean token KL and
+    1 − TV of the guided logits before top-k/top-p, and the decoder image's PSNR against fp32."""
+    return {"gate_token_kl_per_scale": [token_kl(r, g) for r, g in zip(ref_logits, logits)],
+            "gate_token_agreement_per_scale": [token_agreement(r, g) for r, g in zip(ref_logits, logits)],
+            "gate_decoder_psnr_db": psnr_db(image32, image16)}
+
+
 def mean_std(rows: list[dict], key: str) -> dict:
     values = [r[key] for r in rows]
     return {f"{key}_mean": float(np.mean(values)), f"{key}_std": float(np.std(values))}
@@ -89,6 +100,8 @@ def main() -> None:
     t0 = time.perf_counter()
     args, model, labels = setup(__doc__, "0,1,2", compress=True)
     out = OUT if args.compress == "none" else OUT.with_name(f"{OUT.stem}_{args.compress}.json")
+    if args.batch != 10:  # another protocol (batch 1: what an export's parity runs), kept beside the default's
+        out = out.with_name(f"{out.stem}_b{args.batch}.json")
     c = model.config.var
     iface, iface32 = AneInterface(model.config, args.batch), AneInterface(model.config, args.batch).at_fp32()
     specs = [iface.step(si) for si in range(c.num_scales)], [iface.update(si) for si in range(c.num_scales)]
@@ -119,13 +132,22 @@ def main() -> None:
                      **{f"fp16_{k}": v for k, v in agree.items()},
                      **{f"noise_control_{k}": v for k, v in control.items()},
                      "fp32_image_max_abs_vs_reference": float((image32 - ref.images).abs().max()),
-                     "fp16_decoder_max_abs_vs_fp32": float((image16 - image32).abs().max())})
+                     "fp16_decoder_max_abs_vs_fp32": float((image16 - image32).abs().max()),
+                     **gate_metrics(run.logits, run16.logits, image32.numpy(), image16.numpy())})
         print(rows[-1])
     keys = [f"{who}_{k}" for who in ("fp16", "noise_control") for k in ("sampled_token_agreement", "best_coupling_agreement")]
     result = {"model": args.model, "compress": args.compress, "batch": args.batch, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
               "seeds": rows, "fp32_exact_on_every_seed": all(r["fp32_tokens_equal_reference"] for r in rows),
               **{k: v for key in keys for k, v in mean_std(rows, key).items()},
               "per_scale_mean": {key: np.mean([r[f"{key}_per_scale"] for r in rows], axis=0).tolist() for key in keys},
+              "gate": {"token_kl_per_scale_mean": np.mean([r["gate_token_kl_per_scale"] for r in rows], axis=0).tolist(),
+                       "token_kl_per_scale_max": np.max([r["gate_token_kl_per_scale"] for r in rows], axis=0).tolist(),
+                       "token_agreement_per_scale_mean": np.mean([r["gate_token_agreement_per_scale"] for r in rows],
+                                                                 axis=0).tolist(),
+                       "token_agreement_per_scale_min": np.min([r["gate_token_agreement_per_scale"] for r in rows],
+                                                               axis=0).tolist(),
+                       **mean_std(rows, "gate_decoder_psnr_db"),
+                       "measures": "export/coreml_gate.py: guided logits before top-k/top-p; per seed over the batch"},
               "protocol": "fp16 wrappers on the CPU, scale by scale on the fp32 run's f_hat; host sampling in float32"
                           + ("" if args.compress == "none" else f"; their weights compressed as --compress {args.compress} "
                              "stores them (coremltools' own routines, export/coreml_emulate.py), not run on a device"),
@@ -139,6 +161,10 @@ def main() -> None:
     atomic_write_json(out, result)
     for key in keys:
         print(f"{key} {result[key + '_mean']:.4f} ± {result[key + '_std']:.4f}")
+    gate = result["gate"]
+    print("gate: KL per scale (max over seeds)", " ".join(f"{v:.4f}" for v in gate["token_kl_per_scale_max"]),
+          "| 1 - TV per scale (min over seeds)", " ".join(f"{v:.4f}" for v in gate["token_agreement_per_scale_min"]),
+          f"| decoder PSNR {gate['gate_decoder_psnr_db_mean']:.1f} ± {gate['gate_decoder_psnr_db_std']:.1f} dB")
     print(f"fp32 exact: {result['fp32_exact_on_every_seed']} → {out}")
 
 

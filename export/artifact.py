@@ -26,6 +26,7 @@ from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAP
 from evar.contract.recipe import Recipe
 from evar.export import coreml as cm
 from evar.export import coreml_ladder as cl
+from evar.export.coreml_gate import GATED, default_target_gate, raise_if_failed
 from evar.export import onnx as ox
 from evar.export import cfg_trim
 from evar.export import split as sp
@@ -346,6 +347,8 @@ def coreml_parity(model: Model, out: Path, iface: StepInterface, wrappers: list[
     run = pt.drive(pt.torch_step(wrappers, iface), iface, labels, pt.PARITY_SEED, pt.PARITY_CFG)
     pt.check_against_reference(report, "coreml wrapper vs generate", ref, run, pt.LOGITS_TOL, None, pt.IMAGE_TOL,
                                sampling=(options.top_k, options.top_p))
+    if options.compress in GATED:  # the stored weights, emulated (export/coreml_gate.py)
+        default_target_gate(report, model, iface, wrappers, run, ref, options)
     # 3. prediction (macOS only)
     ok, why = cm.can_predict()
     if not ok:
@@ -459,13 +462,15 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         }
         graphs.update(cl.graph_entries(roles, common, options, options.early_model))
         report = coreml_parity(model, tmp, iface, wrappers, graphs, options)
+        if options.compress not in GATED + ("none", "2:4"):  # 2:4 alone stores every weight exactly
+            report.skipped.append(f"--compress {options.compress}: no quality gate (its weights are not emulated)")
         extra: dict[str, Any] = {}
         if roles:
             run = cl.recipe_parity(report, model, early, wrappers, iface, roles, options)
             if cm.can_predict()[0]:
                 cl.predict_parity(report, tmp, graphs, model, early, run, options)
             extra["generation"] = cl.generation_fields(model, early, options)
-        report.raise_if_failed(f"Core ML export of {model_ref}")
+        raise_if_failed(report, f"Core ML export of {model_ref}", options.compress)
         fp32_ops = ["sampling tail: CFG, top-k/top-p, softmax, cumsum, inverse-CDF compare"] \
             if options.precision == "fp16" else []
         weights = {"none": options.precision, "palettize6": "palettized", "palettize4": "palettized",
@@ -473,6 +478,8 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
                    "2:4+palettize4": "sparse-palettized"}[options.compress]
         compression = {"method": options.compress, "tool": None if options.compress == "none" else "coremltools.optimize.coreml",
                        "details": {"weight_threshold": 2048, **sparse} if options.compress != "none" else {}}
+        if options.compress in GATED:
+            compression["details"]["gate"] = options.gate.to_json(options.compress)
         manifest = {**_base(model, "coreml", model_ref, command, iface), **extra, "graphs": graphs,
                     "sampling": _sampling(iface, options.top_k, options.top_p),
                     "precision": {"weights": weights, "compute": options.precision, "fp32_ops": fp32_ops},

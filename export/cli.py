@@ -8,6 +8,7 @@ import typer
 
 from evar.cli_options import ModelOpt, Overwrite, VaeCkpt, VarCkpt, command_line
 from evar.errors import run_cli
+from evar.export.coreml_gate import FLAGS as GATE_FLAGS, CompressGate
 from evar.outputs import check_space, claim_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -16,6 +17,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="artifact directory (written atomically)")]
 TopK = Annotated[int, typer.Option(help="baked into the graph: keep the k most likely tokens (0 = off)")]
 TopP = Annotated[float, typer.Option(help="baked into the graph: nucleus mass (0 = off)")]
+_GATE = "with --compress palettize6|palettize4|int8: the quality gate's "
+GateMaxKl = Annotated[Optional[float], typer.Option(GATE_FLAGS["mean_token_kl"], help=_GATE + (
+    f"bound on each scale's mean token KL(fp32 || compressed) (default {CompressGate.max_kl})"))]
+GateMinAgreement = Annotated[Optional[float], typer.Option(GATE_FLAGS["token_agreement"], help=_GATE + (
+    f"bound on each scale's token agreement, mean 1 - TV (default {CompressGate.min_token_agreement})"))]
+GateMinPsnr = Annotated[Optional[float], typer.Option(GATE_FLAGS["psnr_db"], help=_GATE + (
+    f"bound on the decoder image's PSNR in dB vs fp32 (default {CompressGate.min_psnr_db:g})"))]
 
 
 def _load(model: str, var_ckpt: Optional[Path], vae_ckpt: Optional[Path], out: Path, bytes_per_param: float):
@@ -119,7 +127,8 @@ def coreml(
     compute_units: Annotated[str, typer.Option(help="all | cpu_and_ne | cpu_and_gpu | cpu_only")] = "all",
     compress: Annotated[str, typer.Option(help="none | palettize6 | palettize4 | int8 | 2:4 | 2:4+palettize6 | "
                                                       "2:4+palettize4 (coremltools.optimize.coreml; 2:4 needs a model "
-                                                      "from `evar sparsify --pattern 2:4`)")] = "none",
+                                                      "from `evar sparsify --pattern 2:4`; palettize*/int8 are "
+                                                      "gated on KL, 1 - TV and PSNR: --compress-*)")] = "none",
     batch: Annotated[int, typer.Option(help="static batch of every function")] = 1,
     top_k: TopK = 900, top_p: TopP = 0.96,
     cfg_until_scale: Annotated[Optional[int], typer.Option(help="CFG trimming: scales >= N run unguided functions, "
@@ -129,6 +138,8 @@ def coreml(
     split_scale: Annotated[Optional[int], typer.Option(help="scale split: the first scale --model generates (after "
                                                             "its prefill function builds its cache from the early tokens)")] = None,
     token_keep: Annotated[Optional[str], typer.Option(help="late-scale token pruning: ONNX only for now (refused here)")] = None,
+    compress_max_kl: GateMaxKl = None, compress_min_agreement: GateMinAgreement = None,
+    compress_min_psnr: GateMinPsnr = None,
     var_ckpt: VarCkpt = None, vae_ckpt: VaeCkpt = None, overwrite: Overwrite = False,
     t_list: Annotated[Optional[str], typer.Option(help="Distilled Decoding model: the student passes to export, one "
                                                        "function each, e.g. 0 or 0,3 (default: 0 and S//2)")] = None,
@@ -139,12 +150,14 @@ def coreml(
 
     options = CoremlOptions(precision=precision, target=target, compute_units=compute_units, compress=compress,
                             batch=batch, top_k=top_k, top_p=top_p, cfg_until_scale=cfg_until_scale,
-                            split_scale=split_scale, early_model=early_model, token_keep=token_keep)
+                            split_scale=split_scale, early_model=early_model, token_keep=token_keep,
+                            compress_gate=_gate(compress_max_kl, compress_min_agreement, compress_min_psnr))
     options.validate()
     from evar.export.dd_export import routes_to_dd
 
     if routes_to_dd(model, t_list, _explicit(ctx, "top_k", "top_p", "target", "compress", "cfg_until_scale",
-                                             "early_model", "split_scale", "token_keep")):
+                                             "early_model", "split_scale", "token_keep", "compress_max_kl",
+                                             "compress_min_agreement", "compress_min_psnr")):
         from evar.export.dd_coreml import build_dd_coreml
         from evar.export.dd_export import export_command
 
@@ -160,6 +173,13 @@ def coreml(
         early = _load(early_model, None, None, out, 2 if precision == "fp16" else 4) if early_model is not None else None
         result = build_coreml(loaded, model, out, options, command_line("evar-export"), early=early)
     _summary(out, result)
+
+
+def _gate(max_kl: Optional[float], min_agreement: Optional[float], min_psnr: Optional[float]) -> Optional[CompressGate]:
+    """The gate thresholds given on the command line over CompressGate's defaults; None when none was given."""
+    given = {k: v for k, v in (("max_kl", max_kl), ("min_token_agreement", min_agreement), ("min_psnr_db", min_psnr))
+             if v is not None}
+    return CompressGate(**given) if given else None
 
 
 @app.command("inspect")

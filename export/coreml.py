@@ -28,6 +28,7 @@ import torch
 
 from evar.checkpoints import Model
 from evar.errors import EvarError
+from evar.export.coreml_gate import GATED, CompressGate
 from evar.export.graphs import ScaleStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, FunctionSpec, StepInterface
@@ -59,6 +60,11 @@ class CoremlOptions:
     split_scale: int | None = None  # scale split: the early model's functions run scales < N
     early_model: str | None = None  # its reference, as given
     token_keep: str | None = None  # refused: late-scale token pruning is ONNX only
+    compress_gate: CompressGate | None = None  # thresholds of the --compress gate (coreml_gate.py); None = its defaults
+
+    @property
+    def gate(self) -> CompressGate:
+        return self.compress_gate or CompressGate()
 
     def validate(self) -> None:
         self._validate_recipe()
@@ -75,6 +81,11 @@ class CoremlOptions:
             raise EvarError(f"batch must be >= 1, got {self.batch}")
         if self.target == "ane" and self.precision != "fp16":
             raise EvarError("--target ane computes in fp16 (the Neural Engine has no fp32); drop --precision fp32")
+        if self.compress_gate is not None:
+            if self.compress not in GATED:
+                raise EvarError(f"the --compress-* gate thresholds apply to --compress {'|'.join(GATED)} "
+                                f"(got --compress {self.compress})")
+            self.compress_gate.validate()
 
     def _validate_recipe(self) -> None:
         """What --token-keep and --target ane do not take: one line, before any model is loaded."""

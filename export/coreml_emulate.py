@@ -132,9 +132,44 @@ def compressed_half_steps(steps, method: str):
 
 def compressed_half_decoder(decoder: torch.nn.Module, method: str) -> torch.nn.Module:
     """The decoder (fp32, not changed) in fp16 with the weights `--compress method` stores in vqvae_decoder."""
+    return compressed_copy(decoder, method)
+
+
+def compressed_copy(module: torch.nn.Module, method: str, keep: Callable[[str], bool] = lambda n: False,
+                    half: bool = True) -> torch.nn.Module:
+    """A copy of `module` (fp16 when `half`, else as it is) carrying the compressed values of the tensors the
+    converter compresses (but not `keep(name)`); `module` is not changed."""
     import copy
 
-    decoder16 = copy.deepcopy(decoder).half().eval()
+    out = copy.deepcopy(module).eval()
+    if half:
+        out.half()
     if method != "none":
-        load_tensors(decoder16, compressed_tensors([decoder], method)[0])
-    return decoder16
+        load_tensors(out, compressed_tensors([module], method, keep)[0])
+    return out
+
+
+# ---------------------------------------------------------------- the default (`--target iOS18/iOS17`) graphs
+def default_kept(name: str) -> bool:
+    """What the default target's step functions do not store compressed: the KV caches (state) and the VQVAE's
+    encoder and decoder (a `ScaleStep` holds the whole model but runs neither; the decoder is its own package)."""
+    return name.rsplit(".", 1)[-1].startswith(("key_cache_", "value_cache_")) or \
+        name.startswith(("vqvae.encoder.", "vqvae.decoder."))
+
+
+def compressed_wrappers(wrappers: list[torch.nn.Module], method: str, half: bool) -> list[torch.nn.Module]:
+    """Copies of the default target's step wrappers (`graphs.ScaleStep`, sharing modules and state as the
+    originals do) carrying the weights `--compress method` stores, in fp16 when `half`. Tensors that are not
+    finite are left alone: VAR's attention mask of -inf, which cached decoding never reads (the converter stores
+    no copy of it) and which no quantizer could represent."""
+    import copy
+
+    tensors = dict([*wrappers[0].named_parameters(), *wrappers[0].named_buffers()])
+    infinite = {n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    values = compressed_tensors(wrappers, method, lambda n: default_kept(n) or n in infinite)
+    copies = copy.deepcopy(wrappers)  # one memo: what the originals share, the copies share
+    for module, chosen in zip(copies, values):
+        if half:
+            module.half()
+        load_tensors(module, chosen)
+    return [m.eval() for m in copies]

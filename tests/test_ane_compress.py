@@ -116,3 +116,27 @@ def test_every_tensor_equals_what_the_converter_stores(model, method):
     si = len(PATCH_NUMS) - 1
     _assert_same_as_converter(ane_steps(model, 2)[si], iface.step(si), method, ce.ane_kept)
     _assert_same_as_converter(AneDecoder(model).eval(), iface.decoder(), method, lambda n: False)
+
+
+@pytest.mark.parametrize("method", ["int8", pytest.param("palettize6", marks=pytest.mark.slow)])
+def test_the_default_targets_step_equals_what_the_converter_stores(model, method):
+    """`--target iOS18`: every constant the converter compresses in a step function (ScaleStep: nn.Linear
+    weights, the position table) is, bit for bit, what `compressed_wrappers` loads; nothing else is changed
+    but tensors the function does not read (the VQVAE's other parts are left out altogether)."""
+    from evar.export.graphs import ScaleStep
+    from evar.export.interface import StepInterface
+
+    si = 1
+    step = ScaleStep(model, si, top_k=40, top_p=0.9, kv_mode="state", batch=1, index_dtype=torch.int32).eval()
+    iface = StepInterface(model.config, "coreml", kv_mode="state", batch=1)
+    options = cm.CoremlOptions(compress=method, top_k=40, top_p=0.9)
+    stored = _stored(cm._convert(step, iface.function(si), iface.example_inputs(si, 1, seed=0), options,
+                                 model.config.var.vocab_size))
+    packed = _tensors(ce.compressed_wrappers([step], method, half=False)[0])
+    before = _tensors(step)
+    changed = {_converter_name(n, set(dict(step.named_parameters()))).lower(): n for n in before
+               if not torch.equal(before[n], packed[n])}
+    assert set(stored) <= set(changed) and "p_var_pos_1lc" in stored and "p_var_head_weight" in stored
+    for name, values in stored.items():
+        np.testing.assert_array_equal(values, packed[changed[name]].detach().numpy().astype(np.float16), err_msg=name)
+    assert set(changed) - set(stored) <= {"b_var_lvl_1l"}, set(changed) - set(stored)

@@ -216,11 +216,19 @@ def test_coreml_targets_and_compression(request, tmp_path, target, compress):
     expr = request.config.getoption("markexpr") or ""
     if "slow" not in expr or "not slow" in expr:  # the project's config does not deselect slow tests by itself
         pytest.skip("opt-in: pytest -m slow (three more Core ML conversions)")
+    from evar.export.coreml_gate import CompressGate
+
     out = tmp_path / "art"
+    # a random tiny decoder in 16 levels per tensor scores 29 dB: under the gate's 30 dB default, stated here
+    gate = CompressGate(min_psnr_db=20.0) if compress == "palettize4" else None
     result = build_coreml(tiny_coreml_model(), "tests:tiny2", out, CoremlOptions(target=target, compress=compress,
-                                                                                   top_k=TOP_K, top_p=TOP_P))
+                                                                                   top_k=TOP_K, top_p=TOP_P,
+                                                                                   compress_gate=gate))
     m = mf.load_artifact(out, verify_hashes=True).data
     assert result["parity"].passed and m["compression"]["method"] == compress
+    if compress != "none":  # the gate's thresholds and values are in the manifest
+        assert m["compression"]["details"]["gate"]["min_psnr_db"] == (gate or CompressGate()).min_psnr_db
+        assert any(c["name"].startswith(f"--compress {compress} decoder") for c in m["parity"]["checks"])
     fn1 = next(f for f in m["graphs"]["decoder_step"]["functions"] if f["name"] == "scale_1")
     if target == "iOS17":
         assert m["kv_cache"]["mode"] == "io" and "states" not in fn1
