@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # label → PruneRecipe fields
     "taylor": {"method": "taylor"},
     "obs": {"method": "obs"},
     "obs --no-compensate": {"method": "obs", "compensate": False},
+    "obs --head-sparsity 0.25": {"method": "obs", "head_sparsity": 0.25},  # the ladder's cut, before distillation
 }
 
 
