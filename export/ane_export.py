@@ -289,8 +289,8 @@ def ane_parity(model: Model, manifest: dict[str, Any], iface: AneInterface, step
     if compress in GATED:
         compressed_parity(model, manifest, steps, updates, run, labels, ref.f_hat, image, top_k, top_p, step_specs,
                           update_specs, compress, gate or CompressGate(), report)
-    elif compress != "none" and compress != "2:4":  # 2:4 alone stores every weight exactly
-        report.skipped.append(f"--compress {compress}: no quality gate (its weights are not emulated on the CPU)")
+    elif note := coreml_gate.ungated_note(compress):
+        report.skipped.append(note)
 
 
 def compressed_parity(model: Model, manifest: dict[str, Any], steps: list[AneStep], updates, run: HostRun,

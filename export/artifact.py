@@ -26,7 +26,7 @@ from evar.contract import (DECODER_GRAPH, EARLY_STEP_GRAPH, FORMAT, PREFILL_GRAP
 from evar.contract.recipe import Recipe
 from evar.export import coreml as cm
 from evar.export import coreml_ladder as cl
-from evar.export.coreml_gate import GATED, default_target_gate, raise_if_failed
+from evar.export.coreml_gate import GATED, default_target_gate, raise_if_failed, ungated_note
 from evar.export import onnx as ox
 from evar.export import cfg_trim
 from evar.export import split as sp
@@ -462,8 +462,8 @@ def build_coreml(model: Model, model_ref: str, out: Path, options: cm.CoremlOpti
         }
         graphs.update(cl.graph_entries(roles, common, options, options.early_model))
         report = coreml_parity(model, tmp, iface, wrappers, graphs, options)
-        if options.compress not in GATED + ("none", "2:4"):  # 2:4 alone stores every weight exactly
-            report.skipped.append(f"--compress {options.compress}: no quality gate (its weights are not emulated)")
+        if note := ungated_note(options.compress):
+            report.skipped.append(note)
         extra: dict[str, Any] = {}
         if roles:
             run = cl.recipe_parity(report, model, early, wrappers, iface, roles, options)

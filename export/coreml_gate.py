@@ -58,6 +58,14 @@ class CompressGate:
                                    "before top-k/top-p", "psnr": "on [-1, 1] images, peak-to-peak 2"}
 
 
+def ungated_note(method: str) -> str | None:
+    """The parity report's `skipped` line for a --compress method the gate cannot emulate (None: gated, or
+    nothing lossy: 2:4 alone stores every weight exactly)."""
+    if method in GATED or method in ("none", "2:4"):
+        return None
+    return f"--compress {method}: no quality gate (its weights are not emulated on the CPU)"
+
+
 def label(method: str) -> str:
     return f"--compress {method} (CPU emulation) vs fp32 wrappers"
 

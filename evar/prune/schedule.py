@@ -90,8 +90,9 @@ def block_targets(arch: VARConfig, schedule: Schedule, heads: bool = True, ffn: 
         else:
             u = weight_matched_units(arch, i, s, h)
         if h >= arch.num_heads[i]:
-            raise EvarError(f"sparsity {s:.3f} would remove all {arch.num_heads[i]} attention head(s) of block {i}; "
-                            f"lower --sparsity (or use --ffn-only)")
+            what = ("--sparsity", s) if head_sparsity is None else ("--head-sparsity", head_sparsity)
+            raise EvarError(f"{what[0]} {what[1]:.3f} would remove all {arch.num_heads[i]} attention head(s) of block "
+                            f"{i}; lower {what[0]}" + (" (or use --ffn-only)" if head_sparsity is None else ""))
         if u >= arch.ffn_dims[i]:
             raise EvarError(f"sparsity {s:.3f} would remove all {arch.ffn_dims[i]} FFN units of block {i}")
         targets.append(BlockTarget(i, s, h, u))
