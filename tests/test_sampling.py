@@ -62,3 +62,17 @@ def test_sampled_frequencies_follow_the_distribution():
 
 def test_cfg_ramp_is_linear_from_zero():
     assert cfg_ratio(1.5, 0, 10) == 0.0 and cfg_ratio(1.5, 9, 10) == 1.5 and cfg_ratio(1.5, 3, 10) == pytest.approx(0.5)
+
+
+def test_top_p_after_top_k_equals_a_sort_of_the_whole_vocabulary():
+    # filter_logits ranks only top-k's own sorted output; the host sampler (numpy) sorts every logit, as VAR does.
+    # The two must keep the same tokens (no exact ties in real logits; a tie at the cut is order-dependent anyway).
+    from evar.contract.host_sampling import filter_logits as sort_everything
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        logits = torch.randn(16, 512, generator=gen) * (0.5 + trial % 4)
+        for top_k, top_p in ((100, 0.96), (0, 0.9), (300, 0.5), (512, 0.96), (20, 0.999), (100, 0.0)):
+            got = torch.isfinite(filter_logits(logits, top_k, top_p)).numpy()
+            want = np.isfinite(sort_everything(logits.numpy(), top_k, top_p))
+            assert (got == want).all(), (trial, top_k, top_p)

@@ -18,22 +18,28 @@ def apply_cfg(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, t: float) 
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Mask to -inf what top-k and then top-p exclude. (..., V) → (..., V)."""
+    """Mask to -inf what top-k and then top-p exclude. (..., V) → (..., V).
+
+    Top-p ranks only what top-k kept, and `topk` already returns those in order: no sort of the whole vocabulary
+    (on d16, a sort of 4096 logits per token cost about a tenth of an int8 step graph's time, eager or exported)."""
     vocab = logits.shape[-1]
-    if top_k > 0 and top_k < vocab:
-        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    k = top_k if 0 < top_k < vocab else vocab
+    if k == vocab and top_p <= 0.0:
+        return logits
+    top = logits.topk(k, dim=-1).values  # (..., k), descending
+    if k < vocab:
+        logits = logits.masked_fill(logits < top[..., -1:], float("-inf"))
     if top_p > 0.0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        # Drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays.
-        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
-        # A constant (V,) mask, not an in-place write into a batch-shaped tensor, so traced graphs keep the
+        ascending = top.flip(-1)
+        # Drop the low tail whose total mass is at most 1 - top_p; the most likely token always stays. The
+        # softmax over the kept values is the masked logits' (masked ones carry no mass).
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
+        # A constant (k,) mask, not an in-place write into a batch-shaped tensor, so traced graphs keep the
         # batch symbolic; logical_and, not `&`, which Core ML's converter lacks.
-        droppable = torch.arange(vocab, device=logits.device) < vocab - 1
-        drop_sorted = torch.logical_and(drop_sorted, droppable)
-        as_float = drop_sorted.to(sorted_logits.dtype)  # Core ML scatters no bool tensors
-        drop = as_float.scatter(-1, sorted_idx, as_float) > 0
-        logits = logits.masked_fill(drop, float("-inf"))
+        drop = torch.logical_and(drop, torch.arange(k, device=logits.device) < k - 1)
+        # The cumulated mass only grows, so the dropped values are a prefix: the first kept one is the threshold.
+        first_kept = drop.to(torch.int32).sum(dim=-1, keepdim=True).long()
+        logits = logits.masked_fill(logits < ascending.gather(-1, first_kept), float("-inf"))
     return logits
 
 
