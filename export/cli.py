@@ -62,6 +62,12 @@ def onnx(
     fuse_gelu: Annotated[bool, typer.Option("--fuse-gelu/--no-fuse-gelu", help=(
         "one com.microsoft.FastGelu per FFN instead of ten elementwise nodes (onnxruntime's Core ML provider "
         "runs it on the CPU)"))] = True,
+    linear_layout: Annotated[str, typer.Option(help=(
+        "conv: the transformer's linears as 1×1 convolutions, which onnxruntime runs with its faster NCHWc kernels "
+        "(same fp32 products; not with --quantize int8) | matmul: as exported"))] = "conv",
+    class_tables: Annotated[bool, typer.Option("--class-tables/--no-class-tables", help=(
+        "AdaLN projections as per-class tables computed at export: looked up by label instead of recomputed at "
+        "every scale (when the table is no larger than the weight it replaces)"))] = True,
     external_data: Annotated[str, typer.Option(help="auto (>= 1 GiB of weights) | always | never")] = "auto",
     top_k: TopK = 900, top_p: TopP = 0.96,
     quantize: Annotated[str, typer.Option(help="none | int8 (onnxruntime dynamic int8 of the transformer's "
@@ -92,6 +98,7 @@ def onnx(
     from evar.export.quantize import DecoderInt8Options, Int8Options, parse_fp32_groups
 
     options = OnnxOptions(precision=precision, opset=opset, simplify=simplify, fuse_gelu=fuse_gelu,
+                          linear_layout=linear_layout, class_tables=class_tables,
                           external_data=external_data, top_k=top_k, top_p=top_p, quantize=quantize,
                           int8=Int8Options(keep_fp32=parse_fp32_groups(int8_fp32)), cfg_until_scale=cfg_until_scale,
                           split_scale=split_scale, early_model=early_model, token_keep=token_keep,

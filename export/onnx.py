@@ -24,7 +24,9 @@ from evar.errors import EvarError
 from evar.export.graphs import DynamicStep, VQVAEDecoder
 from evar.contract import DECODER_GRAPH, STEP_GRAPH
 from evar.export.interface import DecoderInterface, StepInterface
+from evar.export.onnx_class_tables import adaln_as_class_tables
 from evar.export.onnx_fusion import fuse_tanh_gelu
+from evar.export.onnx_layout import LAYOUTS, linears_as_convs
 from evar.export.quantize import QUANTIZE_CHOICES, DecoderInt8Options, Int8Options
 
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # above 1 GiB of weights, weights go beside the graph (protobuf caps at 2 GiB)
@@ -41,6 +43,8 @@ class OnnxOptions:
     opset: int = 17
     simplify: bool = True
     fuse_gelu: bool = True  # tanh GELU → com.microsoft.FastGelu (evar.export.onnx_fusion)
+    linear_layout: str = "conv"  # conv: linears as 1×1 convolutions (evar.export.onnx_layout) | matmul
+    class_tables: bool = True  # AdaLN looked up per class, not recomputed per scale (evar.export.onnx_class_tables)
     external_data: str = "auto"  # auto | always | never
     top_k: int = 0
     top_p: float = 0.0
@@ -53,11 +57,17 @@ class OnnxOptions:
     quantize_decoder: str = "none"  # none | int8 (static int8 of the VQVAE decoder's convolutions)
     decoder_int8: DecoderInt8Options = field(default_factory=DecoderInt8Options)
 
+    def int8_adaln(self) -> bool:
+        """--quantize int8 with the AdaLN projections quantized too (then they stay Gemms for the quantizer)."""
+        return self.quantize == "int8" and "adaln" not in self.int8.keep_fp32
+
     def validate(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise EvarError(f"ONNX precision must be fp32 or fp16, got '{self.precision}'")
         if self.quantize not in QUANTIZE_CHOICES:
             raise EvarError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} for ONNX, got '{self.quantize}'")
+        if self.linear_layout not in LAYOUTS:
+            raise EvarError(f"--linear-layout must be one of {', '.join(LAYOUTS)}, got '{self.linear_layout}'")
         if self.quantize == "int8":
             if self.precision != "fp32":
                 raise EvarError("--quantize int8 quantizes the fp32 graph: it cannot be combined with --precision fp16")
@@ -184,6 +194,12 @@ def _postprocess(raw: Path, final: Path, options: OnnxOptions, notes: list[str])
             notes.append(f"{final.name}: {msg}")
     if options.fuse_gelu and (fused := fuse_tanh_gelu(model)):
         notes.append(f"{final.name}: {fused} tanh GELUs fused into FastGelu")
+    if options.class_tables and not options.int8_adaln() and (tables := adaln_as_class_tables(model)):
+        notes.append(f"{final.name}: {tables} AdaLN projections as class tables (looked up by label, not "
+                     "recomputed at every scale)")
+    # int8 keeps the MatMuls: onnxruntime's quantizer matches them to the model's linears (evar.export.quantize)
+    if options.linear_layout == "conv" and options.quantize != "int8" and (convs := linears_as_convs(model)):
+        notes.append(f"{final.name}: {convs} linear layers as 1×1 convolutions (onnxruntime's NCHWc kernels)")
     if options.precision == "fp16":
         _to_fp16_weights(model)
     for leftover in raw.parent.glob(raw.name + "*"):
