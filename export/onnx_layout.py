@@ -11,10 +11,10 @@ For an activation x (B, T, K) and a weight W (K, N):  y = x @ W + b  becomes
 The FFN's fc1 → FastGelu(bias) → fc2 stays channel-major between its two products (GELU is elementwise): fc1's
 bias goes into its convolution and the two transposes of the 4·C-wide activation disappear.
 
-A Gemm by a constant weight (what onnxsim leaves of a linear on (B·T, K) rows, and AdaLN's) takes the same path on
-rank 2. Only products whose K and N are multiples of 16 (the AVX-512 block; AVX2's 8 divides it) and at least
-`MIN_CHANNELS` are rewritten: below that the layout nodes cost more than the kernel saves (builtin:digits, C = 128,
-keeps its MatMuls). `--linear-layout matmul` keeps the exporter's graph; `--quantize int8` does too (onnxruntime's
+Only MatMuls on (B, T, K) activations whose K and N are multiples of 16 (the AVX-512 block; AVX2's 8 divides it) and
+at least `MIN_CHANNELS` are rewritten: below that the layout nodes cost more than the kernel saves (builtin:digits,
+C = 128, keeps its MatMuls). Gemms stay: on d16 they are AdaLN's, two rows each, where a convolution measured
+slower (and `--class-tables` turns them into lookups anyway). `--linear-layout matmul` keeps the exporter's graph; `--quantize int8` does too (onnxruntime's
 quantizer matches MatMuls to the model's linears). Measured on one CPU class only: the ladder's README row says which.
 """
 from __future__ import annotations
@@ -33,15 +33,12 @@ MIN_CHANNELS = 512
 
 @dataclass
 class _Product:
-    """One product by a constant weight: its node, the weight's shape (K, N), the activation's rank (2 or 3) and a
-    bias folded into it."""
+    """One MatMul by a constant weight: its node, the weight's shape (K, N) and a bias folded into it."""
 
     node: Any
     k: int
     n: int
-    rank: int
-    transposed: bool = False  # a Gemm with transB: the weight is stored (N, K)
-    bias: str | None = None  # a constant 1-D tensor of n values added right after (or the Gemm's C)
+    bias: str | None = None  # a constant 1-D tensor of n values added right after
     bias_add: Any = None  # the Add node that bias came from (removed)
 
 
@@ -57,24 +54,11 @@ def _attrs(node) -> dict[str, Any]:
 
 
 def _product(g: _Graph, node, ranks: dict[str, int]) -> _Product | None:
-    """A MatMul (activation rank 3) or a plain Gemm (rank 2, alpha = beta = 1, no transA) by a constant weight."""
-    weight = g.constants.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") else None
+    weight = g.constants.get(node.input[1]) if node.op_type == "MatMul" else None
     if (weight is None or len(weight.dims) != 2 or any(d % CHANNEL_MULTIPLE for d in weight.dims)
-            or min(weight.dims) < MIN_CHANNELS):
+            or min(weight.dims) < MIN_CHANNELS or ranks.get(node.input[0]) != 3):
         return None
-    if node.op_type == "MatMul":
-        if ranks.get(node.input[0]) != 3:
-            return None
-        return _Product(node, int(weight.dims[0]), int(weight.dims[1]), rank=3)
-    attrs = _attrs(node)
-    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-        return None
-    transposed = bool(attrs.get("transB", 0))
-    k, n = (weight.dims[1], weight.dims[0]) if transposed else (weight.dims[0], weight.dims[1])
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None and not _vector_of(g, bias, int(n)):
-        return None
-    return _Product(node, int(k), int(n), rank=2, transposed=transposed, bias=bias)
+    return _Product(node, int(weight.dims[0]), int(weight.dims[1]))
 
 
 def _vector_of(g: _Graph, name: str, n: int) -> bool:
@@ -85,8 +69,6 @@ def _vector_of(g: _Graph, name: str, n: int) -> bool:
 def _fold_bias(g: _Graph, p: _Product) -> None:
     """A bias Add that reads only this product's output joins the convolution."""
     out = p.node.output[0]
-    if p.bias is not None:
-        return
     add = g.only_consumer(out, "Add")
     if add is None:
         return
@@ -100,18 +82,15 @@ def _ffn_pair(g: _Graph, first: _Product, products: dict[str, _Product]):
     gelu = g.only_consumer(first.node.output[0], "FastGelu")
     if gelu is None or gelu.domain != MS_DOMAIN or gelu.input[0] != first.node.output[0]:
         return None
-    if len(gelu.input) > 1 and (first.bias is not None or not _vector_of(g, gelu.input[1], first.n)):
-        return None  # one bias per convolution
+    if len(gelu.input) > 1 and not _vector_of(g, gelu.input[1], first.n):
+        return None
     users = g.consumers.get(gelu.output[0], [])
     if len(users) != 1 or gelu.output[0] in g.outputs:
         return None
     second = products.get(users[0].output[0])
-    if second is None or second.node.input[0] != gelu.output[0] or second.rank != first.rank:
+    if second is None or second.node.input[0] != gelu.output[0]:
         return None
     return gelu, second
-
-
-_PERM = {3: [0, 2, 1], 2: [1, 0]}  # (B, T, K) ⇄ (B, K, T); (M, K) ⇄ (K, M)
 
 
 class _Writer:
@@ -122,15 +101,14 @@ class _Writer:
 
         self.g, self.numpy_helper = g, numpy_helper
         self.initializers: list[Any] = []
-        self.axes = {3: "linear_layout/axes_3", 2: "linear_layout/axes_0_3"}  # by the activation's rank
+        self.axes = "linear_layout/axes_3"
 
     def conv_weight(self, p: _Product) -> str:
         import numpy as np
 
         w = self.numpy_helper.to_array(self.g.constants[p.node.input[1]])
-        w = w if p.transposed else w.T  # (N, K)
         name = f"{p.node.input[1]}/conv"
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(w.reshape(p.n, p.k, 1, 1)), name))
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(w.T.reshape(p.n, p.k, 1, 1)), name))
         return name
 
     def to_channels(self, p: _Product) -> tuple[list[Any], str]:
@@ -138,8 +116,8 @@ class _Writer:
 
         base = p.node.name or p.node.output[0]
         t, u = f"{base}/to_channels", f"{base}/as_image"
-        return [helper.make_node("Transpose", [p.node.input[0]], [t], perm=_PERM[p.rank], name=t),
-                helper.make_node("Unsqueeze", [t, self.axes[p.rank]], [u], name=u)], u
+        return [helper.make_node("Transpose", [p.node.input[0]], [t], perm=[0, 2, 1], name=t),  # (B, K, T)
+                helper.make_node("Unsqueeze", [t, self.axes], [u], name=u)], u  # (B, K, T, 1)
 
     def conv(self, p: _Product, x: str, bias: str | None) -> tuple[Any, str]:
         from onnx import helper
@@ -154,8 +132,8 @@ class _Writer:
 
         base = p.node.name or p.node.output[0]
         s = f"{base}/as_sequence"
-        return [helper.make_node("Squeeze", [x, self.axes[p.rank]], [s], name=s),
-                helper.make_node("Transpose", [s], [out], perm=_PERM[p.rank], name=f"{base}/to_tokens")]
+        return [helper.make_node("Squeeze", [x, self.axes], [s], name=s),
+                helper.make_node("Transpose", [s], [out], perm=[0, 2, 1], name=f"{base}/to_tokens")]
 
 
 def linears_as_convs(model) -> int:
@@ -190,7 +168,7 @@ def linears_as_convs(model) -> int:
         gelu, second = pair
         _fold_bias(g, second)
         head, x = w.to_channels(p)
-        conv1, y1 = w.conv(p, x, gelu.input[1] if len(gelu.input) > 1 else p.bias)
+        conv1, y1 = w.conv(p, x, gelu.input[1] if len(gelu.input) > 1 else None)
         act = f"{gelu.name or gelu.output[0]}/channels"
         conv2, y2 = w.conv(second, act, second.bias)
         out = second.bias_add.output[0] if second.bias_add is not None else second.node.output[0]
@@ -206,9 +184,7 @@ def linears_as_convs(model) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     _swap_weights(graph, w.initializers)
-    axes = {3: [3], 2: [0, 3]}  # int64 axes of Unsqueeze / Squeeze, by the activation's rank
-    graph.initializer.extend(helper.make_tensor(w.axes[r], 7, [len(axes[r])], axes[r])
-                             for r in sorted({p.rank for key, p in products.items() if key in done}))
+    graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze / Squeeze
     kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)
