@@ -13,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from evar.export.onnx_fusion import _Graph
-from evar.export.onnx_layout import _attrs
+
+
+def _attrs(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _silu_input(g: _Graph, name: str) -> str | None:

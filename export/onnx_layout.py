@@ -1,10 +1,10 @@
 """The transformer's linear layers as 1×1 convolutions (`evar-export onnx --linear-layout conv`, the default).
 
 onnxruntime runs a `MatMul` by a constant weight through MLAS's sgemm, and a `Conv` whose channels are a multiple
-of the vector width through its NCHWc convolution kernels. On an AVX-512 CPU (AMD EPYC, Zen 4) the second is 1.3-1.4×
-faster for the same product (one thread: 66-74 GFLOP/s sgemm against 90-98 GFLOP/s as a 1×1 convolution, on
-d16's shapes): the transformer's last scales are nothing but these products, so the whole step graph gains about as
-much. The rewrite is exact up to fp32 summation order, and the export's parity check runs on the rewritten graph.
+of the vector width through its NCHWc convolution kernels. On an AVX-512 CPU (AMD EPYC, Zen 4) the second is up to
+1.33× faster for the same product (one thread, d16's FFN on 2 × 256 tokens: 73 GFLOP/s as MatMuls, 97 as 1×1
+convolutions; `benchmarks/linear_layout.py`); d16's ten scales gained 1.15-1.17× with it (the last ones most). The
+rewrite is exact up to fp32 summation order, and the export's parity check runs on the rewritten graph.
 
 For an activation x (B, T, K) and a weight W (K, N):  y = x @ W + b  becomes
     Transpose(x) (B, K, T) → Unsqueeze (B, K, T, 1) → Conv(Wᵀ as (N, K, 1, 1), b) → Squeeze → Transpose → (B, T, N)
@@ -14,8 +14,9 @@ bias goes into its convolution and the two transposes of the 4·C-wide activatio
 Only MatMuls on (B, T, K) activations whose K and N are multiples of 16 (the AVX-512 block; AVX2's 8 divides it) and
 at least `MIN_CHANNELS` are rewritten: below that the layout nodes cost more than the kernel saves (builtin:digits,
 C = 128, keeps its MatMuls). Gemms stay: on d16 they are AdaLN's, two rows each, where a convolution measured
-slower (and `--class-tables` turns them into lookups anyway). `--linear-layout matmul` keeps the exporter's graph; `--quantize int8` does too (onnxruntime's
-quantizer matches MatMuls to the model's linears). Measured on one CPU class only: the ladder's README row says which.
+slower (and `--class-tables` turns them into lookups anyway). `--linear-layout matmul` keeps the exporter's graph;
+`--quantize int8` does too (onnxruntime's quantizer matches MatMuls to the model's linears). Measured on one CPU
+class only (the README says which).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from evar.export.onnx_fusion import MS_DOMAIN, _Graph
 
 LAYOUTS = ("conv", "matmul")
 CHANNEL_MULTIPLE = 16
-# Below this many input or output channels the four layout nodes cost more than the faster kernel saves (one
-# thread, fc1 → fc2 of width C, 16-256 tokens: C = 128 0.80-0.92×, 256 0.95-1.06×, 512 1.12×, 1024 1.13-1.41×)
+# Below this many input or output channels the four layout nodes cost about what the faster kernel saves
+# (benchmarks/linear_layout.py, one thread, FFN of width C on 2 × 16-256 tokens: C = 128 0.86-0.91×, 256 1.04-1.06×
+# and 0.95× in another run, 512-768 1.00-1.15×, 1024 1.04-1.33×)
 MIN_CHANNELS = 512
 
 
@@ -45,12 +47,6 @@ class _Product:
 def _ranks(graph) -> dict[str, int]:
     infos = list(graph.value_info) + list(graph.input) + list(graph.output)
     return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
-
-
-def _attrs(node) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _product(g: _Graph, node, ranks: dict[str, int]) -> _Product | None:
