@@ -4,26 +4,29 @@
     python benchmarks/ladder.py --quick      # the same path with fewer runs, seeds and samples (smoke / shared machine)
     python benchmarks/ladder.py --skip-d16   # digits only (d16 exports take minutes and ~6 GB of RAM)
 
-Rungs (each an `evar-export onnx` artifact, cumulative down to +dec-int8; +split, +token-keep, +keep+trim branch off):
+Rungs (each an `evar-export onnx` artifact, cumulative down to +cfg-trim; +split, +token-keep, +keep+trim branch
+off; a rung compresses the whole model, transformer and VQVAE decoder, and the var-* rows say what the transformer
+alone gives):
   eager            dense model, PyTorch eager (`evar sample`'s path: runtime backend torch-cpu)
   ort-fp32         dense, onnxruntime fp32
   +prune40         40% of the blocks' weights removed (d16: magnitude on random:d16, 40% of heads and FFN units,
                    latency does not depend on values; digits: OBS with `--head-sparsity 0.25`, a quarter of the
-                   heads and the FFN units that make up the rest, then `evar distill --data digits`)
-  +int8            `--quantize int8` (dynamic int8 of the blocks' linears; AdaLN and head fp32)
-  +cfg-trim        `--cfg-until-scale N`: the last two scales run without the unconditional half
-  +dec-prune40     +cfg-trim with 40% of the VQVAE decoder's conv channels removed (`evar prune-decoder`; d16:
-                   magnitude; digits: OBS + `evar distill-decoder`); the transformer is +cfg-trim's
-  +dec-int8        + `--quantize-decoder int8`: that decoder's convolutions in static int8 (calibrated on the
-                   model's own generations, gated on image PSNR against its fp32 graph): every speed rung at once
+                   heads and the FFN units that make up the rest, then `evar distill --data digits`) and 40% of
+                   the VQVAE decoder's conv channels (`evar prune-decoder`; d16: magnitude; digits: OBS + `evar
+                   distill-decoder`)
+  +int8            `--quantize int8` (dynamic int8 of the blocks' linears; AdaLN and head fp32) and
+                   `--quantize-decoder int8` (the decoder's convolutions in static int8, calibrated on the model's
+                   own generations, gated on image PSNR against its fp32 graph)
+  +cfg-trim        `--cfg-until-scale N`: the last two scales run without the unconditional half: every speed rung
   +split           branches off +cfg-trim, a quality rung: + `--early-model DENSE --split-scale M`: the dense
                    model (fp32) generates scales < M, the pruned int8 model prefills its cache from those tokens in
                    one pass and generates the rest. On a CPU it costs time: the early scales hold few tokens, but
                    each runs a full pass over the dense fp32 weights, and the prefill one more over the pruned ones
   +token-keep      branches off +int8, untrimmed: `--token-keep SCALE:RATIO,…`, the transformer runs on that share
                    of the last scales' tokens
-  +keep+trim       branches off +cfg-trim: + `--token-keep` in the same export (int8, CFG trimming and token
-                   pruning on the pruned model; the decoder is the fp32 one)
+  +keep+trim       branches off +cfg-trim: + `--token-keep` in the same export
+  var-prune40      +prune40 with the dense fp32 decoder (the transformer's share of the rung)
+  var-int8         var-prune40 + `--quantize int8` (the dense fp32 decoder)
 Latency: every rung loaded in one process and run alternating (A B C … then … C B A), batch 1, cfg 1.5,
 top-k 900, top-p 0.96; medians of end to end and of the transformer scales alone (wall clock and process CPU
 time). Quality on builtin:digits, per rung: class accuracy and Fréchet distance (mean ± std over seeds, the
@@ -54,8 +57,8 @@ from latency import sh, tool  # noqa: E402  (beside this script: how both run th
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 CFG, TOP_K, TOP_P = 1.5, 900, 0.96
-RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+dec-prune40", "+dec-int8", "+split",
-         "+token-keep", "+keep+trim")
+RUNGS = ("eager", "ort-fp32", "+prune40", "+int8", "+cfg-trim", "+split", "+token-keep", "+keep+trim",
+         "var-prune40", "var-int8")
 
 
 def ensure(out: Path, args: list[str]) -> Path:
@@ -78,34 +81,30 @@ def chain(models: Path, start: Path | None, cmds: list[list[str]]) -> Path | Non
 def build(work: Path, name: str, dense_ref: str, pruned_cmds: list[list[str]], decoder_cmds: list[list[str]],
           trim_at: int, split_at: int, token_keep: str) -> dict[str, Any]:
     """Model dirs and the artifacts of one family → {rung: (artifact, device)}, plus the model dirs.
-    `decoder_cmds` prune (and distil) the pruned model's VQVAE decoder for the +dec-prune40 rung."""
+    `pruned_cmds` prune (and distil) the transformer, `decoder_cmds` then its VQVAE decoder."""
     models, arts = work / name / "models", work / name / "artifacts"
     pruned = chain(models, None, pruned_cmds)
-    pruned_decoder = chain(models, pruned, decoder_cmds)
+    whole = chain(models, pruned, decoder_cmds)  # transformer and decoder pruned
     export = ["evar-export", "onnx", "--top-k", str(TOP_K), "--top-p", str(TOP_P)]
-    dense_art = ensure(arts / "dense-fp32", [*export, "--model", dense_ref])
-    p_fp32 = ensure(arts / "p40-fp32", [*export, "--model", str(pruned)])
-    p_int8 = ensure(arts / "p40-int8", [*export, "--model", str(pruned), "--quantize", "int8"])
-    p_trim = ensure(arts / f"p40-int8-trim{trim_at}",
-                    [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at)])
-    p_split = ensure(arts / f"p40-int8-trim{trim_at}-split{split_at}",
-                     [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
-                      "--early-model", dense_ref, "--split-scale", str(split_at)])
-    p_dec = ensure(arts / f"p40-int8-trim{trim_at}-dec40",
-                   [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at)])
-    p_qdec = ensure(arts / f"p40-int8-trim{trim_at}-dec40-int8",
-                    [*export, "--model", str(pruned_decoder), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
-                     "--quantize-decoder", "int8"])
+    int8 = ["--quantize", "int8", "--quantize-decoder", "int8"]
+    trim = ["--cfg-until-scale", str(trim_at)]
+    keep = ["--token-keep", token_keep]
     keep_name = f"keep{token_keep.replace(':', '_').replace(',', '-')}"
-    p_keep = ensure(arts / f"p40-int8-{keep_name}",
-                    [*export, "--model", str(pruned), "--quantize", "int8", "--token-keep", token_keep])
-    p_keep_trim = ensure(arts / f"p40-int8-trim{trim_at}-{keep_name}",
-                         [*export, "--model", str(pruned), "--quantize", "int8", "--cfg-until-scale", str(trim_at),
-                          "--token-keep", token_keep])
-    return {"artifacts": {"eager": (dense_art, "torch-cpu"), "ort-fp32": (dense_art, "cpu"), "+prune40": (p_fp32, "cpu"),
-                          "+int8": (p_int8, "cpu"), "+cfg-trim": (p_trim, "cpu"), "+split": (p_split, "cpu"),
-                          "+dec-prune40": (p_dec, "cpu"), "+dec-int8": (p_qdec, "cpu"), "+token-keep": (p_keep, "cpu"),
-                          "+keep+trim": (p_keep_trim, "cpu")},
+    recipes = {  # rung → (artifact name, model, options)
+        "ort-fp32": ("dense-fp32", dense_ref, []),
+        "+prune40": ("p40-dec40-fp32", whole, []),
+        "+int8": ("p40-dec40-int8", whole, int8),
+        "+cfg-trim": (f"p40-dec40-int8-trim{trim_at}", whole, int8 + trim),
+        "+split": (f"p40-dec40-int8-trim{trim_at}-split{split_at}", whole,
+                   int8 + trim + ["--early-model", dense_ref, "--split-scale", str(split_at)]),
+        "+token-keep": (f"p40-dec40-int8-{keep_name}", whole, int8 + keep),
+        "+keep+trim": (f"p40-dec40-int8-trim{trim_at}-{keep_name}", whole, int8 + trim + keep),
+        "var-prune40": ("p40-fp32", pruned, []),
+        "var-int8": ("p40-int8", pruned, ["--quantize", "int8"]),
+    }
+    artifacts = {rung: (ensure(arts / art, [*export, "--model", str(model), *options]), "cpu")
+                 for rung, (art, model, options) in recipes.items()}
+    return {"artifacts": {"eager": (artifacts["ort-fp32"][0], "torch-cpu"), **artifacts},
             "dense": dense_ref, "pruned": str(pruned), "trim_at": trim_at, "split_at": split_at,
             "token_keep": token_keep}
 
@@ -286,7 +285,8 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
     def kl(lp) -> float:
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
-    gate = load_artifact(fam["artifacts"]["+int8"][0]).data["parity"]["checks"]
+    gate = [c for rung in ("+int8", "var-int8")
+            for c in load_artifact(fam["artifacts"][rung][0]).data["parity"]["checks"]]
     gate_kl = [c["value"] for c in gate if c["name"].startswith("int8 vs fp32 export: mean token KL")]
     from evar.models.token_keep import keep_counts, parse_token_keep
 
@@ -295,12 +295,12 @@ def token_kls(fam: dict[str, Any], dense_tokens: list[np.ndarray], per_class: in
     trim = kl(guided_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
     trim_stepped = kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"]))
     split = kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], dense, fam["split_at"]))
-    return {"eager": 0.0, "ort-fp32": 0.0, "+prune40": kl(guided_log_probs(pruned, labels, dense_tokens, None)),
-            "+int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
+    prune = kl(guided_log_probs(pruned, labels, dense_tokens, None))
+    # the decoder draws the image from the tokens: a pruned decoder leaves the token KL as it was
+    return {"eager": 0.0, "ort-fp32": 0.0, "+prune40": prune, "var-prune40": prune,
+            "+int8": None, "var-int8": None, "+int8_gate_vs_fp32_graph_max_scale": max(gate_kl) if gate_kl else None,
             "+cfg-trim": trim, "+cfg-trim_stepped_check": trim_stepped,
             "+split": split,
-            "+dec-prune40": trim,  # the decoder draws the image from the same tokens: the token KL is +cfg-trim's
-            "+dec-int8": trim,
             "+token-keep": kl(forced_log_probs(pruned, labels, dense_tokens, keep=counts)),
             "+keep+trim": kl(forced_log_probs(pruned, labels, dense_tokens, fam["trim_at"], keep=counts))}
 
@@ -374,8 +374,9 @@ def measure_digits(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     return {"what": "pruned = OBS 40% of the blocks' weights (a quarter of the heads, the rest FFN units) + evar "
                     "distill --data digits; CFG trimmed from scale 4 of 6 (6², 8²: 100 of 130 tokens); "
                     f"split: dense fp32 for scales < {args.digits_split}; token keep {args.digits_token_keep} "
-                    "(on +int8, untrimmed; and on +cfg-trim: +keep+trim); decoder pruned 40% (OBS + evar distill-decoder) on +cfg-trim, "
-                    "then its convolutions int8; split branches off +cfg-trim",
+                    "(on +int8, untrimmed; and on +cfg-trim: +keep+trim); the decoder pruned 40% (OBS + evar "
+                    "distill-decoder) from +prune40 on and int8 from +int8 on (var-* rows: the dense decoder); "
+                    "split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(), "latency": lat, "quality": q, "kl": kls,
             "per_class": args.per_class, "seeds": list(range(args.seeds)), "host_overhead_outside_graph": host,
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
@@ -451,8 +452,8 @@ def main() -> None:
         result["families"]["random:d16"] = {
             "what": f"random weights (latency only); pruned = magnitude 40%; split: dense for scales < {args.d16_split}; "
                     f"token keep {args.d16_token_keep} (on +int8, untrimmed; and on +cfg-trim: +keep+trim); CFG trimmed from scale 8 of 10 "
-                    "(13², 16²: 425 of 680 tokens); decoder pruned 40% (magnitude) on +cfg-trim, then its "
-                    "convolutions int8; split branches off +cfg-trim",
+                    "(13², 16²: 425 of 680 tokens); the decoder pruned 40% (magnitude) from +prune40 on and int8 "
+                    "from +int8 on (var-* rows: the dense decoder); split branches off +cfg-trim",
             "command": " ".join(sys.argv), "machine": rb.machine(),
             "latency": grouped_latency(fam["artifacts"], groups, settings, fam["dense"]),
             "models": {k: fam[k] for k in ("dense", "pruned", "trim_at", "split_at", "token_keep")}}
