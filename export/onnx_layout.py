@@ -12,9 +12,7 @@ The FFN's fc1 → FastGelu(bias) → fc2 stays channel-major between its two pro
 bias goes into its convolution and the two transposes of the 4·C-wide activation disappear.
 
 Only MatMuls on (B, T, K) activations whose K and N are multiples of 16 (the AVX-512 block; AVX2's 8 divides it) and
-at least `MIN_CHANNELS` are rewritten, except the FFN's hidden width: a pruned FFN keeps any number of units (d16 at
-40%: 2458), so fc1's output channels and fc2's input channels are padded with zeros to the next multiple of 16
-(GELU(0) = 0 meets zero weights: the same numbers; without it the pruned FFN stayed on sgemm). Below `MIN_CHANNELS` the layout nodes cost more than the kernel saves (builtin:digits,
+at least `MIN_CHANNELS` are rewritten: below that the layout nodes cost more than the kernel saves (builtin:digits,
 C = 128, keeps its MatMuls). Gemms stay: on d16 they are AdaLN's, two rows each, where a convolution measured
 slower (and `--class-tables` turns them into lookups anyway). `--linear-layout matmul` keeps the exporter's graph;
 `--quantize int8` does too (onnxruntime's quantizer matches MatMuls to the model's linears). Measured on one CPU
@@ -53,14 +51,10 @@ def _ranks(graph) -> dict[str, int]:
 
 def _product(g: _Graph, node, ranks: dict[str, int]) -> _Product | None:
     weight = g.constants.get(node.input[1]) if node.op_type == "MatMul" else None
-    if (weight is None or len(weight.dims) != 2 or min(weight.dims) < MIN_CHANNELS
-            or ranks.get(node.input[0]) != 3):
+    if (weight is None or len(weight.dims) != 2 or any(d % CHANNEL_MULTIPLE for d in weight.dims)
+            or min(weight.dims) < MIN_CHANNELS or ranks.get(node.input[0]) != 3):
         return None
     return _Product(node, int(weight.dims[0]), int(weight.dims[1]))
-
-
-def _aligned(*channels: int) -> bool:
-    return all(c % CHANNEL_MULTIPLE == 0 for c in channels)
 
 
 def _vector_of(g: _Graph, name: str, n: int) -> bool:
@@ -105,24 +99,13 @@ class _Writer:
         self.initializers: list[Any] = []
         self.axes = "linear_layout/axes_3"
 
-    def conv_weight(self, p: _Product, pad_out: int = 0, pad_in: int = 0) -> str:
-        """Wᵀ as (N, K, 1, 1), with `pad_out` zero output channels and `pad_in` zero input channels appended."""
+    def conv_weight(self, p: _Product) -> str:
         import numpy as np
 
-        w = np.pad(self.numpy_helper.to_array(self.g.constants[p.node.input[1]]).T, ((0, pad_out), (0, pad_in)))
+        w = self.numpy_helper.to_array(self.g.constants[p.node.input[1]])
         name = f"{p.node.input[1]}/conv"
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(w[:, :, None, None]), name))
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(w.T.reshape(p.n, p.k, 1, 1)), name))
         return name
-
-    def padded_bias(self, name: str | None, pad: int) -> str | None:
-        """A bias vector with `pad` zeros appended (the name itself when there is nothing to pad)."""
-        import numpy as np
-
-        if name is None or pad == 0:
-            return name
-        values = np.pad(self.numpy_helper.to_array(self.g.constants[name]), (0, pad))
-        self.initializers.append(self.numpy_helper.from_array(values, f"{name}/padded"))
-        return f"{name}/padded"
 
     def to_channels(self, p: _Product) -> tuple[list[Any], str]:
         from onnx import helper
@@ -132,12 +115,12 @@ class _Writer:
         return [helper.make_node("Transpose", [p.node.input[0]], [t], perm=[0, 2, 1], name=t),  # (B, K, T)
                 helper.make_node("Unsqueeze", [t, self.axes], [u], name=u)], u  # (B, K, T, 1)
 
-    def conv(self, p: _Product, x: str, bias: str | None, pad_out: int = 0, pad_in: int = 0) -> tuple[Any, str]:
+    def conv(self, p: _Product, x: str, bias: str | None) -> tuple[Any, str]:
         from onnx import helper
 
         base = p.node.name or p.node.output[0]
         out = f"{base}/conv"
-        inputs = [x, self.conv_weight(p, pad_out, pad_in)] + ([bias] if bias else [])
+        inputs = [x, self.conv_weight(p)] + ([bias] if bias else [])
         return helper.make_node("Conv", inputs, [out], name=out, kernel_shape=[1, 1]), out
 
     def from_channels(self, p: _Product, x: str, out: str) -> list[Any]:
@@ -159,67 +142,49 @@ def linears_as_convs(model) -> int:
     products = {n.output[0]: p for n in graph.node if (p := _product(g, n, ranks)) is not None}
     if not products:
         return 0
-    plan = _Plan(g)
+    w = _Writer(g)
+    replace: dict[str, list[Any]] = {}  # a node's first output → the nodes taking its place ([] removes it)
+    gone: set[str] = set()  # tensors that no longer exist (their value_info is dropped)
+    done: set[str] = set()
     for key, p in products.items():
-        if key in plan.done:
+        if key in done:
             continue
         pair = _ffn_pair(g, p, products)
-        if pair is not None and _aligned(p.k, pair[1].n):  # the FFN's width C is never padded, its hidden width may be
-            plan.ffn(p, *pair)
-        elif _aligned(p.k, p.n):
-            plan.single(p)
-        plan.done.add(key)
-    nodes = [new for node in graph.node for new in plan.replace.get(node.output[0], [node])]
+        if pair is None:
+            _fold_bias(g, p)
+            head, x = w.to_channels(p)
+            conv, y = w.conv(p, x, p.bias)
+            out = p.bias_add.output[0] if p.bias_add is not None else p.node.output[0]
+            replace[key] = head + [conv] + w.from_channels(p, y, out)
+            if p.bias_add is not None:
+                replace[p.bias_add.output[0]] = []
+                gone.add(key)
+            done.add(key)
+            continue
+        gelu, second = pair
+        _fold_bias(g, second)
+        head, x = w.to_channels(p)
+        conv1, y1 = w.conv(p, x, gelu.input[1] if len(gelu.input) > 1 else None)
+        act = f"{gelu.name or gelu.output[0]}/channels"
+        conv2, y2 = w.conv(second, act, second.bias)
+        out = second.bias_add.output[0] if second.bias_add is not None else second.node.output[0]
+        replace[key] = head + [conv1]
+        replace[gelu.output[0]] = [helper.make_node("FastGelu", [y1], [act], name=act, domain=MS_DOMAIN)]
+        replace[second.node.output[0]] = [conv2] + w.from_channels(second, y2, out)
+        if second.bias_add is not None:
+            replace[second.bias_add.output[0]] = []
+            gone.add(second.node.output[0])
+        gone.update({key, gelu.output[0]})
+        done.update({key, second.node.output[0]})
+    nodes = [new for node in graph.node for new in replace.get(node.output[0], [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    _swap_weights(graph, plan.w.initializers)
-    graph.initializer.append(helper.make_tensor(plan.w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze / Squeeze
-    kept = [v for v in graph.value_info if v.name not in plan.gone]
+    _swap_weights(graph, w.initializers)
+    graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze / Squeeze
+    kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    return sum(node.op_type == "Conv" for nodes in plan.replace.values() for node in nodes)
-
-
-class _Plan:
-    """The rewrite being planned: which nodes take each old node's place, and which tensors disappear."""
-
-    def __init__(self, g: _Graph):
-        self.g, self.w = g, _Writer(g)
-        self.replace: dict[str, list[Any]] = {}  # a node's first output → the nodes taking its place ([] removes it)
-        self.gone: set[str] = set()  # tensors that no longer exist (their value_info is dropped)
-        self.done: set[str] = set()
-
-    def single(self, p: _Product) -> None:
-        """Tokens → channels → Conv (with its bias) → tokens."""
-        _fold_bias(self.g, p)
-        head, x = self.w.to_channels(p)
-        conv, y = self.w.conv(p, x, p.bias)
-        out = p.bias_add.output[0] if p.bias_add is not None else p.node.output[0]
-        self.replace[p.node.output[0]] = head + [conv] + self.w.from_channels(p, y, out)
-        if p.bias_add is not None:
-            self.replace[p.bias_add.output[0]] = []
-            self.gone.add(p.node.output[0])
-
-    def ffn(self, first: _Product, gelu, second: _Product) -> None:
-        """fc1 → FastGelu → fc2 channel-major between one transpose in and one out; the hidden width padded."""
-        from onnx import helper
-
-        _fold_bias(self.g, second)
-        pad = -first.n % CHANNEL_MULTIPLE  # zero hidden units: GELU(0 + 0) = 0 meets zero columns of fc2
-        head, x = self.w.to_channels(first)
-        bias = self.w.padded_bias(gelu.input[1] if len(gelu.input) > 1 else None, pad)
-        conv1, y1 = self.w.conv(first, x, bias, pad_out=pad)
-        act = f"{gelu.name or gelu.output[0]}/channels"
-        conv2, y2 = self.w.conv(second, act, second.bias, pad_in=pad)
-        out = second.bias_add.output[0] if second.bias_add is not None else second.node.output[0]
-        self.replace[first.node.output[0]] = head + [conv1]
-        self.replace[gelu.output[0]] = [helper.make_node("FastGelu", [y1], [act], name=act, domain=MS_DOMAIN)]
-        self.replace[second.node.output[0]] = [conv2] + self.w.from_channels(second, y2, out)
-        if second.bias_add is not None:
-            self.replace[second.bias_add.output[0]] = []
-            self.gone.add(second.node.output[0])
-        self.gone.update({first.node.output[0], gelu.output[0]})
-        self.done.add(second.node.output[0])
+    return sum(node.op_type == "Conv" for nodes in replace.values() for node in nodes)
 
 
 def _swap_weights(graph, new: list[Any]) -> None:
