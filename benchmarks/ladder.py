@@ -353,11 +353,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         x = np.arange(len(rungs))
         ax.bar(x - 0.2, e2e, 0.4, label="end to end")
         ax.bar(x + 0.2, sc, 0.4, label="transformer (all scales)")
-        ax.set_xticks(x, rungs, fontsize=8)
+        ax.set_xticks(x, rungs, fontsize=8, rotation=35, ha="right")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        if "var-prune40" in rungs:  # the transformer-alone rows are not a further rung
+            ax.axvline(rungs.index("var-prune40") - 0.5, color="grey", linestyle=":", linewidth=0.8)
         ax.set_ylabel("speedup over PyTorch eager dense (×)")
         ax.set_title(f"{name}: load average {result['families'][name]['latency']['load_average_before'][0]:.1f}",
                      fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     atomic_write_bytes(path, figure_png(fig))
 
