@@ -12,13 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evar.export.onnx_fusion import _Graph
-
-
-def _attrs(node) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+from evar.export.onnx_fusion import _Graph, keep_read_initializers, node_attrs, plain_gemm
 
 
 def _silu_input(g: _Graph, name: str) -> str | None:
@@ -36,7 +30,7 @@ def _silu_input(g: _Graph, name: str) -> str | None:
 def _class_gather(g: _Graph, name: str):
     """(table, indices) when `name` = Gather(constant 2-D table, indices) along axis 0."""
     gather = g.node(name, "Gather")
-    if gather is None or _attrs(gather).get("axis", 0) != 0:
+    if gather is None or node_attrs(gather).get("axis", 0) != 0:
         return None
     table = g.constants.get(gather.input[0])
     return (table, gather.input[1]) if table is not None and len(table.dims) == 2 else None
@@ -47,14 +41,12 @@ def _table(g: _Graph, gemm, embedding) -> Any | None:
     import numpy as np
     from onnx import numpy_helper
 
-    attrs = _attrs(gemm)
     weight = g.constants.get(gemm.input[1])
     bias = g.constants.get(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
-    if (weight is None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
-            or (len(gemm.input) > 2 and gemm.input[2] and bias is None)):
+    if weight is None or not plain_gemm(gemm) or (len(gemm.input) > 2 and gemm.input[2] and bias is None):
         return None
     w = numpy_helper.to_array(weight).astype(np.float64)
-    w = w.T if attrs.get("transB", 0) else w  # (K, N)
+    w = w.T if node_attrs(gemm).get("transB", 0) else w  # (K, N)
     e = numpy_helper.to_array(embedding).astype(np.float64)
     if e.shape[0] > w.shape[0]:  # more classes than channels: the table would outweigh the weight
         return None
@@ -88,10 +80,7 @@ def adaln_as_class_tables(model) -> int:
     nodes = [swapped.get(n.output[0], n) for n in graph.node]
     del graph.node[:]
     graph.node.extend(_without_dead_silu(nodes, {o.name for o in graph.output}))
-    read = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + tables)
+    keep_read_initializers(graph, tables)
     return len(swapped)
 
 

@@ -77,6 +77,27 @@ class _Graph:
         return None
 
 
+def node_attrs(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def plain_gemm(node) -> bool:
+    """A Gemm that is a linear layer, A @ op(B) + C: alpha = beta = 1 and A not transposed (transB may be set)."""
+    attrs = node_attrs(node)
+    return (node.op_type == "Gemm" and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+            and not attrs.get("transA", 0))
+
+
+def keep_read_initializers(graph, new: list[Any] | tuple = ()) -> None:
+    """Add `new` to the graph's initializers and drop those nothing reads any more (a rewrite's replaced weights)."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list(new))
+
+
 def _cube_of(g: _Graph, name: str, x: str) -> list | None:
     """The nodes computing x³ into `name`: Pow(x, 3), or Mul(x, Mul(x, x)) in either order."""
     pow_node = g.node(name, "Pow")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from evar.export.onnx_fusion import MS_DOMAIN, _Graph
+from evar.export.onnx_fusion import MS_DOMAIN, _Graph, keep_read_initializers
 
 LAYOUTS = ("conv", "matmul")
 CHANNEL_MULTIPLE = 16
@@ -179,17 +179,10 @@ def linears_as_convs(model) -> int:
     nodes = [new for node in graph.node for new in replace.get(node.output[0], [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    _swap_weights(graph, w.initializers)
+    keep_read_initializers(graph, w.initializers)  # the (K, N) originals go
     graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze / Squeeze
     kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return sum(node.op_type == "Conv" for nodes in replace.values() for node in nodes)
 
-
-def _swap_weights(graph, new: list[Any]) -> None:
-    """Add the convolution weights; drop the (K, N) originals nothing reads any more."""
-    read = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new)

@@ -30,6 +30,7 @@ from evar.checkpoints import Model
 from evar.errors import EvarError
 from evar.export import parity as pt
 from evar.export.interface import StepInterface
+from evar.export.onnx_fusion import keep_read_initializers, node_attrs, plain_gemm
 
 QUANTIZE_CHOICES = ("none", "int8")
 # layer groups `--int8-fp32` may keep in fp32; the blocks' attention/FFN linears are always quantized
@@ -109,15 +110,11 @@ def gemm_to_matmul(onnx_model, node_names: set[str]) -> None:
     inits = _initializers(graph)
     nodes = []
     for node in graph.node:
-        if node.op_type != "Gemm" or node.name not in node_names:
-            nodes.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+        if node.name not in node_names or not plain_gemm(node):
             nodes.append(node)
             continue
         b = node.input[1]
-        if attrs.get("transB", 0):
+        if node_attrs(node).get("transB", 0):
             w = numpy_helper.to_array(inits[b]).T.copy()
             b = b + "__t"
             graph.initializer.append(numpy_helper.from_array(w, b))
@@ -127,14 +124,7 @@ def gemm_to_matmul(onnx_model, node_names: set[str]) -> None:
             nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "__bias"))
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    keep_read_initializers(graph)
 
 
 def quantize_step(model: Model, src: Path, dst: Path, options: Int8Options, external: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tests.conftest import tiny_model
 B, T, C = 2, 5, 512
 
 
-def _block(width: int = C, gemm_rows: bool = False) -> onnx.ModelProto:
+def _block(width: int = C) -> onnx.ModelProto:
     """proj (MatMul + bias Add) → fc1 (MatMul) → FastGelu(bias) → fc2 (MatMul + bias) on (B, T, width); then a
     Gemm with transB and a bias on a rank-2 input (like AdaLN's: it stays), and a MatMul whose K is no multiple of 16."""
     rng = np.random.default_rng(0)
