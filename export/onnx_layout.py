@@ -7,7 +7,7 @@ convolutions; `benchmarks/linear_layout.py`); d16's ten scales gained 1.15-1.17�
 rewrite is exact up to fp32 summation order, and the export's parity check runs on the rewritten graph.
 
 For an activation x (B, T, K) and a weight W (K, N):  y = x @ W + b  becomes
-    Transpose(x) (B, K, T) → Unsqueeze (B, K, T, 1) → Conv(Wᵀ as (N, K, 1, 1), b) → Squeeze → Transpose → (B, T, N)
+    Transpose(x) (B, K, T) → Unsqueeze (B, K, T, 1) → Conv(Wᵀ as (N, K, 1, 1), b) → Transpose (B, T, 1, N) → Squeeze
 The FFN's fc1 → FastGelu(bias) → fc2 stays channel-major between its two products (GELU is elementwise): fc1's
 bias goes into its convolution and the two transposes of the 4·C-wide activation disappear.
 
@@ -98,6 +98,7 @@ class _Writer:
         self.g, self.numpy_helper = g, numpy_helper
         self.initializers: list[Any] = []
         self.axes = "linear_layout/axes_3"
+        self.token_axes = "linear_layout/axes_2"
 
     def conv_weight(self, p: _Product) -> str:
         import numpy as np
@@ -124,12 +125,14 @@ class _Writer:
         return helper.make_node("Conv", inputs, [out], name=out, kernel_shape=[1, 1]), out
 
     def from_channels(self, p: _Product, x: str, out: str) -> list[Any]:
+        """(B, N, T, 1) → (B, T, N): the 4-D transpose straight after the convolution is what onnxruntime folds
+        into the convolution's own output reorder (one pass instead of reorder + transpose)."""
         from onnx import helper
 
         base = p.node.name or p.node.output[0]
-        s = f"{base}/as_sequence"
-        return [helper.make_node("Squeeze", [x, self.axes], [s], name=s),
-                helper.make_node("Transpose", [s], [out], perm=[0, 2, 1], name=f"{base}/to_tokens")]
+        t = f"{base}/to_tokens"
+        return [helper.make_node("Transpose", [x], [t], perm=[0, 2, 3, 1], name=t),  # (B, T, 1, N)
+                helper.make_node("Squeeze", [t, self.token_axes], [out], name=f"{base}/as_sequence")]
 
 
 def linears_as_convs(model) -> int:
@@ -180,7 +183,8 @@ def linears_as_convs(model) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     keep_read_initializers(graph, w.initializers)  # the (K, N) originals go
-    graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze / Squeeze
+    graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze
+    graph.initializer.append(helper.make_tensor(w.token_axes, 7, [1], [2]))  # and of Squeeze
     kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)

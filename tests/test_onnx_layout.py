@@ -75,6 +75,24 @@ def test_rewrite_keeps_the_numbers_and_the_ffn_channel_major():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_onnxruntime_folds_the_way_back_into_its_reorders(tmp_path):
+    """The (B, N, T, 1) → (B, T, 1, N) transpose right after a convolution is what onnxruntime's NCHWc pass turns
+    into a channels-last ReorderOutput: the optimized graph keeps only the transposes on the way in."""
+    model = _block()
+    linears_as_convs(model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    if not any(n.domain == "com.microsoft.nchwc" for n in nodes):
+        pytest.skip("this CPU has no NCHWc kernels in onnxruntime")
+    channels_last = [helper.get_attribute_value(a) for n in nodes if n.op_type == "ReorderOutput"
+                     for a in n.attribute if a.name == "channels_last"]
+    assert 1 in channels_last  # fc2's output goes straight to tokens
+    perms = [list(helper.get_attribute_value(n.attribute[0])) for n in nodes if n.op_type == "Transpose"]
+    assert perms and [0, 2, 3, 1] not in perms  # only ways in are left
+
+
 def test_small_layers_are_left_alone():
     model = _block(width=onnx_layout.MIN_CHANNELS // 2)
     assert linears_as_convs(model) == 0
