@@ -93,12 +93,13 @@ class _Writer:
     """New nodes and weights of the rewrite, named after the node they replace."""
 
     def __init__(self, g: _Graph):
-        from onnx import numpy_helper
+        from onnx import helper, numpy_helper
 
         self.g, self.numpy_helper = g, numpy_helper
-        self.initializers: list[Any] = []
-        self.axes = "linear_layout/axes_3"
-        self.token_axes = "linear_layout/axes_2"
+        # int64 axes: Unsqueeze to (B, K, T, 1) on the way in, Squeeze of (B, T, 1, N) on the way back
+        self.image_axes, self.token_axes = "linear_layout/axes_3", "linear_layout/axes_2"
+        self.initializers: list[Any] = [helper.make_tensor(self.image_axes, 7, [1], [3]),
+                                        helper.make_tensor(self.token_axes, 7, [1], [2])]
 
     def conv_weight(self, p: _Product) -> str:
         import numpy as np
@@ -114,7 +115,7 @@ class _Writer:
         base = p.node.name or p.node.output[0]
         t, u = f"{base}/to_channels", f"{base}/as_image"
         return [helper.make_node("Transpose", [p.node.input[0]], [t], perm=[0, 2, 1], name=t),  # (B, K, T)
-                helper.make_node("Unsqueeze", [t, self.axes], [u], name=u)], u  # (B, K, T, 1)
+                helper.make_node("Unsqueeze", [t, self.image_axes], [u], name=u)], u  # (B, K, T, 1)
 
     def conv(self, p: _Product, x: str, bias: str | None) -> tuple[Any, str]:
         from onnx import helper
@@ -183,8 +184,6 @@ def linears_as_convs(model) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     keep_read_initializers(graph, w.initializers)  # the (K, N) originals go
-    graph.initializer.append(helper.make_tensor(w.axes, 7, [1], [3]))  # int64 axes of Unsqueeze
-    graph.initializer.append(helper.make_tensor(w.token_axes, 7, [1], [2]))  # and of Squeeze
     kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)
